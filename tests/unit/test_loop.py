@@ -1,0 +1,90 @@
+"""The event loop: readers, writers, timers, failure isolation, interest()."""
+
+import os
+import selectors
+import socket
+
+from virtio.loop import EventLoop
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_reader_called_when_data_arrives_and_removed_reader_is_silent():
+    loop = EventLoop()
+    a, b = socket.socketpair()
+    seen = []
+    loop.add_reader(a.fileno(), lambda: seen.append(a.recv(10)))
+    b.send(b"hi")
+    loop.run_once(1.0)
+    assert seen == [b"hi"]
+    loop.remove_reader(a.fileno())
+    b.send(b"again")
+    loop.run_once(0.01)
+    assert seen == [b"hi"]
+    assert a.fileno() not in loop.interest()
+    loop.close()
+
+
+def test_reader_and_writer_on_same_fd_share_one_registration():
+    loop = EventLoop()
+    a, _b = socket.socketpair()
+    loop.add_reader(a.fileno(), lambda: None)
+    loop.add_writer(a.fileno(), lambda: None)
+    assert loop.interest()[a.fileno()] == selectors.EVENT_READ | selectors.EVENT_WRITE
+    loop.remove_writer(a.fileno())
+    assert loop.interest()[a.fileno()] == selectors.EVENT_READ
+    loop.close()
+
+
+def test_timers_fire_in_deadline_order_and_cancel_works():
+    clock = FakeClock()
+    loop = EventLoop(clock)
+    fired = []
+    loop.call_later(2.0, lambda: fired.append("late"))
+    early = loop.call_later(1.0, lambda: fired.append("early"))
+    loop.call_later(1.5, lambda: fired.append("middle"))
+    early.cancel()
+    clock.now += 3.0
+    loop.run_once(0)
+    assert fired == ["middle", "late"]
+    assert loop.next_deadline() is None
+    loop.close()
+
+
+def test_failing_callback_is_logged_and_loop_keeps_serving(caplog):
+    loop = EventLoop()
+
+    def boom():
+        raise RuntimeError("peer did something odd")
+
+    results = []
+    loop.call_soon(boom)
+    loop.call_soon(lambda: results.append("still alive"))
+    loop.run_once(0)
+    assert results == ["still alive"]
+    assert "peer did something odd" in caplog.text
+    loop.close()
+
+
+def test_stop_from_another_callback_ends_run():
+    loop = EventLoop()
+    loop.call_later(0.01, loop.stop)
+    loop.run()  # returns instead of hanging
+    loop.close()
+
+
+def test_interest_excludes_internal_wakeup_pipe():
+    loop = EventLoop()
+    assert loop.interest() == {}
+    r, w = os.pipe()
+    loop.add_reader(r, lambda: None)
+    assert loop.interest() == {r: selectors.EVENT_READ}
+    loop.close()
+    os.close(r)
+    os.close(w)
