@@ -1,0 +1,149 @@
+"""Configuration: CLI specs, TOML files, validation errors, QEMU arguments."""
+
+import pytest
+
+from virtio.cli import build_parser, config_from_args
+from virtio.config import (
+    Config,
+    ConfigError,
+    ConsoleConfig,
+    Endpoint,
+    MAX_CONSOLE_PORTS,
+    PortConfig,
+    VsockConfig,
+    default_config,
+    load_toml,
+)
+from virtio.qemu_args import qemu_arg_sets
+
+
+def test_port_spec_with_and_without_endpoint():
+    assert PortConfig.parse("org.qemu.guest_agent.0") == PortConfig("org.qemu.guest_agent.0")
+    port = PortConfig.parse("a=connect:/run/svc.sock")
+    assert port.host == Endpoint("connect", "/run/svc.sock")
+
+
+@pytest.mark.parametrize("name", ["", "../escape", "a/b", ".hidden", "x" * 256, "sp ace"])
+def test_port_names_that_could_escape_or_confuse_are_refused(name):
+    with pytest.raises(ConfigError, match="not a valid port name"):
+        PortConfig.parse(name)
+
+
+@pytest.mark.parametrize("spec", ["listen", "tcp:1.2.3.4", "listen:", "bogus"])
+def test_bad_endpoint_spec_is_refused_with_the_expected_forms(spec):
+    with pytest.raises(ConfigError, match="listen:PATH"):
+        Endpoint.parse(spec)
+
+
+def test_max_ports_limit_follows_the_8_bit_vhost_user_ring_index():
+    assert ConsoleConfig(socket="s", max_ports=MAX_CONSOLE_PORTS).num_queues == 256
+    with pytest.raises(ConfigError, match="out of range"):
+        ConsoleConfig(socket="s", max_ports=MAX_CONSOLE_PORTS + 1)
+    with pytest.raises(ConfigError, match="out of range"):
+        ConsoleConfig(socket="s", max_ports=0)
+
+
+def test_ports_without_endpoint_need_a_socket_dir():
+    with pytest.raises(ConfigError, match="no host endpoint"):
+        ConsoleConfig(socket="s", ports=(PortConfig("a"),))
+    cfg = ConsoleConfig(socket="s", socket_dir="/d", ports=(PortConfig("a"),))
+    assert cfg.endpoint_for(cfg.ports[0]) == Endpoint("listen", "/d/a.sock")
+
+
+def test_duplicate_port_names_and_cids_are_refused():
+    with pytest.raises(ConfigError, match="duplicate port names"):
+        ConsoleConfig(socket="s", socket_dir="/d", ports=(PortConfig("a"), PortConfig("a")))
+    vm = VsockConfig(guest_cid=3, socket="v", uds_path="u")
+    with pytest.raises(ConfigError, match="duplicate guest CIDs"):
+        Config(vsocks=(vm, VsockConfig(guest_cid=3, socket="w", uds_path="x")))
+
+
+def test_vm_spec_like_vhost_device_vsock():
+    vm = VsockConfig.parse_vm("guest-cid=4,socket=/tmp/v4.sock,uds-path=/tmp/v4,groups=a+b")
+    assert (vm.guest_cid, vm.socket, vm.uds_path, vm.groups) == (4, "/tmp/v4.sock", "/tmp/v4", ("a", "b"))
+    with pytest.raises(ConfigError, match="uds-path is required"):
+        VsockConfig.parse_vm("guest-cid=4,socket=/tmp/v4.sock")
+    with pytest.raises(ConfigError, match="unknown settings: colour"):
+        VsockConfig.parse_vm("guest-cid=4,socket=s,uds-path=u,colour=red")
+
+
+def test_toml_with_several_devices(tmp_path):
+    path = tmp_path / "vmchannel.toml"
+    path.write_text(
+        """
+[management]
+socket = "/run/m.sock"
+
+[[console]]
+socket = "/run/c0.sock"
+max_ports = 4
+socket_dir = "/run/ports"
+console = "stdio"
+  [[console.port]]
+  name = "org.qemu.guest_agent.0"
+  [[console.port]]
+  name = "svc"
+  host = "connect:/run/svc.sock"
+
+[[vsock]]
+guest_cid = 3
+socket = "/run/v3.sock"
+uds_path = "/run/v3"
+
+[[vsock]]
+guest_cid = 4
+socket = "/run/v4.sock"
+uds_path = "/run/v4"
+"""
+    )
+    cfg = load_toml(path)
+    assert cfg.mgmt_socket == "/run/m.sock"
+    (console,) = cfg.consoles
+    assert console.console == Endpoint("stdio")
+    assert [p.name for p in console.ports] == ["org.qemu.guest_agent.0", "svc"]
+    assert [v.guest_cid for v in cfg.vsocks] == [3, 4]
+    sets = qemu_arg_sets(cfg)
+    assert len(sets) == 2  # two vsock VMs -> two QEMUs
+    assert any("num_vqs=10" in a for a in sets[0])
+    assert not any("vhost-user-test-device-pci" in a for a in sets[1])
+
+
+def test_toml_errors_name_the_problem(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[[console]]\nmax_ports = 3\n")
+    with pytest.raises(ConfigError, match="socket is required"):
+        load_toml(path)
+    path.write_text("[frobnicate]\n")
+    with pytest.raises(ConfigError, match="unknown sections: frobnicate"):
+        load_toml(path)
+    path.write_text("this is = = not toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_toml(path)
+
+
+def test_console_cli_flags():
+    args = build_parser().parse_args(
+        ["console", "--socket", "/tmp/c.sock", "--max-ports", "8", "--port", "a=listen:/tmp/a",
+         "--port", "b", "--socket-dir", "/tmp/d"])
+    cfg = config_from_args(args)
+    (console,) = cfg.consoles
+    assert console.max_ports == 8 and console.num_queues == 18
+    assert console.endpoint_for(console.ports[1]) == Endpoint("listen", "/tmp/d/b.sock")
+
+
+def test_vsock_cli_flags_compatible_with_vhost_device_vsock():
+    args = build_parser().parse_args(
+        ["vsock", "--guest-cid", "3", "--socket", "/tmp/v.sock", "--uds-path", "/tmp/v",
+         "--tx-buffer-size", "65536", "--queue-size", "512",
+         "--vm", "guest-cid=5,socket=/tmp/v5.sock,uds-path=/tmp/v5"])
+    cfg = config_from_args(args)
+    assert [(v.guest_cid, v.tx_buffer_size, v.queue_size) for v in cfg.vsocks] == [
+        (3, 65536, 512), (5, 256 * 1024, 256)]
+
+
+def test_default_config_puts_everything_under_run_dir():
+    cfg = default_config("/run/x")
+    paths = [cfg.mgmt_socket, cfg.consoles[0].socket, cfg.vsocks[0].socket, cfg.vsocks[0].uds_path]
+    assert all(p.startswith("/run/x/") for p in paths)
+    memfd = qemu_arg_sets(cfg)[0][1]
+    assert "memory-backend-memfd" in memfd and "share=on" in memfd
