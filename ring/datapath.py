@@ -1,0 +1,233 @@
+"""The batched data path of the pure-Python reference: chains ↔ host fd with one
+``writev``/``readv`` per batch.
+
+Semantics (mirrored by ``ring.cring``), see docs/internals.md "The batched data path":
+
+- TX: the pending partial chain resumes first; chains are completed (used_len 0) only after
+  all their readable bytes left; chains popped but not reached by the write are given back by
+  rewinding ``last_avail_idx``; a hostile chain stops gathering (``broken`` in the result);
+  chains popped before it that the write did not reach cannot be rewound past it and are
+  completed with used_len 0 (the queue is broken anyway; the guest gets its buffers back).
+- RX: chains are completed with the bytes they received; untouched chains are given back.
+
+Spec: virtio 1.2 §2.7.13 / §2.8.21 (device side of the used ring), §5.3.6 (console data).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import TYPE_CHECKING
+
+from ring.errors import DriverError, GuestAddressError
+from ring.types import Pending, RxResult, TxResult
+from ring.wire import MAX_SEGMENTS
+
+if TYPE_CHECKING:
+    from ring.pyring import Virtqueue
+
+_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
+_UNLIMITED = 1 << 62
+
+
+def _pending_views(vq: "Virtqueue", pending: Pending) -> list:
+    """Re-translate the rest of the pending chain (the memory table may have changed)."""
+    views = []
+    skip = pending.offset
+    for gpa, length in pending.segments:
+        if skip >= length:
+            skip -= length
+            continue
+        views.extend(vq.memory.translate(gpa + skip, length - skip))
+        skip = 0
+    return views
+
+
+def _clip(views: list, limit: int) -> list:
+    """The first ``limit`` bytes of ``views``."""
+    out = []
+    for view in views:
+        if limit <= 0:
+            break
+        out.append(view if len(view) <= limit else view[:limit])
+        limit -= len(out[-1])
+    return out
+
+
+def tx_to_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None) -> TxResult:
+    """Guest → host stream: writev available chains' readable bytes to non-blocking ``fd``.
+
+    Loops until the ring is empty, the fd would block, an error, or ``max_bytes`` written.
+    """
+    budget = _UNLIMITED if max_bytes is None else max_bytes
+    written_total = 0
+    completed: list[tuple[int, int, int]] = []
+    blocked = False
+    error = None
+    broken = None
+    while written_total < budget and not blocked and error is None:
+        # entries: [head, ring_slots, bytes_to_write, readable_gpas, was_pending, prior_offset]
+        entries = []
+        iov: list = []
+        gathered = 0
+        fresh_chains = fresh_slots = 0
+        pending = vq._pending
+        if pending is not None:
+            try:
+                views = _pending_views(vq, pending)
+            except GuestAddressError:
+                error = errno.EFAULT  # the region went away under the chain
+                break
+            entries.append([pending.head, pending.ring_slots,
+                            pending.total_bytes - pending.offset, pending.segments, True,
+                            pending.offset])
+            iov.extend(views)
+            gathered += entries[-1][2]
+        while gathered < budget - written_total and broken is None:
+            try:
+                chain = vq.pop()
+            except DriverError as exc:
+                broken = exc.code
+                break
+            if chain is None:
+                break
+            if iov and len(iov) + len(chain.readable) > MAX_SEGMENTS:
+                vq._rewind(chain.ring_slots, 1)
+                break
+            fresh_chains += 1
+            fresh_slots += chain.ring_slots
+            entries.append([chain.head, chain.ring_slots, chain.readable_bytes,
+                            chain.readable_gpas, False, 0])
+            iov.extend(chain.readable)
+            gathered += chain.readable_bytes
+        if not entries:
+            break
+        limit = min(gathered, budget - written_total)
+        n = 0
+        if limit > 0:
+            try:
+                n = os.writev(fd, _clip(iov, limit))
+            except BlockingIOError:
+                blocked = True
+            except OSError as exc:
+                if exc.errno in _AGAIN:
+                    blocked = True
+                else:
+                    error = exc.errno
+        written_total += n
+        # Distribute the written bytes over the entries, in order.
+        remaining = n
+        vq._pending = None
+        rewind_chains = rewind_slots = 0
+        stop = False
+        for head, slots, need, gpas, was_pending, prior in entries:
+            if stop:
+                if not was_pending:
+                    rewind_chains += 1
+                    rewind_slots += slots
+                continue
+            if remaining >= need:
+                remaining -= need
+                completed.append((head, 0, slots))
+                continue
+            stop = True
+            if was_pending or remaining > 0:
+                vq._pending = Pending(head, slots, prior + remaining, tuple(gpas))
+                remaining = 0
+            else:
+                rewind_chains += 1
+                rewind_slots += slots
+        if broken is None:
+            vq._rewind(rewind_slots, rewind_chains)
+        else:  # cannot rewind across the broken chain: return untouched chains empty
+            completed.extend((e[0], 0, e[1]) for e in entries[len(entries) - rewind_chains:])
+        if vq._pending is not None or n < limit or broken is not None:
+            break
+    if completed:
+        vq.push_batch(completed)  # one publication for the whole call
+    notify = vq.should_notify() if completed else False
+    return TxResult(written_total, len(completed), notify, blocked, error, broken)
+
+
+def rx_from_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None) -> RxResult:
+    """Host → guest stream: readv from non-blocking ``fd`` into available chains' writable
+    buffers; each touched chain is completed with the bytes it received.
+    """
+    budget = _UNLIMITED if max_bytes is None else max_bytes
+    read_total = 0
+    completed: list[tuple[int, int, int]] = []
+    eof = starved = drained = False
+    error = None
+    broken = None
+    while read_total < budget:
+        chains = []
+        iov: list = []
+        gathered = 0
+        while gathered < budget - read_total and broken is None:
+            try:
+                chain = vq.pop()
+            except DriverError as exc:
+                broken = exc.code
+                break
+            if chain is None:
+                break
+            if iov and len(iov) + len(chain.writable) > MAX_SEGMENTS:
+                vq._rewind(chain.ring_slots, 1)
+                break
+            if chain.writable_bytes == 0:
+                # Nothing to receive into: give it straight back, used_len 0.
+                completed.append((chain.head, 0, chain.ring_slots))
+                continue
+            chains.append(chain)
+            iov.extend(chain.writable)
+            gathered += chain.writable_bytes
+        if not chains:
+            starved = broken is None
+            break
+        limit = min(gathered, budget - read_total)
+        n = 0
+        try:
+            n = os.readv(fd, _clip(iov, limit))
+        except BlockingIOError:
+            drained = True
+        except OSError as exc:
+            if exc.errno in _AGAIN:
+                drained = True
+            else:
+                error = exc.errno
+        if n == 0 and not drained and error is None:
+            eof = True
+        read_total += n
+        remaining = n
+        rewind_chains = rewind_slots = 0
+        for chain in chains:
+            if remaining > 0:
+                got = min(remaining, chain.writable_bytes)
+                remaining -= got
+                completed.append((chain.head, got, chain.ring_slots))
+                _mark_written(vq, chain.writable_gpas, got)
+            else:
+                rewind_chains += 1
+                rewind_slots += chain.ring_slots
+        if broken is None:
+            vq._rewind(rewind_slots, rewind_chains)
+        else:  # cannot rewind across the broken chain: complete untouched ones empty
+            completed.extend((c.head, 0, c.ring_slots) for c in chains[len(chains) - rewind_chains:])
+        if eof or drained or error is not None or broken is not None:
+            break
+    if completed:
+        vq.push_batch(completed)
+    notify = vq.should_notify() if completed else False
+    return RxResult(read_total, len(completed), notify, eof, starved, error, drained, broken)
+
+
+def _mark_written(vq: "Virtqueue", gpas, count: int) -> None:
+    """Dirty-log the first ``count`` bytes of the chain's writable buffers."""
+    if vq.memory.log is None:
+        return
+    for gpa, length in gpas:
+        if count <= 0:
+            break
+        n = min(length, count)
+        vq.memory.mark_dirty(gpa, n)
+        count -= n

@@ -1,0 +1,374 @@
+"""Virtqueue, pure-Python reference implementation (split and packed rings).
+
+This is the behavioural reference for ``ring.cring``: both must produce the same chains, the
+same errors and the same guest memory bytes. docs/internals.md pins the check order.
+
+Spec: virtio 1.2 §2.7 (Split Virtqueues), §2.8 (Packed Virtqueues);
+vhost-user "Ring states", VHOST_USER_SET_VRING_BASE / VHOST_USER_GET_VRING_BASE.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ring import packed as _packed
+from ring import split as _split
+from ring._chain import RingAccessError
+from ring.datapath import rx_from_fd, tx_to_fd
+from ring.errors import ChainError, DriverError, GuestAddressError
+from ring.memory import GuestMemory
+from ring.types import Chain, Pending, RxResult, TxResult
+from ring.wire import MAX_QUEUE_SIZE, SplitLayout
+
+__all__ = ["Virtqueue", "Chain", "TxResult", "RxResult", "Pending"]
+
+log = logging.getLogger(__name__)
+
+
+class Virtqueue:
+    """One virtqueue seen from the device side.
+
+    ``size`` must be a power of two ≤ 32768 for split rings, 1..32768 for packed rings.
+    Call :meth:`configure` with the guest-physical ring addresses before popping.
+
+    Spec: virtio 1.2 §2.6 (Virtqueues), §2.7.10 (event suppression, split), §2.8.10 (packed).
+    """
+
+    def __init__(self, memory: GuestMemory, size: int, *, packed: bool, event_idx: bool,
+                 notify_on_empty: bool = False, index: int = 0) -> None:
+        if not 1 <= size <= MAX_QUEUE_SIZE:
+            raise ValueError(f"queue size {size} outside 1..{MAX_QUEUE_SIZE}")
+        if not packed and size & (size - 1):
+            # Spec: virtio 1.2 §2.7 "Queue Size value is always a power of 2" (split).
+            raise ValueError(f"split queue size {size} is not a power of two")
+        self.memory = memory
+        self.size = size
+        self.packed = bool(packed)
+        self.event_idx = bool(event_idx)
+        self.notify_on_empty = bool(notify_on_empty)
+        self.index = index
+        self.log = log.getChild(str(index))
+        self.layout = SplitLayout(size)
+        self.desc_gpa: int | None = None
+        self.driver_gpa: int | None = None
+        self.device_gpa: int | None = None
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self._last_avail_idx = 0
+        self._used_idx = 0
+        self._avail_wrap = True
+        self._used_wrap = True
+        self._in_flight = 0
+        self._broken: ChainError | None = None
+        self._signalled_used = 0
+        self._signalled_used_valid = False
+        self._pending: Pending | None = None
+
+    # -- read-only state --------------------------------------------------------------------
+    last_avail_idx = property(lambda self: self._last_avail_idx)
+    used_idx = property(lambda self: self._used_idx)
+    avail_wrap = property(lambda self: self._avail_wrap if self.packed else True)
+    used_wrap = property(lambda self: self._used_wrap if self.packed else True)
+    in_flight = property(lambda self: self._in_flight)
+    broken = property(lambda self: self._broken)
+    signalled_used = property(lambda self: self._signalled_used)
+    signalled_used_valid = property(lambda self: self._signalled_used_valid)
+    pending = property(lambda self: self._pending)
+
+    @property
+    def configured(self) -> bool:
+        return self.desc_gpa is not None
+
+    def __repr__(self) -> str:
+        kind = "packed" if self.packed else "split"
+        return (f"<Virtqueue {self.index} {kind} size={self.size} last_avail={self._last_avail_idx}"
+                f" used={self._used_idx} in_flight={self._in_flight} broken={self._broken}>")
+
+    # -- setup ------------------------------------------------------------------------------
+    def configure(self, desc_gpa: int, driver_gpa: int, device_gpa: int) -> None:
+        """Set the ring areas by guest-physical address and bounds-check them once.
+
+        Split: descriptor table / avail ring / used ring; packed: descriptor ring / driver
+        event suppression / device event suppression. ``GuestAddressError`` if an area is not
+        wholly mapped. For a split ring ``used_idx`` is loaded from ``used->idx`` (as QEMU and
+        libvhost-user do on SET_VRING_ADDR), so a reconnecting back-end continues the used
+        ring where the previous one left it.
+
+        Spec: virtio 1.2 §2.7 / §2.8 (areas), vhost-user VHOST_USER_SET_VRING_ADDR.
+        """
+        if self.packed:
+            areas = ((desc_gpa, 16 * self.size), (driver_gpa, 4), (device_gpa, 4))
+        else:
+            lay = self.layout
+            areas = ((desc_gpa, lay.desc_bytes), (driver_gpa, lay.avail_bytes),
+                     (device_gpa, lay.used_bytes))
+        for gpa, length in areas:
+            self.memory.check(gpa, length)
+        self.desc_gpa, self.driver_gpa, self.device_gpa = desc_gpa, driver_gpa, device_gpa
+        if not self.packed:
+            self._used_idx = _split.read_used_idx(self)
+
+    def reset(self) -> None:
+        """Forget the ring addresses and all state (device reset).
+
+        Spec: virtio 1.2 §2.4 (Device Reset).
+        """
+        self.desc_gpa = self.driver_gpa = self.device_gpa = None
+        self._init_state()
+
+    def get_base(self) -> int:
+        """The vhost-user GET_VRING_BASE value.
+
+        Split: ``last_avail_idx``. Packed: bits 0–14 last_avail_idx, bit 15 avail wrap
+        counter, bits 16–30 used_idx, bit 31 used wrap counter.
+        Spec: vhost-user VHOST_USER_GET_VRING_BASE.
+        """
+        if not self.packed:
+            return self._last_avail_idx
+        return (self._last_avail_idx | (int(self._avail_wrap) << 15)
+                | (self._used_idx << 16) | (int(self._used_wrap) << 31))
+
+    def set_base(self, value: int) -> None:
+        """Apply a vhost-user SET_VRING_BASE value (encoding as :meth:`get_base`).
+
+        Clears ``broken``; ``in_flight`` and the notification shadow restart. A pending partial
+        TX chain survives only when ``value`` equals the current base (the same ring resumed
+        where it stopped); otherwise it belonged to an old ring and is dropped.
+        Spec: vhost-user VHOST_USER_SET_VRING_BASE.
+        """
+        same = value == self.get_base()
+        if self.packed:
+            last_avail, used = value & 0x7FFF, (value >> 16) & 0x7FFF
+            if last_avail >= self.size or used >= self.size:
+                raise ValueError(f"packed base {value:#x} outside queue size {self.size}")
+            self._last_avail_idx = last_avail
+            self._avail_wrap = bool(value & 0x8000)
+            self._used_idx = used
+            self._used_wrap = bool(value >> 31 & 1)
+        else:
+            self._last_avail_idx = value & 0xFFFF
+            if self.configured:
+                self._used_idx = _split.read_used_idx(self)
+        self._broken = None
+        self._signalled_used_valid = False
+        if not same:
+            self._pending = None
+        self._in_flight = 1 if self._pending is not None else 0
+
+    # -- state save / restore (restart, device state) ----------------------------------------
+    def state(self) -> dict:
+        """A JSON-able snapshot of the device-side ring state (restart, SET_DEVICE_STATE_FD)."""
+        pending = self._pending
+        return {
+            "packed": self.packed,
+            "size": self.size,
+            "last_avail_idx": self._last_avail_idx,
+            "used_idx": self._used_idx,
+            "avail_wrap": self._avail_wrap,
+            "used_wrap": self._used_wrap,
+            "in_flight": self._in_flight,
+            "signalled_used": self._signalled_used,
+            "signalled_used_valid": self._signalled_used_valid,
+            "broken": None if self._broken is None else int(self._broken),
+            "pending": None if pending is None else {
+                "head": pending.head, "ring_slots": pending.ring_slots,
+                "offset": pending.offset, "segments": [list(s) for s in pending.segments]},
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Restore a :meth:`state` snapshot (same ``packed`` and ``size``)."""
+        if state["packed"] != self.packed or state["size"] != self.size:
+            raise ValueError("state is for a different queue shape")
+        self._last_avail_idx = int(state["last_avail_idx"])
+        self._used_idx = int(state["used_idx"])
+        self._avail_wrap = bool(state["avail_wrap"])
+        self._used_wrap = bool(state["used_wrap"])
+        self._in_flight = int(state["in_flight"])
+        self._signalled_used = int(state["signalled_used"])
+        self._signalled_used_valid = bool(state["signalled_used_valid"])
+        self._broken = None if state["broken"] is None else ChainError(state["broken"])
+        p = state["pending"]
+        self._pending = None if p is None else Pending(
+            int(p["head"]), int(p["ring_slots"]), int(p["offset"]),
+            tuple((int(g), int(n)) for g, n in p["segments"]))
+
+    @classmethod
+    def from_state(cls, memory: GuestMemory, state: dict, *, event_idx: bool,
+                   notify_on_empty: bool = False, index: int = 0) -> "Virtqueue":
+        """Build a queue and load ``state`` into it (call :meth:`configure` afterwards only if
+        ``used_idx`` should be re-read from guest memory; otherwise configure first)."""
+        vq = cls(memory, state["size"], packed=state["packed"], event_idx=event_idx,
+                 notify_on_empty=notify_on_empty, index=index)
+        vq.load_state(state)
+        return vq
+
+    # -- chains -----------------------------------------------------------------------------
+    def pop(self) -> Chain | None:
+        """Walk the next available chain, or return None if the ring is empty.
+
+        Raises ``DriverError`` for a hostile ring (the queue is then broken; see
+        docs/internals.md for the check order and what is written).
+        Spec: virtio 1.2 §2.7.13.2 / §2.8.21 (receiving used buffers: the device side).
+        """
+        if self._broken is not None:
+            raise DriverError(ChainError.BROKEN, self.index)
+        if not self.configured:
+            raise DriverError(ChainError.NOT_READY, self.index)
+        try:
+            if self.packed:
+                return _packed.pop(self)
+            return _split.pop(self)
+        except RingAccessError:
+            self._broken = ChainError.ADDR
+            self.log.warning("ring area not mapped: queue broken")
+            raise DriverError(ChainError.ADDR, self.index) from None
+
+    def pop_batch(self, max_chains: int) -> list[Chain]:
+        """Pop up to ``max_chains`` chains. A failure after some chains raises DriverError with
+        those chains in ``.chains`` (they are in flight and must still be pushed)."""
+        chains: list[Chain] = []
+        while len(chains) < max_chains:
+            try:
+                chain = self.pop()
+            except DriverError as exc:
+                exc.chains = chains
+                raise
+            if chain is None:
+                break
+            chains.append(chain)
+        return chains
+
+    def _fail(self, code: ChainError, head: int | None, ring_slots: int) -> DriverError:
+        """Latch ``broken``; with a known head/id consume the chain and return it used with
+        length 0. Returns the DriverError to raise."""
+        self._broken = code
+        if head is not None:
+            self._advance_avail(ring_slots)
+            try:
+                self._publish([(head, 0, ring_slots)])
+            except RingAccessError:
+                self._broken = ChainError.ADDR
+        self.log.warning("guest driver error %s at head %s: queue broken", code.name, head)
+        return DriverError(code, self.index, head)
+
+    def _advance_avail(self, ring_slots: int) -> None:
+        if self.packed:
+            self._last_avail_idx += ring_slots
+            if self._last_avail_idx >= self.size:
+                self._last_avail_idx -= self.size
+                self._avail_wrap = not self._avail_wrap
+        else:
+            self._last_avail_idx = (self._last_avail_idx + 1) & 0xFFFF
+
+    def _rewind(self, ring_slots: int, chains: int) -> None:
+        """Give back the last ``chains`` popped chains (``ring_slots`` in total) unconsumed."""
+        if chains <= 0:
+            return
+        if self.packed:
+            self._last_avail_idx -= ring_slots
+            if self._last_avail_idx < 0:
+                self._last_avail_idx += self.size
+                self._avail_wrap = not self._avail_wrap
+        else:
+            self._last_avail_idx = (self._last_avail_idx - chains) & 0xFFFF
+        self._in_flight -= chains
+
+    def push(self, head: int, used_len: int, ring_slots: int = 1) -> None:
+        """Return one chain to the driver: write the used element, then publish it.
+
+        Spec: virtio 1.2 §2.7.8.2 / §2.8.21 (the device updates the used ring / descriptor).
+        """
+        self.push_batch([(head, used_len, ring_slots)])
+
+    def push_batch(self, items) -> None:
+        """Return several chains ``[(head, used_len, ring_slots), ...]`` with one publication."""
+        items = list(items)
+        if not items:
+            return
+        if not self.configured:
+            raise DriverError(ChainError.NOT_READY, self.index)
+        for head, used_len, ring_slots in items:
+            if not 0 <= head < self.size or not 0 <= used_len <= 0xFFFFFFFF or ring_slots < 1:
+                raise ValueError(f"bad used element ({head}, {used_len}, {ring_slots})")
+        try:
+            self._publish(items)
+        except RingAccessError:
+            self._broken = ChainError.ADDR
+            raise DriverError(ChainError.ADDR, self.index) from None
+        self._in_flight = max(0, self._in_flight - len(items))
+
+    def _publish(self, items) -> None:
+        if self.packed:
+            _packed.publish(self, items)
+        else:
+            _split.publish(self, items)
+
+    def fill(self, chain: Chain, data, offset: int = 0) -> int:
+        """Copy ``data`` into the chain's writable buffers starting ``offset`` bytes in, marking
+        the dirty log; returns the bytes copied (at most the writable space)."""
+        data = memoryview(data).cast("B")
+        copied = 0
+        skip = offset
+        for view, (gpa, length) in zip(chain.writable, chain.writable_gpas):
+            if skip >= length:
+                skip -= length
+                continue
+            n = min(length - skip, len(data) - copied)
+            if n <= 0:
+                break
+            view[skip : skip + n] = data[copied : copied + n]
+            self.memory.mark_dirty(gpa + skip, n)
+            copied += n
+            skip = 0
+        return copied
+
+    # -- notifications ----------------------------------------------------------------------
+    def should_notify(self) -> bool:
+        """Whether the guest needs an interrupt now (updates ``signalled_used``).
+
+        Spec: virtio 1.2 §2.7.10 (split: used_event, VRING_AVAIL_F_NO_INTERRUPT,
+        VIRTIO_F_NOTIFY_ON_EMPTY), §2.8.10 (packed driver event suppression).
+        """
+        if not self.configured:
+            return False
+        try:
+            if self.packed:
+                return _packed.should_notify(self)
+            return _split.should_notify(self)
+        except RingAccessError:
+            self._broken = ChainError.ADDR
+            raise DriverError(ChainError.ADDR, self.index) from None
+
+    def _event_shadow(self) -> tuple[int, int, bool]:
+        """Advance the signalled_used shadow; return (old, new, was_valid)."""
+        old, new, valid = self._signalled_used, self._used_idx, self._signalled_used_valid
+        self._signalled_used = new
+        self._signalled_used_valid = True
+        return old, new, valid
+
+    # -- guest memory access for the ring areas ----------------------------------------------
+    def _read(self, gpa: int, length: int) -> bytes:
+        try:
+            return self.memory.read(gpa, length)
+        except GuestAddressError:
+            raise RingAccessError(gpa) from None
+
+    def _write(self, gpa: int, data: bytes) -> None:
+        try:
+            self.memory.write(gpa, data)  # marks the dirty log
+        except GuestAddressError:
+            raise RingAccessError(gpa) from None
+
+    # -- batched data path ------------------------------------------------------------------
+    def tx_to_fd(self, fd: int, max_bytes: int | None = None) -> TxResult:
+        """Write available chains' readable bytes to ``fd`` with ``writev``; see
+        :func:`ring.datapath.tx_to_fd`."""
+        return tx_to_fd(self, fd, max_bytes)
+
+    def rx_from_fd(self, fd: int, max_bytes: int | None = None) -> RxResult:
+        """Read from ``fd`` into available chains' writable buffers with ``readv``; see
+        :func:`ring.datapath.rx_from_fd`."""
+        return rx_from_fd(self, fd, max_bytes)
+
+
