@@ -140,11 +140,8 @@ class _Client:
             self._maybe_finish_quit()
 
     def _maybe_finish_quit(self) -> None:
-        if self.protocol.quit_requested and not self.output and not self.closed:
+        if self.protocol.quit_requested and not self.output:
             self.close()
-            on_quit = self.server.on_quit
-            if on_quit is not None:
-                self.server.loop.call_soon(on_quit)
 
     # -- closing ------------------------------------------------------------------------
     def close(self) -> None:
@@ -158,6 +155,9 @@ class _Client:
         self.reading = self.writing = False
         self.sock.close()
         self.server._forget(self)
+        if self.protocol.quit_requested and self.server.on_quit is not None:
+            # the answer is flushed (or the client went away): now ask the owner
+            self.server.loop.call_soon(self.server.on_quit)
 
 
 class ManagementServer:
