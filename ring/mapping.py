@@ -23,6 +23,8 @@ def map_region(fd: int, gpa: int, size: int, uva: int, mmap_offset: int) -> Regi
 
     ``MemoryMapError`` if the mapping fails.
     """
+    if fd < 0:  # mmap(-1, ...) would silently make an anonymous mapping
+        raise MemoryMapError(f"bad region fd {fd}")
     if size <= 0 or mmap_offset < 0:
         raise MemoryMapError(f"bad region size {size} / mmap_offset {mmap_offset}")
     try:
@@ -39,6 +41,8 @@ def map_log(fd: int, size: int, offset: int = 0) -> DirtyLog:
 
     Spec: vhost-user VHOST_USER_SET_LOG_BASE.
     """
+    if fd < 0:
+        raise MemoryMapError(f"bad log fd {fd}")
     try:
         mm = mmap.mmap(fd, size + offset, flags=mmap.MAP_SHARED,
                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
