@@ -1,0 +1,82 @@
+"""What the vhost-user back-end asks of a device model, and what it gives it.
+
+The session owns the vhost-user protocol; a device only sees started/stopped queues (each a
+:class:`QueueHandle`), kicks and config-space access (docs/internals.md, "vhost_user/ — what
+the back-end asks of a device").
+
+Spec: vhost-user "Ring states" (a queue handed to the device is started and enabled).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, runtime_checkable
+
+__all__ = ["QueueHandle", "VhostUserDevice"]
+
+
+@runtime_checkable
+class VhostUserDevice(Protocol):
+    """A virtio device model served over vhost-user (contract in docs/internals.md)."""
+
+    device_id: int
+    num_queues: int
+
+    def device_features(self) -> int: ...
+
+    def config_read(self, offset: int, size: int) -> bytes: ...
+
+    def config_write(self, offset: int, data: bytes) -> None: ...
+
+    def set_features(self, features: int) -> None: ...
+
+    def queue_started(self, handle: "QueueHandle") -> None: ...
+
+    def queue_stopped(self, index: int) -> None: ...
+
+    def kick(self, index: int) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def snapshot(self) -> dict: ...
+
+    def restore(self, state: dict) -> None: ...
+
+
+class QueueHandle:
+    """A live queue given to the device: ``index``, ``vq`` (a ``ring`` Virtqueue) and
+    ``notify()``, which signals the guest through the queue's *current* call eventfd (the
+    front-end may replace it while the ring runs, e.g. when QEMU masks interrupts) or does
+    nothing when there is none (polling, SET_VRING_CALL with the no-fd flag).
+
+    Spec: vhost-user VHOST_USER_SET_VRING_CALL.
+    """
+
+    __slots__ = ("index", "vq", "_call_fd", "_signal")
+
+    def __init__(
+        self,
+        index: int,
+        vq: Any,
+        call_fd: Callable[[], int | None],
+        signal: Callable[[int], None],
+    ) -> None:
+        self.index = index
+        self.vq = vq
+        self._call_fd = call_fd
+        self._signal = signal
+
+    def notify(self) -> None:
+        """Interrupt the guest for this queue (write the call eventfd)."""
+        fd = self._call_fd()
+        if fd is not None:
+            self._signal(fd)
+
+    def notify_if_needed(self) -> bool:
+        """``vq.should_notify()`` and, if so, :meth:`notify`; returns whether it signalled."""
+        if self.vq.should_notify():
+            self.notify()
+            return True
+        return False
+
+    def __repr__(self) -> str:
+        return f"QueueHandle(index={self.index})"
