@@ -386,13 +386,13 @@ def test_whole_and_byte_at_a_time_give_identical_output():
     assert sum("message exceeds 2048" in m.get("error", {}).get("desc", "") for m in out) == 1
 
 
-@settings(max_examples=60, deadline=None)
+@settings(deadline=None)
 @given(st.lists(st.integers(min_value=1, max_value=64), max_size=200))
 def test_any_chunking_gives_identical_output(sizes):
     assert feed_in_chunks(SESSION, sizes) == feed_in_chunks(SESSION, [])
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 @given(st.binary(min_size=1, max_size=300))  # b"" is EOF
 def test_arbitrary_bytes_only_produce_error_replies(data):
     proto = make_protocol(QmpState.COMMAND)
