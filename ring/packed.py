@@ -53,7 +53,7 @@ def pop(vq: "Virtqueue") -> Chain | None:
             addr, length, buf_id, flags = DESC.unpack(vq._read(vq.desc_gpa + 16 * pos, 16))
             if not is_available(flags, wrap):
                 raise vq._fail(ChainError.PACKED_WRAP, None, 0)
-        last = not flags & _NEXT or bool(flags & _INDIRECT)
+        last = not flags & _NEXT  # an INDIRECT descriptor must be last (INDIRECT_NEXT)
         try:
             if flags & _INDIRECT:
                 table = copy_indirect_table(vq.memory, addr, length, False,
