@@ -1,0 +1,862 @@
+"""One vsock connection between a guest AF_VSOCK socket and a host UNIX socket (sans-I/O).
+
+Spec: virtio 1.2 §5.10.6 (Device Operation): connection set-up (REQUEST/RESPONSE),
+§5.10.6.3 (Buffer Space Management: credit), §5.10.6.5 (stream: SHUTDOWN, RST),
+§5.10.6.6 (seqpacket: EOM/EOR).
+
+Nothing here touches a socket or the clock. Inputs are guest packets (a header already copied
+out of guest memory, plus the payload as buffers that may point into guest memory) and host
+events reported by the I/O adapter; outputs are host *actions* (frozen dataclasses) and, when
+the device asks for one, the next packet for the guest.
+
+Data path boundary (who copies what):
+
+* guest → host, stream: the RW payload is handed out as ``WriteHost(key, data)`` where
+  ``data`` is a tuple of the payload buffers *as given* (memoryviews into guest memory). The
+  adapter writes them with one ``writev``/``sendmsg`` **immediately** and reports the count
+  with `Connection.host_write_done` **before** it completes the TX chain. Only the unwritten
+  tail is copied (into an immutable-chunk buffer of at most ``buf_alloc`` bytes, which credit
+  guarantees) and later flushed by another ``WriteHost`` on ``host_writable``.
+* host → guest, stream: no buffering at all. When the guest has credit, `next_rx` returns
+  ``RxRead(key, max_bytes)``: the device reads at most ``max_bytes`` from the host socket
+  straight into the RX chain after the 44-byte header (``readv``), then calls
+  `rx_read_done` with the count and writes the returned header in front.
+* seqpacket, both ways, is message-at-a-time and copies (one ``bytes`` per message, at most
+  ``max_message_bytes`` host→guest, at most ``buf_alloc`` guest→host).
+
+Credit (§5.10.6.3), with all counters u32 and wrapping:
+
+* ours: ``buf_alloc`` (constant per connection) and ``fwd_cnt`` (bytes delivered to the host
+  socket). The guest may have at most ``buf_alloc - (recv_cnt - adv_fwd_cnt)`` bytes in flight
+  where ``adv_fwd_cnt`` is the last ``fwd_cnt`` we put in a packet header; a guest that sends
+  more has that connection reset and nothing else.
+* theirs: ``peer_free = peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`` clamped at 0 (a guest
+  shrinking its buffer, or a fwd_cnt that runs ahead, never makes us send more).
+* CREDIT_UPDATE is sent when the guest's view of our free space has fallen below
+  ``credit_update_threshold`` (default ``buf_alloc / 4``) and we have freed at least that much
+  (or everything) since we last told it — the guest blocks only at zero credit, so one of the
+  two must become true while the host drains (Linux and Firecracker use the same idea with
+  64 KiB and 4 KiB). Also sent in reply to CREDIT_REQUEST. CREDIT_REQUEST is sent once when
+  we have data for the guest and zero credit (re-armed by any guest packet).
+
+Close semantics:
+
+* guest SHUTDOWN SEND: after the buffered guest data is written, ``ShutdownHost`` (SHUT_WR).
+* guest SHUTDOWN RCV: stop reading the host socket; drop what is queued for the guest.
+* guest SHUTDOWN RCV|SEND: after the drain, RST to the guest and ``CloseHost`` (the guest
+  driver waits for our RST); a drain that takes longer than ``shutdown_timeout_s`` is cut.
+* host EOF (``read() == 0``): SHUTDOWN SEND to the guest (half-close, the guest may still
+  send). Host hang-up (the peer closed both ways: the adapter saw EPOLLHUP): SHUTDOWN
+  RCV|SEND, ``CloseHost``, guest data from now on is discarded; we wait for the guest's RST
+  for at most ``shutdown_timeout_s`` then RST ourselves.
+* both directions finished without a full guest SHUTDOWN: after the drain we send SHUTDOWN
+  RCV|SEND, close the host and await the RST as above.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Sequence, Union
+
+from .handshake import OkPortConvention, build_ok_reply
+from .wire import (MAX_PKT_PAYLOAD_BYTES, U32_MASK, HOST_CID, Op, SeqpacketFlag, ShutdownFlag,
+                   Type, VsockHeader)
+
+log = logging.getLogger(__name__)
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+#: Most buffers handed to the adapter in one WriteHost (well under IOV_MAX = 1024).
+MAX_WRITE_SEGMENTS = 64
+
+
+# --- identity, configuration ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ConnKey:
+    """A connection's identity: the guest's CID, the host-side port, the guest-side port."""
+
+    cid: int
+    local_port: int
+    peer_port: int
+
+    def __str__(self) -> str:
+        return f"{self.cid}:{self.peer_port}<->2:{self.local_port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnConfig:
+    """Per-connection limits and timeouts (seconds)."""
+
+    buf_alloc_bytes: int = 256 * 1024
+    credit_update_threshold_bytes: int | None = None  # None: buf_alloc / 4
+    request_timeout_s: float = 2.0
+    shutdown_timeout_s: float = 2.0
+    max_message_bytes: int = 64 * 1024  # host→guest seqpacket message limit
+    ok_convention: OkPortConvention = OkPortConvention.HOST_PORT
+
+    def __post_init__(self) -> None:
+        if not 0 < self.buf_alloc_bytes <= U32_MASK:
+            raise ValueError(f"buf_alloc_bytes must be in 1..2^32-1, got {self.buf_alloc_bytes}")
+        if self.max_message_bytes <= 0:
+            raise ValueError("max_message_bytes must be positive")
+
+    @property
+    def credit_update_threshold(self) -> int:
+        t = self.credit_update_threshold_bytes
+        return max(1, self.buf_alloc_bytes // 4) if t is None else max(1, t)
+
+
+class ConnState(enum.Enum):
+    LOCAL_INIT = "local-init"  # host-initiated: REQUEST to the guest, awaiting RESPONSE
+    PEER_INIT = "peer-init"  # guest-initiated: connecting to the host service
+    ESTABLISHED = "established"  # possibly half-closed (see shutdown flags)
+    CLOSING = "closing"  # draining to the host before RST, or awaiting the guest's RST
+    KILLED = "killed"  # RST queued for the guest; host side closed
+    CLOSED = "closed"  # finished: the muxer drops it from the table
+
+
+# --- actions (outputs) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectHost:
+    """Connect a new host socket for ``key`` to ``path`` (``SOCK_STREAM`` or ``SOCK_SEQPACKET``
+    by ``type_``), non-blocking; report with ``host_connected(key, now, ok)``."""
+
+    key: ConnKey
+    path: str
+    type_: Type
+
+
+@dataclass(frozen=True, slots=True)
+class WriteHost:
+    """Write ``data`` (a gather list) to the host socket now, then report the byte count with
+    ``host_write_done(key, n, now)`` (``None`` for EAGAIN) before completing the TX chain the
+    buffers may point into. ``message``: seqpacket, send the buffers as one message (one
+    ``sendmsg``, all or nothing); ``eor``: the message ends a record (MSG_EOR)."""
+
+    key: ConnKey
+    data: tuple[Buffer, ...]
+    message: bool = False
+    eor: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) for b in self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownHost:
+    """``shutdown(SHUT_WR)`` the host socket: the guest will send nothing more."""
+
+    key: ConnKey
+
+
+@dataclass(frozen=True, slots=True)
+class CloseHost:
+    """Close the host socket of ``key`` and forget it (a no-op if it has none)."""
+
+    key: ConnKey
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyHost:
+    """Write these bytes (the ``OK <port>\\n`` line) to the host socket, whole, before anything
+    else; a failure is reported as ``host_error``."""
+
+    key: ConnKey
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SetHostInterest:
+    """Poll the host socket of ``key`` for readability / writability (level-triggered)."""
+
+    key: ConnKey
+    read: bool
+    write: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SetTimer:
+    """Call ``timer_fired(key, now)`` at ``deadline`` (monotonic seconds); None cancels."""
+
+    key: ConnKey
+    deadline: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RxReady:
+    """VM ``cid`` has packets for its RX queue: call ``poll_rx`` when buffers are posted."""
+
+    cid: int
+
+
+Action = Union[ConnectHost, WriteHost, ShutdownHost, CloseHost, ReplyHost, SetHostInterest,
+               SetTimer, RxReady]
+
+
+@dataclass(frozen=True, slots=True)
+class RxPacket:
+    """A complete packet for the guest: write ``header`` then ``payload`` into one RX chain.
+    ``len(payload) == header.len_`` and is at most the ``max_payload`` asked for."""
+
+    header: VsockHeader
+    payload: Buffer = b""
+
+
+@dataclass(frozen=True, slots=True)
+class RxRead:
+    """Read from the host socket of ``key`` for the guest.
+
+    ``message=False`` (stream): ``readv`` at most ``max_bytes`` into the RX chain right after
+    the 44-byte header, then ``rx_read_done(key, n, now, hangup=...)`` (n = bytes, 0 = EOF,
+    None = EAGAIN) returns the header to write in front (or None: give the chain back).
+    ``message=True`` (seqpacket): ``recv`` one message into a buffer of ``max_bytes`` (+1 to
+    detect truncation), then ``rx_message(key, data, now, truncated=...)`` (or
+    ``rx_read_done`` for EAGAIN/EOF); the chain is not used and can be offered again."""
+
+    key: ConnKey
+    max_bytes: int
+    message: bool = False
+
+
+RxItem = Union[RxPacket, RxRead]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnInfo:
+    """One row of ``query-vsock-connections``."""
+
+    cid: int
+    local_port: int
+    peer_port: int
+    type: str
+    state: str
+    initiator: str
+    bytes_to_host: int
+    bytes_to_guest: int
+    buffered_bytes: int
+
+
+# --- the state machine -------------------------------------------------------------------
+
+
+def _u32(x: int) -> int:
+    return x & U32_MASK
+
+
+class _Pending(enum.IntFlag):
+    """Control packets waiting for an RX buffer."""
+
+    RST = 1
+    RESPONSE = 2
+    REQUEST = 4
+    SHUTDOWN = 8
+    CREDIT_UPDATE = 16
+
+
+class Connection:
+    """One connection's state machine. The muxer owns the instances; see module docstring.
+
+    Every mutating method returns the host actions it caused (``list[Action]``); RX packets
+    are produced only by `next_rx`. Interest, timers and RX scheduling are *derived* from the
+    properties `wants_read`, `wants_write`, `deadline`, `has_rx` by the muxer's
+    ``_reconcile``.
+    """
+
+    def __init__(self, key: ConnKey, type_: Type, cfg: ConnConfig, *, local_init: bool,
+                 log_: logging.Logger | None = None) -> None:
+        self.key = key
+        self.type_ = Type(type_)
+        self.cfg = cfg
+        self.local_init = local_init
+        self.log = log_ or log
+        self.state = ConnState.LOCAL_INIT if local_init else ConnState.PEER_INIT
+        self.deadline: float | None = None
+        # our receive side (guest -> host)
+        self.buf_alloc = cfg.buf_alloc_bytes
+        self.recv_cnt = 0  # u32: RW payload bytes received from the guest
+        self.fwd_cnt = 0  # u32: of those, delivered to the host socket (or discarded)
+        self.adv_fwd_cnt = 0  # fwd_cnt in the last header we emitted
+        self._g2h_chunks: deque[bytes] = deque()  # stream bytes not yet written
+        self._g2h_off = 0  # offset into _g2h_chunks[0]
+        self._g2h_msgs: deque[tuple[bytes, bool]] = deque()  # seqpacket (message, eor)
+        self._g2h_partial = bytearray()  # seqpacket message being assembled
+        self._inflight: WriteHost | None = None
+        self._inflight_direct = False  # inflight data points into guest memory
+        # the guest's receive side (host -> guest)
+        self.peer_buf_alloc = 0
+        self.peer_fwd_cnt = 0
+        self.tx_cnt = 0  # u32: RW payload bytes sent to the guest
+        self._h2g: deque[tuple[bytes, bool, bool]] = deque()  # (data, eom, eor) queued
+        self._h2g_off = 0
+        self.host_readable = False  # the host socket has data (cleared by EAGAIN)
+        # shutdown / life cycle
+        self.peer_shut = ShutdownFlag(0)  # flags the guest sent
+        self.local_shut = ShutdownFlag(0)  # flags we sent / queued
+        self._shut_queued = ShutdownFlag(0)
+        self.host_eof = False
+        self.host_hup = False
+        self.host_open = local_init  # an accepted socket exists already for local_init
+        self._host_wr_shut = False
+        self._pending = _Pending(0)
+        self._credit_requested = False
+        self.leftover_for_guest = 0
+        # statistics
+        self.bytes_to_host = 0
+        self.bytes_to_guest = 0
+
+    # -- constructors -------------------------------------------------------------------
+
+    @classmethod
+    def from_guest_request(cls, key: ConnKey, hdr: VsockHeader, path: str, cfg: ConnConfig,
+                           now: float, log_: logging.Logger | None = None
+                           ) -> tuple["Connection", list[Action]]:
+        """A guest REQUEST to host port ``key.local_port``: connect the host service."""
+        conn = cls(key, Type(hdr.type_), cfg, local_init=False, log_=log_)
+        conn._update_peer_credit(hdr)
+        conn.deadline = now + cfg.request_timeout_s
+        return conn, [ConnectHost(key, path, conn.type_)]
+
+    @classmethod
+    def from_host_connect(cls, key: ConnKey, type_: Type, cfg: ConnConfig, now: float,
+                          leftover: bytes = b"", log_: logging.Logger | None = None
+                          ) -> "Connection":
+        """A host client completed ``CONNECT <port>``: send REQUEST, await RESPONSE.
+        ``leftover`` (bytes after the line) goes to the guest first once established."""
+        conn = cls(key, type_, cfg, local_init=True, log_=log_)
+        conn._pending |= _Pending.REQUEST
+        conn.deadline = now + cfg.request_timeout_s
+        if leftover:
+            conn._h2g.append((bytes(leftover), False, False))
+            conn.leftover_for_guest = len(leftover)
+        return conn
+
+    # -- derived state (read by the muxer's _reconcile) -----------------------------------
+
+    @property
+    def buffered_g2h(self) -> int:
+        return _u32(self.recv_cnt - self.fwd_cnt)
+
+    @property
+    def peer_free(self) -> int:
+        """Bytes the guest can take now: ``peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`` ≥ 0."""
+        in_flight = _u32(self.tx_cnt - self.peer_fwd_cnt)
+        return max(0, self.peer_buf_alloc - in_flight)
+
+    def _h2g_open(self) -> bool:
+        return (self.state is ConnState.ESTABLISHED and not self.peer_shut & ShutdownFlag.RCV
+                and not (self._pending & (_Pending.RESPONSE | _Pending.REQUEST)))
+
+    def _g2h_done(self) -> bool:
+        return bool(self.peer_shut & ShutdownFlag.SEND) or self.host_hup
+
+    def _h2g_done(self) -> bool:
+        return bool(self.peer_shut & ShutdownFlag.RCV) or self.host_eof
+
+    @property
+    def wants_read(self) -> bool:
+        """Poll the host socket for input: the guest can take data and we don't know yet."""
+        return (self.host_open and self._h2g_open() and not self.host_eof
+                and not self.host_readable and not self._h2g and self.peer_free > 0)
+
+    @property
+    def wants_write(self) -> bool:
+        return self.host_open and self._inflight is None and self._g2h_has_data()
+
+    @property
+    def has_rx(self) -> bool:
+        return self._peek_rx() is not None
+
+    @property
+    def alive(self) -> bool:
+        return self.state is not ConnState.CLOSED
+
+    def _g2h_has_data(self) -> bool:
+        return bool(self._g2h_chunks or self._g2h_msgs)
+
+    def info(self) -> ConnInfo:
+        state = self.state.value
+        if self.state is ConnState.ESTABLISHED and (self.peer_shut or self.local_shut):
+            parts = []
+            if self.peer_shut:
+                parts.append(f"guest-shut-{_shut_name(self.peer_shut)}")
+            if self.local_shut:
+                parts.append(f"host-shut-{_shut_name(self.local_shut)}")
+            state = "half-closed(" + ",".join(parts) + ")"
+        return ConnInfo(cid=self.key.cid, local_port=self.key.local_port,
+                        peer_port=self.key.peer_port, type=self.type_.name.lower(),
+                        state=state, initiator="host" if self.local_init else "guest",
+                        bytes_to_host=self.bytes_to_host, bytes_to_guest=self.bytes_to_guest,
+                        buffered_bytes=self.buffered_g2h)
+
+    # -- host events ----------------------------------------------------------------------
+
+    def host_connected(self, now: float, ok: bool) -> list[Action]:
+        """Result of ``ConnectHost``: RESPONSE to the guest, or RST."""
+        if self.state is not ConnState.PEER_INIT:
+            return [CloseHost(self.key)] if ok else []
+        if not ok:
+            self.log.info("%s: host service refused the guest's connection", self.key)
+            return self.kill(now)
+        self.host_open = True
+        self.state = ConnState.ESTABLISHED
+        self.deadline = None
+        self._pending |= _Pending.RESPONSE
+        return []
+
+    def host_readable_event(self, now: float) -> list[Action]:
+        if self.host_open and not self.host_eof:
+            self.host_readable = True
+        return []
+
+    def host_writable(self, now: float) -> list[Action]:
+        """The host socket can take more: hand out the buffered guest data."""
+        if self._inflight is not None or not self.host_open:
+            return []
+        if self._g2h_msgs:
+            msg, eor = self._g2h_msgs[0]
+            act = WriteHost(self.key, (msg,), message=True, eor=eor)
+        elif self._g2h_chunks:
+            views: list[Buffer] = []
+            for i, chunk in enumerate(self._g2h_chunks):
+                if i >= MAX_WRITE_SEGMENTS:
+                    break
+                views.append(memoryview(chunk)[self._g2h_off:] if i == 0 else chunk)
+            act = WriteHost(self.key, tuple(views))
+        else:
+            return []
+        self._inflight = act
+        self._inflight_direct = False
+        return [act]
+
+    def host_write_done(self, nbytes: int | None, now: float) -> list[Action]:
+        """How much of the last ``WriteHost`` the host socket took (None: EAGAIN)."""
+        act = self._inflight
+        if act is None:
+            return []
+        self._inflight = None
+        direct = self._inflight_direct
+        self._inflight_direct = False
+        n = nbytes or 0
+        total = act.nbytes
+        if n < 0 or n > total:
+            raise ValueError(f"host_write_done: {n} bytes of a {total}-byte write")
+        if act.message:
+            if n and n != total:  # a seqpacket send is atomic
+                raise ValueError("partial seqpacket send")
+            if n:
+                if not direct:
+                    self._g2h_msgs.popleft()
+                self._forwarded(total)
+            elif direct:
+                self._g2h_msgs.appendleft((_join(act.data), act.eor))
+        else:
+            if direct:
+                if n < total:
+                    self._g2h_chunks.append(_tail(act.data, n))
+            else:
+                self._consume_chunks(n)
+            self._forwarded(n)
+        return self._after_drain(now)
+
+    def host_error(self, now: float, errno_: int | None = None) -> list[Action]:
+        """The host socket failed (not EAGAIN): this connection only is reset."""
+        self.log.info("%s: host socket error %s: reset", self.key, errno_)
+        return self.kill(now)
+
+    # -- host -> guest reads ----------------------------------------------------------------
+
+    def rx_read_done(self, nbytes: int | None, now: float, *, hangup: bool = False
+                     ) -> tuple[VsockHeader | None, list[Action]]:
+        """Result of an ``RxRead``: the header to put in front of the data, or None."""
+        if nbytes is None:
+            self.host_readable = False
+            return None, []
+        if nbytes > 0:
+            if self.type_ is Type.SEQPACKET:
+                raise ValueError("seqpacket reads complete with rx_message")
+            self.tx_cnt = _u32(self.tx_cnt + nbytes)
+            self.bytes_to_guest += nbytes
+            return self._header(Op.RW, len_=nbytes), []
+        # EOF
+        self.host_readable = False
+        self.host_eof = True
+        actions: list[Action] = []
+        if hangup:
+            actions += self._host_hung_up(now)
+        else:
+            self._queue_shutdown(ShutdownFlag.SEND)
+        actions += self._maybe_finish(now)
+        # The device already spent a chain on this read: fill it with the next control
+        # packet (normally the SHUTDOWN just queued), if any.
+        item = self.next_rx(0)
+        return (item.header if isinstance(item, RxPacket) else None), actions
+
+    def rx_message(self, data: bytes, now: float, *, truncated: bool = False,
+                   eor: bool = False) -> list[Action]:
+        """A whole seqpacket message read from the host socket."""
+        if truncated or len(data) > self.cfg.max_message_bytes:
+            self.log.warning("%s: host message over %d bytes: reset", self.key,
+                             self.cfg.max_message_bytes)
+            return self.kill(now)
+        if self.peer_shut & ShutdownFlag.RCV:
+            return []
+        self._h2g.append((bytes(data), True, eor))
+        return []
+
+    # -- guest packets ----------------------------------------------------------------------
+
+    def on_packet(self, hdr: VsockHeader, payload: Sequence[Buffer], now: float
+                  ) -> list[Action]:
+        """A packet from the guest for this connection (cids, type and len already checked).
+
+        ``payload``: the ``hdr.len_`` payload bytes as buffers (valid until the TX chain is
+        completed; see WriteHost)."""
+        self._update_peer_credit(hdr)
+        op = hdr.op
+        st = self.state
+        if op == Op.RST:
+            return self._peer_reset(now)
+        if st is ConnState.KILLED or st is ConnState.CLOSED:
+            return []
+        if op == Op.CREDIT_REQUEST:
+            if st is not ConnState.LOCAL_INIT:
+                self._pending |= _Pending.CREDIT_UPDATE
+            return []
+        if op == Op.CREDIT_UPDATE:
+            return []
+        if st is ConnState.LOCAL_INIT:
+            if op == Op.RESPONSE:
+                return self._established_by_guest(now)
+            self.log.info("%s: %s before RESPONSE: reset", self.key, Op(op).name)
+            return self.kill(now)
+        if st is ConnState.PEER_INIT:
+            self.log.info("%s: %s while connecting: reset", self.key, Op(op).name)
+            return self.kill(now)
+        if op == Op.RW:
+            return self._guest_data(hdr, payload, now)
+        if op == Op.SHUTDOWN:
+            return self._guest_shutdown(ShutdownFlag(hdr.flags & ShutdownFlag.BOTH), now)
+        # REQUEST / RESPONSE on a live connection: ignore (as Firecracker does).
+        self.log.debug("%s: ignoring %s in state %s", self.key, Op(op).name, st.value)
+        return []
+
+    def _update_peer_credit(self, hdr: VsockHeader) -> None:
+        self.peer_buf_alloc = hdr.buf_alloc
+        self.peer_fwd_cnt = hdr.fwd_cnt
+        self._credit_requested = False
+
+    def _established_by_guest(self, now: float) -> list[Action]:
+        self.state = ConnState.ESTABLISHED
+        self.deadline = None
+        reply = build_ok_reply(host_port=self.key.local_port, guest_port=self.key.peer_port,
+                               convention=self.cfg.ok_convention)
+        return [ReplyHost(self.key, reply)]
+
+    def _guest_data(self, hdr: VsockHeader, payload: Sequence[Buffer], now: float
+                    ) -> list[Action]:
+        n = hdr.len_
+        # Spec: virtio 1.2 §5.10.6.3.1: "VIRTIO_VSOCK_OP_RW data packets MUST only be
+        # transmitted when the peer has sufficient free buffer space for the payload."
+        in_flight = _u32(self.recv_cnt + n - self.adv_fwd_cnt)
+        if n > self.buf_alloc or in_flight > self.buf_alloc:
+            self.log.warning("%s: guest exceeded its credit (%d bytes in flight, buf_alloc "
+                             "%d): reset", self.key, in_flight, self.buf_alloc)
+            return self.kill(now)
+        if self.peer_shut & ShutdownFlag.SEND:
+            self.log.info("%s: guest data after its SHUTDOWN SEND: reset", self.key)
+            return self.kill(now)
+        self.recv_cnt = _u32(self.recv_cnt + n)
+        if self.state is not ConnState.ESTABLISHED or self.host_hup or not self.host_open:
+            self._discarded(n)
+            return self._credit_check()
+        eom = bool(hdr.flags & SeqpacketFlag.EOM)
+        eor = bool(hdr.flags & SeqpacketFlag.EOR)
+        if self.type_ is Type.SEQPACKET:
+            return self._guest_message_part(payload, n, eom, eor, now)
+        if n == 0:
+            return []
+        if self._inflight is None and not self._g2h_has_data():
+            act = WriteHost(self.key, tuple(payload))
+            self._inflight, self._inflight_direct = act, True
+            return [act]
+        self._g2h_chunks.append(_join(payload))
+        return []
+
+    def _guest_message_part(self, payload: Sequence[Buffer], n: int, eom: bool, eor: bool,
+                            now: float) -> list[Action]:
+        if not eom:
+            for b in payload:
+                self._g2h_partial += b
+            return []
+        if not self._g2h_partial and self._inflight is None and not self._g2h_msgs:
+            act = WriteHost(self.key, tuple(payload), message=True, eor=eor)
+            self._inflight, self._inflight_direct = act, True
+            return [act]
+        for b in payload:
+            self._g2h_partial += b
+        self._g2h_msgs.append((bytes(self._g2h_partial), eor))
+        self._g2h_partial = bytearray()
+        return []
+
+    def _guest_shutdown(self, flags: ShutdownFlag, now: float) -> list[Action]:
+        new = flags & ~self.peer_shut
+        self.peer_shut |= flags
+        if new & ShutdownFlag.RCV:
+            self._h2g.clear()
+            self._h2g_off = 0
+            self.host_readable = False
+        actions = self._after_drain(now)
+        return actions
+
+    def _peer_reset(self, now: float) -> list[Action]:
+        """The guest reset the connection: close the host side, no reply."""
+        actions: list[Action] = []
+        if self.host_open:
+            actions.append(CloseHost(self.key))
+            self.host_open = False
+        self._drop_buffers()
+        self.state = ConnState.CLOSED
+        self.deadline = None
+        self._pending = _Pending(0)
+        return actions
+
+    # -- drain / finish -------------------------------------------------------------------
+
+    def _forwarded(self, n: int) -> None:
+        self.fwd_cnt = _u32(self.fwd_cnt + n)
+        self.bytes_to_host += n
+
+    def _discarded(self, n: int) -> None:
+        """Guest bytes we drop (host gone): count them forwarded so credit stays right."""
+        self.fwd_cnt = _u32(self.fwd_cnt + n)
+
+    def _consume_chunks(self, n: int) -> None:
+        while n and self._g2h_chunks:
+            avail = len(self._g2h_chunks[0]) - self._g2h_off
+            if n >= avail:
+                n -= avail
+                self._g2h_chunks.popleft()
+                self._g2h_off = 0
+            else:
+                self._g2h_off += n
+                n = 0
+
+    def _after_drain(self, now: float) -> list[Action]:
+        actions = self._credit_check()
+        drained = not self._g2h_has_data() and self._inflight is None
+        if (drained and self.peer_shut & ShutdownFlag.SEND and self.host_open
+                and not self._host_wr_shut and self.state is ConnState.ESTABLISHED):
+            self._host_wr_shut = True
+            actions.append(ShutdownHost(self.key))
+        actions += self._maybe_finish(now)
+        return actions
+
+    def _credit_check(self) -> list[Action]:
+        view_free = self.buf_alloc - _u32(self.recv_cnt - self.adv_fwd_cnt)
+        actual_free = self.buf_alloc - self.buffered_g2h
+        threshold = self.cfg.credit_update_threshold
+        if view_free < threshold and actual_free > view_free and (
+                actual_free - view_free >= threshold or actual_free == self.buf_alloc):
+            self._pending |= _Pending.CREDIT_UPDATE
+        return []
+
+    def _maybe_finish(self, now: float) -> list[Action]:
+        """Both directions done → RST (guest shut both ways) or SHUTDOWN both and wait."""
+        if self.state not in (ConnState.ESTABLISHED, ConnState.CLOSING):
+            return []
+        if not (self._g2h_done() and self._h2g_done()):
+            return []
+        drained = self.host_hup or (not self._g2h_has_data() and self._inflight is None)
+        if not drained:
+            if self.state is not ConnState.CLOSING:
+                self.state = ConnState.CLOSING
+                self.deadline = now + self.cfg.shutdown_timeout_s
+            return []
+        if self.peer_shut == ShutdownFlag.BOTH:
+            # The guest closed: it waits for our RST.
+            return self.kill(now)
+        if self.state is ConnState.CLOSING and self.local_shut == ShutdownFlag.BOTH:
+            return []  # already awaiting the guest's RST
+        actions: list[Action] = []
+        if self.host_open:
+            actions.append(CloseHost(self.key))
+            self.host_open = False
+        self._queue_shutdown(ShutdownFlag.BOTH)
+        self.state = ConnState.CLOSING
+        self.deadline = now + self.cfg.shutdown_timeout_s
+        return actions
+
+    def _host_hung_up(self, now: float) -> list[Action]:
+        self.host_hup = True
+        actions: list[Action] = []
+        if self.host_open:
+            actions.append(CloseHost(self.key))
+            self.host_open = False
+        self._discarded(self.buffered_g2h)
+        self._drop_g2h()
+        self._queue_shutdown(ShutdownFlag.BOTH)
+        if self.state is ConnState.ESTABLISHED:
+            self.state = ConnState.CLOSING
+            self.deadline = now + self.cfg.shutdown_timeout_s
+        return actions
+
+    def _queue_shutdown(self, flags: ShutdownFlag) -> None:
+        new = flags & ~self.local_shut
+        if new:
+            self.local_shut |= new
+            self._shut_queued |= self.local_shut
+            self._pending |= _Pending.SHUTDOWN
+
+    def _take_pending_shutdown(self) -> VsockHeader | None:
+        if not self._pending & _Pending.SHUTDOWN or self._h2g:
+            return None
+        self._pending &= ~_Pending.SHUTDOWN
+        return self._header(Op.SHUTDOWN, flags=int(self._shut_queued))
+
+    def _drop_g2h(self) -> None:
+        self._g2h_chunks.clear()
+        self._g2h_off = 0
+        self._g2h_msgs.clear()
+        self._g2h_partial = bytearray()
+
+    def _drop_buffers(self) -> None:
+        self._drop_g2h()
+        self._h2g.clear()
+        self._h2g_off = 0
+        self.host_readable = False
+
+    def kill(self, now: float) -> list[Action]:
+        """Reset: RST to the guest, close the host side, drop all buffered data."""
+        actions: list[Action] = []
+        if self.state is ConnState.CLOSED:
+            return actions
+        if self.host_open:
+            actions.append(CloseHost(self.key))
+            self.host_open = False
+        self._drop_buffers()
+        self._inflight = None
+        self.state = ConnState.KILLED
+        self.deadline = None
+        self._pending = _Pending.RST
+        return actions
+
+    def timer_fired(self, now: float) -> list[Action]:
+        if self.deadline is None or now < self.deadline:
+            return []
+        if self.state is ConnState.LOCAL_INIT:
+            self.log.info("%s: guest did not answer the connection request in time", self.key)
+        elif self.state is ConnState.PEER_INIT:
+            self.log.info("%s: host service did not accept in time", self.key)
+        else:
+            self.log.info("%s: shutdown timed out: reset", self.key)
+        return self.kill(now)
+
+    # -- packets for the guest ---------------------------------------------------------------
+
+    def _header(self, op: Op, *, len_: int = 0, flags: int = 0) -> VsockHeader:
+        """A header from us; every header carries our credit (§5.10.6.3)."""
+        self.adv_fwd_cnt = self.fwd_cnt
+        self._pending &= ~_Pending.CREDIT_UPDATE
+        return VsockHeader(src_cid=int(HOST_CID), dst_cid=self.key.cid, src_port=self.key.local_port,
+                           dst_port=self.key.peer_port, len_=len_, type_=int(self.type_),
+                           op=int(op), flags=flags, buf_alloc=self.buf_alloc,
+                           fwd_cnt=self.fwd_cnt)
+
+    def _peek_rx(self, max_payload: int = MAX_PKT_PAYLOAD_BYTES) -> str | None:
+        """What `next_rx` would produce next (without doing it)."""
+        p = self._pending
+        if p & _Pending.RST:
+            return "rst"
+        if p & _Pending.RESPONSE:
+            return "response"
+        if p & _Pending.REQUEST:
+            return "request"
+        if self._h2g_open():
+            credit = self.peer_free
+            if self._h2g or (self.host_readable and not self.host_eof):
+                if credit > 0 and max_payload > 0:
+                    return "data" if self._h2g else "read"
+                if credit == 0 and not self._credit_requested:
+                    return "credit_request"
+        if p & _Pending.SHUTDOWN and not self._h2g:
+            return "shutdown"
+        if p & _Pending.CREDIT_UPDATE:
+            return "credit_update"
+        return None
+
+    def next_rx(self, max_payload: int) -> RxItem | None:
+        """The next packet for the guest, given an RX buffer with room for ``max_payload``
+        payload bytes after the header; None if there is nothing to send."""
+        max_payload = min(max_payload, MAX_PKT_PAYLOAD_BYTES)
+        kind = self._peek_rx(max_payload)
+        if kind is None:
+            return None
+        if kind == "rst":
+            self._pending = _Pending(0)
+            self.state = ConnState.CLOSED
+            return RxPacket(self._header(Op.RST))
+        if kind == "response":
+            self._pending &= ~_Pending.RESPONSE
+            return RxPacket(self._header(Op.RESPONSE))
+        if kind == "request":
+            self._pending &= ~_Pending.REQUEST
+            return RxPacket(self._header(Op.REQUEST))
+        if kind == "credit_request":
+            self._credit_requested = True
+            return RxPacket(self._header(Op.CREDIT_REQUEST))
+        if kind == "shutdown":
+            hdr = self._take_pending_shutdown()
+            assert hdr is not None
+            return RxPacket(hdr)
+        if kind == "credit_update":
+            return RxPacket(self._header(Op.CREDIT_UPDATE))
+        limit = min(max_payload, self.peer_free)
+        if kind == "read":
+            if self.type_ is Type.SEQPACKET:
+                return RxRead(self.key, self.cfg.max_message_bytes, message=True)
+            return RxRead(self.key, limit)
+        # queued data ("data")
+        data, eom, eor = self._h2g[0]
+        rest = len(data) - self._h2g_off
+        n = min(rest, limit)
+        chunk = memoryview(data)[self._h2g_off:self._h2g_off + n]
+        flags = 0
+        if n == rest:
+            self._h2g.popleft()
+            self._h2g_off = 0
+            if eom:
+                flags = SeqpacketFlag.EOM | (SeqpacketFlag.EOR if eor else 0)
+        else:
+            self._h2g_off += n
+        self.tx_cnt = _u32(self.tx_cnt + n)
+        self.bytes_to_guest += n
+        return RxPacket(self._header(Op.RW, len_=n, flags=int(flags)), chunk)
+
+
+def _shut_name(flags: ShutdownFlag) -> str:
+    return {ShutdownFlag.RCV: "rcv", ShutdownFlag.SEND: "send"}.get(flags, "both")
+
+
+def _join(bufs: Iterable[Buffer]) -> bytes:
+    return b"".join(bytes(b) if not isinstance(b, bytes) else b for b in bufs)
+
+
+def _tail(bufs: Sequence[Buffer], skip: int) -> bytes:
+    """Copy of the bytes of ``bufs`` after the first ``skip``."""
+    out = bytearray()
+    for b in bufs:
+        ln = len(b)
+        if skip >= ln:
+            skip -= ln
+            continue
+        out += memoryview(b)[skip:] if skip else b
+        skip = 0
+    return bytes(out)
