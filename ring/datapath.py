@@ -57,7 +57,8 @@ def _clip(views: list, limit: int) -> list:
 def tx_to_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None) -> TxResult:
     """Guest → host stream: writev available chains' readable bytes to non-blocking ``fd``.
 
-    Loops until the ring is empty, the fd would block, an error, or ``max_bytes`` written.
+    Loops until the ring is empty, the fd would block (EAGAIN, or a short write: the fd's
+    buffer is full), an error, or ``max_bytes`` written.
     """
     budget = _UNLIMITED if max_bytes is None else max_bytes
     written_total = 0
@@ -141,6 +142,8 @@ def tx_to_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None) -> TxResult
             vq._rewind(rewind_slots, rewind_chains)
         else:  # cannot rewind across the broken chain: return untouched chains empty
             completed.extend((e[0], 0, e[1]) for e in entries[len(entries) - rewind_chains:])
+        if n < limit and not blocked and error is None:
+            blocked = True  # a short write: the fd's buffer is full (no extra EAGAIN syscall)
         if vq._pending is not None or n < limit or broken is not None:
             break
     if completed:
