@@ -109,6 +109,17 @@ class MessageChannel:
     def buffered_bytes(self) -> int:
         return len(self._buffer)
 
+    def wanted_bytes(self) -> int:
+        """How many bytes complete the message being assembled (the header first). An
+        adapter that reads at most this much never reads past a message boundary, so the
+        fds of one ``sendmsg`` are never received together with an earlier message's bytes
+        (Linux may glue stream data from separate ``sendmsg`` calls into one ``recvmsg``)."""
+        buffered = len(self._buffer)
+        if buffered < self.HEADER_BYTES:
+            return self.HEADER_BYTES - buffered
+        size = Header.FMT.unpack_from(self._buffer)[2]
+        return max(1, min(size, self._max_payload) + self.HEADER_BYTES - buffered)
+
     def receive(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
         """Add bytes (and the fds received with them) from the peer; ``b""`` is EOF."""
         if self._broken or self._eof:
