@@ -449,9 +449,10 @@ class Connection:
         if n < 0 or n > total:
             raise ValueError(f"host_write_done: {n} bytes of a {total}-byte write")
         if act.message:
-            if n and n != total:  # a seqpacket send is atomic
+            sent = nbytes is not None  # None: EAGAIN; a message (maybe empty) goes whole
+            if sent and n != total:  # a seqpacket send is atomic
                 raise ValueError("partial seqpacket send")
-            if n:
+            if sent:
                 if not direct:
                     self._g2h_msgs.popleft()
                 self._forwarded(total)
@@ -604,6 +605,8 @@ class Connection:
             self._g2h_partial += b
         self._g2h_msgs.append((bytes(self._g2h_partial), eor))
         self._g2h_partial = bytearray()
+        if self._inflight is None and len(self._g2h_msgs) == 1:
+            return self.host_writable(now)  # nothing queued before it: try to send now
         return []
 
     def _guest_shutdown(self, flags: ShutdownFlag, now: float) -> list[Action]:
