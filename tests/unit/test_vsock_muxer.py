@@ -1,0 +1,204 @@
+"""vsock muxer: routing, establishment, hostile packets, limits, siblings, reset.
+
+Spec: virtio 1.2 §5.10.6 (Device Operation), §5.10.6.2 (Addressing), §5.10.6.7.
+"""
+
+import pytest
+
+from test_vsock_support import Harness, pkt
+from virtio.vsock.conn import ConnectHost, ConnKey, ReplyHost, SetHostInterest
+from virtio.vsock.errors import DuplicateCidError, TableFullError, UnknownCidError
+from virtio.vsock.muxer import MuxerConfig
+from virtio.vsock.wire import Op, Type, VsockHeader
+
+
+def test_guest_initiated_connects_uds_path_port_and_responds():
+    h = Harness()
+    key = h.open_guest_conn(src_port=1234, dst_port=52)
+    assert h.connects == [ConnectHost(key, "/run/vm3.vsock_52", Type.STREAM)]
+    assert key == ConnKey(3, 52, 1234) and h.socks[key].read
+    (row,) = h.mux.connections()
+    assert (row.cid, row.local_port, row.peer_port, row.state, row.initiator) == (
+        3, 52, 1234, "established", "guest")
+
+
+def test_guest_initiated_refused_gets_rst():
+    h = Harness()
+    h.refuse_connect = True
+    h.send(pkt(Op.REQUEST, 1234, 52))
+    (hdr, _), = h.rx()
+    assert (hdr.op, hdr.src_port, hdr.dst_port, hdr.dst_cid) == (Op.RST, 52, 1234, 3)
+    assert h.mux.connection_count == 0
+
+
+def test_host_initiated_establishment_and_leftover_first():
+    h = Harness()
+    key, actions = h.mux.host_connect_request(3, 5000, h.now, leftover=b"early")
+    h.socks[key] = h.socks.get(key) or __import__("test_vsock_support").FakeHostSock()
+    h.run(actions)
+    assert key.local_port >= 1 << 30 and key.peer_port == 5000
+    (req, _), = h.rx()
+    assert (req.op, req.src_cid, req.dst_cid, req.dst_port) == (Op.REQUEST, 2, 3, 5000)
+    h.send(pkt(Op.RESPONSE, 5000, key.local_port))
+    assert h.socks[key].replies == [b"OK %d\n" % key.local_port]
+    h.host_sends(key, b"-and-more")
+    got = h.rx()
+    assert b"".join(d for p, d in got if p.op == Op.RW) == b"early-and-more"
+
+
+def test_host_initiated_guest_refuses_or_times_out():
+    from test_vsock_support import FakeHostSock
+    h = Harness()
+    k1, a1 = h.mux.host_connect_request(3, 5000, h.now)
+    k2, a2 = h.mux.host_connect_request(3, 5001, h.now)
+    assert k1.local_port != k2.local_port
+    h.socks[k1], h.socks[k2] = FakeHostSock(), FakeHostSock()
+    h.run(a1 + a2)
+    h.rx()
+    h.send(pkt(Op.RST, 5000, k1.local_port))
+    assert h.socks[k1].closed and h.socks[k1].replies == []
+    h.advance(1.99)
+    assert not h.socks[k2].closed
+    h.advance(0.02)  # request timeout 2 s
+    assert h.socks[k2].closed
+    assert [p.op for p, _ in h.rx()] == [Op.RST]
+    assert h.mux.connection_count == 0
+
+
+def test_unknown_connection_gets_rst_but_rst_does_not():
+    h = Harness()
+    h.send(pkt(Op.RW, 7, 8, payload=b"x"))
+    h.send(pkt(Op.RST, 7, 8))
+    h.send(pkt(Op.SHUTDOWN, 9, 10, flags=3))
+    got = h.rx()
+    assert [(p.op, p.dst_port) for p, _ in got] == [(Op.RST, 7), (Op.RST, 9)]
+    assert h.mux.stats(3).rst_unknown_connection == 2
+
+
+@pytest.mark.parametrize("src_cid,dst_cid", [(4, 2), (3, 3), (3, 1), (3, 99), (0, 2)])
+def test_wrong_cids_dropped_and_counted(src_cid, dst_cid, caplog):
+    h = Harness()
+    for _ in range(20):
+        h.send(pkt(Op.REQUEST, src_cid=src_cid, dst_cid=dst_cid))
+    assert h.rx() == [] and h.connects == []
+    assert h.mux.stats(3).dropped_bad_cid == 20
+    warnings = [r for r in caplog.records if "dropping" in r.getMessage()]
+    assert 1 <= len(warnings) <= 5  # rate-limited
+
+
+def test_unknown_op_and_type_get_rst():
+    h = Harness()
+    key = h.open_guest_conn()
+    h.send(pkt(42, 1000, 80))  # unknown op on a live connection: it is reset
+    assert [p.op for p, _ in h.rx()] == [Op.RST] and h.socks[key].closed
+    h.send(pkt(Op.REQUEST, 2000, 80, type_=7))
+    h.send(pkt(Op.REQUEST, 2001, 80, type_=Type.SEQPACKET))  # not negotiated
+    h.send(pkt(Op.INVALID, 2002, 80))
+    got = h.rx()
+    assert [(p.op, p.dst_port) for p, _ in got] == [(Op.RST, 2000), (Op.RST, 2001),
+                                                    (Op.RST, 2002)]
+    assert h.mux.connection_count == 0
+
+
+def test_short_header_and_bad_len_dropped_and_counted():
+    h = Harness()
+    key = h.open_guest_conn()
+    h.send(b"\0" * 43)
+    h.send(pkt(Op.RW, payload=b"abc", len_=4))
+    h.send([pkt(Op.RW, payload=b"abc")[:20], pkt(Op.RW, payload=b"abc")[20:]])  # split header
+    st = h.mux.stats(3)
+    assert (st.dropped_short_header, st.dropped_bad_len) == (1, 1)
+    assert h.socks[key].received == b"abc"
+
+
+def test_thousand_connections_in_one_muxer():
+    h = Harness()
+    keys = [h.open_guest_conn(src_port=10_000 + i, dst_port=80) for i in range(1000)]
+    assert h.mux.connection_count == 1000 and len(h.mux.connections(3)) == 1000
+    for i, key in enumerate(keys):
+        h.host_sends(key, b"%d" % i)
+    got = h.rx(max_payload=4096)
+    assert sorted((p.dst_port, d) for p, d in got) == sorted(
+        (10_000 + i, b"%d" % i) for i in range(1000))
+    for i in range(1000):
+        h.send(pkt(Op.RST, 10_000 + i, 80))
+    assert h.mux.connection_count == 0 and all(s.closed for s in h.socks.values())
+
+
+def test_table_limit_rst_and_refusal():
+    h = Harness(MuxerConfig(max_connections=2))
+    h.open_guest_conn(src_port=1)
+    h.open_guest_conn(src_port=2)
+    h.send(pkt(Op.REQUEST, 3, 80))
+    assert [p.op for p, _ in h.rx()] == [Op.RST] and h.mux.stats(3).rst_table_full == 1
+    with pytest.raises(TableFullError):
+        h.mux.host_connect_request(3, 5000, h.now)
+
+
+def test_duplicate_and_unknown_cid():
+    h = Harness()
+    with pytest.raises(DuplicateCidError):
+        h.mux.add_vm(3, "/x")
+    with pytest.raises(UnknownCidError):
+        h.mux.guest_tx(9, pkt(Op.REQUEST, src_cid=9), 0.0)
+    with pytest.raises(ValueError):
+        h.mux.add_vm(2, "/x")
+
+
+def test_round_robin_between_connections():
+    h = Harness()
+    k1 = h.open_guest_conn(src_port=1)
+    k2 = h.open_guest_conn(src_port=2)
+    h.host_sends(k1, b"a" * 8192)
+    h.host_sends(k2, b"b" * 8192)
+    got = h.rx(max_payload=4096)
+    assert [p.dst_port for p, _ in got if p.op == Op.RW][:4] == [1, 2, 1, 2]
+
+
+def test_reset_drops_all_connections_and_closes_hosts():
+    h = Harness()
+    keys = [h.open_guest_conn(src_port=p) for p in (1, 2, 3)]
+    h.run(h.mux.reset(3, h.now))
+    assert h.mux.connection_count == 0 and all(h.socks[k].closed for k in keys)
+    assert h.rx() == []
+
+
+def test_siblings_forward_by_cid_and_split_to_rx_buffer():
+    h = Harness(cids=(3, 4), group="g")
+    h.send(pkt(Op.REQUEST, 1000, 7000, src_cid=3, dst_cid=4), cid=3)
+    (req, _), = h.rx(cid=4)
+    assert (req.op, req.src_cid, req.dst_cid, req.dst_port) == (Op.REQUEST, 3, 4, 7000)
+    h.send(pkt(Op.RESPONSE, 7000, 1000, src_cid=4, dst_cid=3), cid=4)
+    assert [p.op for p, _ in h.rx(cid=3)] == [Op.RESPONSE]
+    big = bytes(range(256)) * 40  # 10240 bytes, guest RX buffers of 4096
+    h.send(pkt(Op.RW, 1000, 7000, src_cid=3, dst_cid=4, payload=big), cid=3)
+    got = h.rx(cid=4, max_payload=4096)
+    assert [p.len_ for p, _ in got] == [4096, 4096, 2048]
+    assert b"".join(d for _, d in got) == big
+    (row,) = h.mux.connections()
+    assert row.state == "established" and row.bytes_to_host == len(big)
+    # removing one VM resets the other side
+    h.run(h.mux.remove_vm(4, h.now))
+    assert [(p.op, p.dst_port) for p, _ in h.rx(cid=3)] == [(Op.RST, 1000)]
+    assert h.mux.connection_count == 0
+
+
+def test_non_sibling_vms_cannot_talk():
+    h = Harness(cids=(3, 4))  # no group
+    h.send(pkt(Op.REQUEST, 1000, 7000, src_cid=3, dst_cid=4), cid=3)
+    assert h.rx(cid=4) == [] and h.mux.stats(3).dropped_bad_cid == 1
+
+
+def test_interest_follows_credit():
+    h = Harness()
+    key = h.open_guest_conn(buf_alloc=100)
+    assert h.socks[key].read
+    h.host_sends(key, b"x" * 100)
+    assert not h.socks[key].read  # readable pending: no busy polling
+    h.rx()
+    assert not h.socks[key].read  # zero credit: stop polling the host socket
+    h.rx_ready.clear()
+    h.send(pkt(Op.CREDIT_UPDATE, buf_alloc=100, fwd_cnt=100))
+    assert h.rx_ready == {3}  # credit again: scheduled to try the read it had pending
+    assert h.rx() == []  # the read finds EAGAIN ...
+    assert h.socks[key].read  # ... so the host socket is polled again
