@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, strategies as st
 
 from test_vsock_support import GUEST_BUF, Harness, pkt
-from virtio.vsock.conn import (ConnConfig, ConnKey, Connection, ConnState, RxPacket,
+from virtio.vsock.conn import (ConnConfig, ConnKey, Connection, ConnState,
                                WriteHost)
 from virtio.vsock.muxer import MuxerConfig
-from virtio.vsock.wire import Op, SeqpacketFlag, ShutdownFlag, Type, VsockHeader
+from virtio.vsock.wire import Op, SeqpacketFlag, ShutdownFlag, Type
 
 U32 = 2**32
 

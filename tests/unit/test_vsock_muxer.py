@@ -6,10 +6,10 @@ Spec: virtio 1.2 §5.10.6 (Device Operation), §5.10.6.2 (Addressing), §5.10.6.
 import pytest
 
 from test_vsock_support import Harness, pkt
-from virtio.vsock.conn import ConnectHost, ConnKey, ReplyHost, SetHostInterest
+from virtio.vsock.conn import ConnectHost, ConnKey
 from virtio.vsock.errors import DuplicateCidError, TableFullError, UnknownCidError
 from virtio.vsock.muxer import MuxerConfig
-from virtio.vsock.wire import Op, Type, VsockHeader
+from virtio.vsock.wire import Op, Type
 
 
 def test_guest_initiated_connects_uds_path_port_and_responds():

@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from .conn import (Action, Buffer, CloseHost, ConnConfig, ConnInfo, ConnKey, Connection,
                    ConnState, RxPacket, RxRead, RxItem, RxReady, SetHostInterest, SetTimer)
