@@ -793,7 +793,7 @@ static int packed_pop(struct vr_queue *q, struct walk *w, uint32_t *head_out,
                 return fail_chain(q, VR_E_PACKED_WRAP, -1, 0);
             __atomic_thread_fence(__ATOMIC_ACQUIRE);
         }
-        last = !(d.flags & F_NEXT) || (d.flags & F_INDIRECT);
+        last = !(d.flags & F_NEXT); /* an INDIRECT descriptor must be last (INDIRECT_NEXT) */
         if (d.flags & F_INDIRECT) {
             rc = check_indirect(q, &d, 0, (d.flags & F_NEXT) != 0);
             for (k = 0; rc == 0 && k < d.len / DESC_SIZE; k++) {
@@ -1240,6 +1240,8 @@ int vr_tx_to_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t budge
             for (k = nent - rewind_n; k < nent; k++)
                 add_done(s, &ndone, s->entries[k].head, 0, s->entries[k].slots);
         }
+        if (n < limit && !blocked && !error)
+            blocked = 1; /* a short write: the fd's buffer is full (no extra EAGAIN syscall) */
         if (q->pending_valid || n < limit || broken)
             break;
     }

@@ -1,0 +1,510 @@
+"""Virtqueue backed by the C hot path (``ring._vring_c``, built from csrc/vring.c).
+
+The same interface, results and exceptions as the pure-Python reference :mod:`ring.pyring`,
+byte for byte: the C code walks chains, publishes used elements, decides notifications and
+runs the batched ``readv``/``writev`` data path; this module owns the caller-side state (an
+``ffi.new``'d ``struct vr_queue``), the region table handed to C (rebuilt whenever
+``GuestMemory.generation`` changes), and turns C results into :class:`ring.types.Chain`,
+:class:`TxResult`, :class:`RxResult` and typed exceptions (one :func:`_raise_for`).
+
+Guest memory reaches C as ``ffi.from_buffer`` of each region's view; the buffers stay
+referenced here as long as C holds pointers into them, and Chain memoryviews are slices of
+the same region views.
+
+Spec: virtio 1.2 §2.7 (Split Virtqueues), §2.8 (Packed Virtqueues); vhost-user "Ring
+states"; STYLE R7 (the cffi boundary).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ring._chain import RingAccessError
+from ring.errors import ChainError, DriverError, GuestAddressError
+from ring.memory import GuestMemory
+from ring.types import Chain, Pending, RxResult, TxResult
+from ring.wire import MAX_QUEUE_SIZE, MAX_SEGMENTS, SplitLayout
+
+try:
+    from ring._vring_c import ffi, lib
+except ImportError as exc:  # not built: ring/__init__ falls back to pyring unless C is required
+    raise ImportError(f"ring._vring_c is not built (run python3 ring/_vring_build.py): {exc}") \
+        from exc
+
+__all__ = ["Virtqueue", "Chain", "TxResult", "RxResult", "Pending", "ABI_VERSION"]
+
+log = logging.getLogger(__name__)
+
+ABI_VERSION = 1  # the csrc/vring.h VR_ABI_VERSION this module was written against
+
+
+def _check_abi() -> None:
+    """Refuse a stale or foreign build (cryptography's version-stamp habit)."""
+    if lib.VR_ABI_VERSION != ABI_VERSION or lib.vr_abi_version() != ABI_VERSION:
+        raise ImportError(f"ring._vring_c ABI {lib.vr_abi_version()} != {ABI_VERSION}: rebuild "
+                          "with python3 ring/_vring_build.py")
+    for code in ChainError:
+        if getattr(lib, f"VR_E_{code.name}", None) != -int(code):
+            raise ImportError(f"csrc/vring.h VR_E_{code.name} does not mirror ChainError")
+    if lib.VR_MAX_SEGMENTS != MAX_SEGMENTS or lib.VR_MAX_QUEUE_SIZE != MAX_QUEUE_SIZE:
+        raise ImportError("csrc/vring.h limits differ from ring.wire")
+
+
+_check_abi()
+
+_UNLIMITED = 1 << 62  # the reference's "no max_bytes" budget
+_BATCH_CHAINS = 64  # chains per vr_pop_batch call
+_BATCH_SEGMENTS = 4 * MAX_SEGMENTS
+
+
+def _raise_for(code: int, queue: int, head: int | None = None,
+               chains: list | None = None) -> DriverError:
+    """The exception the reference raises for a negative ``VR_E_*`` code (to be raised)."""
+    return DriverError(ChainError(-code), queue, head, chains)
+
+
+def _host_pointer(view: memoryview):
+    """``(keeper, uint8_t *)`` for a writable memoryview.
+
+    The buffer is taken from the exporting object (``view.obj``: the bytearray or mmap), not
+    from the memoryview itself: cffi's ``from_buffer`` of a memoryview crashes the
+    interpreter when both end up in one garbage-collected cycle (the memoryview is cleared
+    first). A temporary ``from_buffer`` of the view gives the view's offset in the object.
+    """
+    base = ffi.from_buffer("uint8_t[]", view.obj, require_writable=True)
+    with ffi.from_buffer("uint8_t[]", view, require_writable=True) as tmp:
+        offset = int(ffi.cast("uintptr_t", tmp)) - int(ffi.cast("uintptr_t", base))
+    if not 0 <= offset <= len(base) - view.nbytes:
+        raise ValueError("region buffer is not a contiguous slice of its exporter")
+    return base, base + offset
+
+
+class _Memory:
+    """The region table as C sees it, for one GuestMemory generation (and its dirty log).
+
+    Holds the ``ffi.from_buffer`` objects: C keeps raw pointers into them.
+    """
+
+    __slots__ = ("generation", "regions", "table", "buffers", "views", "log", "log_buffer",
+                 "log_host", "log_size")
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self.generation = memory.generation
+        self.regions = memory.regions
+        self.table = ffi.new("struct vr_region[]", max(1, len(self.regions)))
+        self.buffers = []
+        self.views = []
+        for i, region in enumerate(self.regions):
+            buf, host = _host_pointer(region.view)
+            self.buffers.append(buf)
+            self.views.append(region.view)
+            entry = self.table[i]
+            entry.gpa = region.gpa
+            entry.size = region.size
+            entry.uva = region.uva
+            entry.host = host
+        self.log = memory.log
+        self.log_buffer = self.log_host = None
+        self.log_size = 0
+        if self.log is not None:
+            view = memoryview(self.log.buffer)
+            self.log_buffer, self.log_host = _host_pointer(view)
+            self.log_size = view.nbytes
+
+
+class Virtqueue:
+    """One virtqueue seen from the device side, C implementation (see ring.pyring).
+
+    ``size`` must be a power of two ≤ 32768 for split rings, 1..32768 for packed rings.
+
+    Spec: virtio 1.2 §2.6 (Virtqueues), §2.7.10 (event suppression, split), §2.8.10 (packed).
+    """
+
+    def __init__(self, memory: GuestMemory, size: int, *, packed: bool, event_idx: bool,
+                 notify_on_empty: bool = False, index: int = 0) -> None:
+        if not 1 <= size <= MAX_QUEUE_SIZE:
+            raise ValueError(f"queue size {size} outside 1..{MAX_QUEUE_SIZE}")
+        if not packed and size & (size - 1):
+            # Spec: virtio 1.2 §2.7 "Queue Size value is always a power of 2" (split).
+            raise ValueError(f"split queue size {size} is not a power of two")
+        self.memory = memory
+        self.size = size
+        self.packed = bool(packed)
+        self.event_idx = bool(event_idx)
+        self.notify_on_empty = bool(notify_on_empty)
+        self.index = index
+        self.log = log.getChild(str(index))
+        self.layout = SplitLayout(size)
+        self.desc_gpa: int | None = None
+        self.driver_gpa: int | None = None
+        self.device_gpa: int | None = None
+        self._q = ffi.new("struct vr_queue *")
+        self._q.size = size
+        self._q.packed = self.packed
+        self._q.event_idx = self.event_idx
+        self._q.notify_on_empty = self.notify_on_empty
+        self._mem: _Memory | None = None
+        self._chain = ffi.new("struct vr_chain[]", _BATCH_CHAINS)
+        self._seg = ffi.new("struct vr_segment[]", _BATCH_SEGMENTS)
+        self._popped = ffi.new("uint32_t *")
+        self._scratch = None  # allocated by the first tx_to_fd / rx_from_fd
+        self._init_state()
+        self._sync()
+
+    def _init_state(self) -> None:
+        q = self._q
+        q.last_avail_idx = q.used_idx = 0
+        q.avail_wrap = q.used_wrap = 1
+        q.in_flight = 0
+        q.broken = 0
+        q.error_head = -1
+        q.signalled_used = 0
+        q.signalled_used_valid = 0
+        q.pending_valid = 0
+        q.pending_nseg = 0
+        q.pending_offset = 0
+
+    def _sync(self) -> None:
+        """Hand C the current region table and dirty log (cheap when nothing changed)."""
+        memory = self.memory
+        mem = self._mem
+        if mem is not None and mem.generation == memory.generation and mem.log is memory.log:
+            return
+        mem = _Memory(memory)
+        q = self._q
+        q.regions = mem.table
+        q.nregions = len(mem.regions)
+        q.log = ffi.NULL if mem.log_host is None else mem.log_host
+        q.log_size = mem.log_size
+        lib.vr_refresh(q)
+        self._mem = mem  # the old table and buffers go only now: C no longer points there
+
+    # -- read-only state --------------------------------------------------------------------
+    last_avail_idx = property(lambda self: int(self._q.last_avail_idx))
+    used_idx = property(lambda self: int(self._q.used_idx))
+    avail_wrap = property(lambda self: bool(self._q.avail_wrap) if self.packed else True)
+    used_wrap = property(lambda self: bool(self._q.used_wrap) if self.packed else True)
+    in_flight = property(lambda self: int(self._q.in_flight))
+    signalled_used = property(lambda self: int(self._q.signalled_used))
+    signalled_used_valid = property(lambda self: bool(self._q.signalled_used_valid))
+
+    @property
+    def broken(self) -> ChainError | None:
+        return ChainError(self._q.broken) if self._q.broken else None
+
+    @property
+    def pending(self) -> Pending | None:
+        q = self._q
+        if not q.pending_valid:
+            return None
+        segs = tuple((int(q.pending_seg[k].gpa), int(q.pending_seg[k].len))
+                     for k in range(q.pending_nseg))
+        return Pending(int(q.pending_head), int(q.pending_slots), int(q.pending_offset), segs)
+
+    @property
+    def configured(self) -> bool:
+        return self.desc_gpa is not None
+
+    def __repr__(self) -> str:
+        kind = "packed" if self.packed else "split"
+        return (f"<Virtqueue {self.index} {kind} size={self.size} "
+                f"last_avail={self.last_avail_idx} used={self.used_idx} "
+                f"in_flight={self.in_flight} broken={self.broken}>")
+
+    # -- setup ------------------------------------------------------------------------------
+    def configure(self, desc_gpa: int, driver_gpa: int, device_gpa: int) -> None:
+        """Set the ring areas by guest-physical address and bounds-check them once
+        (``GuestAddressError``); a split ring loads ``used_idx`` from ``used->idx``.
+
+        Spec: virtio 1.2 §2.7 / §2.8 (areas), vhost-user VHOST_USER_SET_VRING_ADDR.
+        """
+        self._sync()
+        bad_gpa = ffi.new("uint64_t *")
+        bad_len = ffi.new("uint64_t *")
+        for gpa in (desc_gpa, driver_gpa, device_gpa):
+            if not 0 <= gpa < 1 << 64:
+                raise GuestAddressError(gpa, 0)
+        rc = lib.vr_configure(self._q, desc_gpa, driver_gpa, device_gpa, bad_gpa, bad_len)
+        if rc < 0:
+            raise GuestAddressError(int(bad_gpa[0]), int(bad_len[0]))
+        self.desc_gpa, self.driver_gpa, self.device_gpa = desc_gpa, driver_gpa, device_gpa
+        if not self.packed:
+            self._load_used_idx()
+
+    def _load_used_idx(self) -> None:
+        if lib.vr_load_used_idx(self._q) < 0:
+            raise RingAccessError(self.device_gpa)  # as the reference (see report)
+
+    def reset(self) -> None:
+        """Forget the ring addresses and all state (device reset).
+
+        Spec: virtio 1.2 §2.4 (Device Reset).
+        """
+        self.desc_gpa = self.driver_gpa = self.device_gpa = None
+        self._q.configured = 0
+        lib.vr_refresh(self._q)
+        self._init_state()
+
+    def get_base(self) -> int:
+        """The vhost-user GET_VRING_BASE value (split: last_avail_idx; packed: bits 0–14
+        last_avail_idx, bit 15 avail wrap, bits 16–30 used_idx, bit 31 used wrap).
+
+        Spec: vhost-user VHOST_USER_GET_VRING_BASE.
+        """
+        q = self._q
+        if not self.packed:
+            return int(q.last_avail_idx)
+        return (q.last_avail_idx | (q.avail_wrap << 15) | (q.used_idx << 16)
+                | (q.used_wrap << 31))
+
+    def set_base(self, value: int) -> None:
+        """Apply a vhost-user SET_VRING_BASE value (encoding as :meth:`get_base`).
+
+        Spec: vhost-user VHOST_USER_SET_VRING_BASE.
+        """
+        self._sync()
+        q = self._q
+        same = value == self.get_base()
+        if self.packed:
+            last_avail, used = value & 0x7FFF, (value >> 16) & 0x7FFF
+            if last_avail >= self.size or used >= self.size:
+                raise ValueError(f"packed base {value:#x} outside queue size {self.size}")
+            q.last_avail_idx = last_avail
+            q.avail_wrap = 1 if value & 0x8000 else 0
+            q.used_idx = used
+            q.used_wrap = value >> 31 & 1
+        else:
+            q.last_avail_idx = value & 0xFFFF
+            if self.configured:
+                self._load_used_idx()
+        q.broken = 0
+        q.signalled_used_valid = 0
+        if not same:
+            q.pending_valid = 0
+        q.in_flight = 1 if q.pending_valid else 0
+
+    # -- state save / restore -----------------------------------------------------------------
+    def state(self) -> dict:
+        """A JSON-able snapshot of the device-side ring state (same as ring.pyring)."""
+        q = self._q
+        pending = self.pending
+        return {
+            "packed": self.packed,
+            "size": self.size,
+            "last_avail_idx": int(q.last_avail_idx),
+            "used_idx": int(q.used_idx),
+            "avail_wrap": bool(q.avail_wrap),
+            "used_wrap": bool(q.used_wrap),
+            "in_flight": int(q.in_flight),
+            "signalled_used": int(q.signalled_used),
+            "signalled_used_valid": bool(q.signalled_used_valid),
+            "broken": int(q.broken) if q.broken else None,
+            "pending": None if pending is None else {
+                "head": pending.head, "ring_slots": pending.ring_slots,
+                "offset": pending.offset, "segments": [list(s) for s in pending.segments]},
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Restore a :meth:`state` snapshot (same ``packed`` and ``size``)."""
+        if state["packed"] != self.packed or state["size"] != self.size:
+            raise ValueError("state is for a different queue shape")
+        p = state["pending"]
+        if p is not None and len(p["segments"]) > MAX_SEGMENTS:
+            raise ValueError(f"pending chain has more than {MAX_SEGMENTS} segments")
+        q = self._q
+        q.last_avail_idx = int(state["last_avail_idx"])
+        q.used_idx = int(state["used_idx"])
+        q.avail_wrap = bool(state["avail_wrap"])
+        q.used_wrap = bool(state["used_wrap"])
+        q.in_flight = int(state["in_flight"])
+        q.signalled_used = int(state["signalled_used"])
+        q.signalled_used_valid = bool(state["signalled_used_valid"])
+        q.broken = 0 if state["broken"] is None else int(ChainError(state["broken"]))
+        if p is None:
+            q.pending_valid = 0
+        else:
+            q.pending_head = int(p["head"])
+            q.pending_slots = int(p["ring_slots"])
+            q.pending_offset = int(p["offset"])
+            q.pending_nseg = len(p["segments"])
+            for k, (gpa, length) in enumerate(p["segments"]):
+                q.pending_seg[k].gpa = int(gpa)
+                q.pending_seg[k].len = int(length)
+            q.pending_valid = 1
+
+    @classmethod
+    def from_state(cls, memory: GuestMemory, state: dict, *, event_idx: bool,
+                   notify_on_empty: bool = False, index: int = 0) -> "Virtqueue":
+        """Build a queue and load ``state`` into it (see ring.pyring.Virtqueue.from_state)."""
+        vq = cls(memory, state["size"], packed=state["packed"], event_idx=event_idx,
+                 notify_on_empty=notify_on_empty, index=index)
+        vq.load_state(state)
+        return vq
+
+    # -- chains -----------------------------------------------------------------------------
+    def _error(self, rc: int, chains: list | None = None) -> DriverError:
+        """The DriverError for a failed pop (logs the guest error once, as the reference)."""
+        code = ChainError(-rc)
+        head = None
+        if code not in (ChainError.BROKEN, ChainError.NOT_READY) and self._q.error_head >= 0:
+            head = int(self._q.error_head)
+        if code not in (ChainError.BROKEN, ChainError.NOT_READY):
+            self.log.warning("guest driver error %s at head %s: queue broken", code.name, head)
+        return _raise_for(rc, self.index, head, chains)
+
+    def _make_chain(self, c) -> Chain:
+        mem = self._mem
+        regions, views = mem.regions, mem.views
+        readable, writable, rgpas, wgpas = [], [], [], []
+        seg = self._seg
+        for k in range(c.seg_start, c.seg_start + c.nseg):
+            s = seg[k]
+            r, off, n = s.region, s.offset, s.len
+            view = views[r][off:off + n]
+            if k - c.seg_start < c.nreadable:
+                readable.append(view)
+                rgpas.append((regions[r].gpa + off, n))
+            else:
+                writable.append(view)
+                wgpas.append((regions[r].gpa + off, n))
+        return Chain(int(c.head), int(c.ring_slots), readable, writable, int(c.readable_bytes),
+                     int(c.writable_bytes), tuple(rgpas), tuple(wgpas))
+
+    def pop(self) -> Chain | None:
+        """Walk the next available chain, or return None if the ring is empty.
+
+        Raises ``DriverError`` for a hostile ring (the queue is then broken).
+        Spec: virtio 1.2 §2.7.13.2 / §2.8.21.
+        """
+        self._sync()
+        rc = lib.vr_pop(self._q, self._chain, self._seg)
+        if rc < 0:
+            raise self._error(rc)
+        if rc == 0:
+            return None
+        return self._make_chain(self._chain[0])
+
+    def pop_batch(self, max_chains: int) -> list[Chain]:
+        """Pop up to ``max_chains`` chains; a failure after some chains raises DriverError
+        with those chains in ``.chains`` (in flight, to be pushed)."""
+        self._sync()
+        chains: list[Chain] = []
+        while len(chains) < max_chains:
+            want = min(_BATCH_CHAINS, max_chains - len(chains))
+            rc = lib.vr_pop_batch(self._q, self._chain, want, self._seg, _BATCH_SEGMENTS,
+                                  self._popped)
+            got = self._popped[0]
+            for k in range(got):
+                chains.append(self._make_chain(self._chain[k]))
+            if rc < 0:
+                raise self._error(rc, chains)
+            if got < want:
+                last = self._chain[got - 1] if got else None
+                room = _BATCH_SEGMENTS - (last.seg_start + last.nseg if last else 0)
+                if room >= MAX_SEGMENTS:  # the ring ran empty (not the segment pool)
+                    break
+        return chains
+
+    def push(self, head: int, used_len: int, ring_slots: int = 1) -> None:
+        """Return one chain to the driver: write the used element, then publish it.
+
+        Spec: virtio 1.2 §2.7.8.2 / §2.8.21.
+        """
+        self.push_batch([(head, used_len, ring_slots)])
+
+    def push_batch(self, items) -> None:
+        """Return several chains ``[(head, used_len, ring_slots), ...]`` with one publication."""
+        items = list(items)
+        if not items:
+            return
+        if not self.configured:
+            raise DriverError(ChainError.NOT_READY, self.index)
+        for head, used_len, ring_slots in items:
+            if not 0 <= head < self.size or not 0 <= used_len <= 0xFFFFFFFF or ring_slots < 1:
+                raise ValueError(f"bad used element ({head}, {used_len}, {ring_slots})")
+            if ring_slots > self.size:  # the reference would write past the ring (report)
+                raise ValueError(f"bad used element ({head}, {used_len}, {ring_slots})")
+        self._sync()
+        n = len(items)
+        heads = ffi.new("uint32_t[]", [h for h, _, _ in items])
+        lens = ffi.new("uint32_t[]", [n_ for _, n_, _ in items])
+        slots = ffi.new("uint32_t[]", [s for _, _, s in items])
+        rc = lib.vr_push_batch(self._q, heads, lens, slots, n)
+        if rc < 0:
+            raise _raise_for(rc, self.index)
+
+    def fill(self, chain: Chain, data, offset: int = 0) -> int:
+        """Copy ``data`` into the chain's writable buffers starting ``offset`` bytes in, marking
+        the dirty log; returns the bytes copied (at most the writable space)."""
+        data = memoryview(data).cast("B")
+        copied = 0
+        skip = offset
+        for view, (gpa, length) in zip(chain.writable, chain.writable_gpas):
+            if skip >= length:
+                skip -= length
+                continue
+            n = min(length - skip, len(data) - copied)
+            if n <= 0:
+                break
+            view[skip : skip + n] = data[copied : copied + n]
+            self.memory.mark_dirty(gpa + skip, n)
+            copied += n
+            skip = 0
+        return copied
+
+    # -- notifications ----------------------------------------------------------------------
+    def should_notify(self) -> bool:
+        """Whether the guest needs an interrupt now (updates ``signalled_used``).
+
+        Spec: virtio 1.2 §2.7.10, §2.8.10.
+        """
+        self._sync()
+        rc = lib.vr_should_notify(self._q)
+        if rc < 0:
+            raise _raise_for(rc, self.index)
+        return bool(rc)
+
+    # -- batched data path ------------------------------------------------------------------
+    def _scratch_for_datapath(self):
+        if self._scratch is None:
+            entries_cap = self.size + 1
+            done_cap = 4 * entries_cap
+            keep = (ffi.new("struct vr_entry[]", entries_cap),
+                    ffi.new("uint32_t[]", done_cap), ffi.new("uint32_t[]", done_cap),
+                    ffi.new("uint32_t[]", done_cap))
+            s = ffi.new("struct vr_scratch *")
+            s.entries_cap, s.done_cap = entries_cap, done_cap
+            s.entries, s.done_head, s.done_len, s.done_slots = keep
+            self._scratch = (s, keep, ffi.new("struct vr_tx_result *"),
+                             ffi.new("struct vr_rx_result *"))
+        return self._scratch
+
+    @staticmethod
+    def _budget(max_bytes: int | None) -> int:
+        if max_bytes is None:
+            return _UNLIMITED
+        return min(max(0, max_bytes), (1 << 64) - 1)
+
+    def tx_to_fd(self, fd: int, max_bytes: int | None = None) -> TxResult:
+        """Write available chains' readable bytes to non-blocking ``fd`` with one ``writev``
+        per batch (semantics: ring.datapath.tx_to_fd, docs/internals.md)."""
+        self._sync()
+        s, _keep, out, _ = self._scratch_for_datapath()
+        rc = lib.vr_tx_to_fd(self._q, s, fd, self._budget(max_bytes), out)
+        if rc < 0:
+            raise _raise_for(rc, self.index)
+        return TxResult(int(out.bytes), int(out.chains), bool(out.notify), bool(out.blocked),
+                        int(out.error) or None,
+                        ChainError(out.broken) if out.broken else None)
+
+    def rx_from_fd(self, fd: int, max_bytes: int | None = None) -> RxResult:
+        """Read from non-blocking ``fd`` into available chains' writable buffers with one
+        ``readv`` per batch (semantics: ring.datapath.rx_from_fd, docs/internals.md)."""
+        self._sync()
+        s, _keep, _, out = self._scratch_for_datapath()
+        rc = lib.vr_rx_from_fd(self._q, s, fd, self._budget(max_bytes), out)
+        if rc < 0:
+            raise _raise_for(rc, self.index)
+        return RxResult(int(out.bytes), int(out.chains), bool(out.notify), bool(out.eof),
+                        bool(out.starved), int(out.error) or None, bool(out.drained),
+                        ChainError(out.broken) if out.broken else None)
