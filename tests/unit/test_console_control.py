@@ -486,3 +486,16 @@ def test_snapshot_with_unknown_version_is_refused():
     state["version"] = 99
     with pytest.raises(ValueError):
         ConsoleControl.from_snapshot(state)
+
+
+def test_regression_remove_readd_remove_same_id_keeps_first_remove():
+    """Found by hypothesis: withdrawing the second incarnation's undelivered DEVICE_ADD must
+    not withdraw the DEVICE_REMOVE of the first one."""
+    control, guest = make(3, max_nr_ports=4)
+    pump(control, guest, guest.driver_ok())
+    control.remove_port(0)
+    control.add_port("console2", is_console=True)
+    control.remove_port(0)
+    assert headers(control.pending_messages()) == [(0, ControlEvent.DEVICE_REMOVE, 0)]
+    pump(control, guest)
+    assert sorted(guest.ports) == [1, 2]

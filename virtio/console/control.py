@@ -361,11 +361,15 @@ class ConsoleControl:
         if port.guest_open:
             events.append(GuestClosed(port.id, port.name, "removed"))
         events.append(PortDetached(port.id, port.name))
-        add_undelivered = any(
-            h.id == port_id and h.event == ControlEvent.DEVICE_ADD
-            for h in self._queued_headers()
-        )
-        self._withdraw(port_id, None)
+        # Messages for this id queued after its last DEVICE_ADD belong to this port; one queued
+        # before it can only be the DEVICE_REMOVE of an earlier port with the same id, which
+        # the guest must still get.
+        last_add = None
+        for i, header in enumerate(self._queued_headers()):
+            if header.id == port_id and header.event == ControlEvent.DEVICE_ADD:
+                last_add = i
+        add_undelivered = last_add is not None
+        self._withdraw(port_id, None, start=last_add or 0)
         if port.announced and not add_undelivered:
             if self.driver_ready:
                 self._queue(ControlMessage.build(port_id, ControlEvent.DEVICE_REMOVE))
@@ -569,12 +573,19 @@ class ConsoleControl:
         for raw in self._outbox:
             yield ControlHeader.unpack(raw[:_HEADER_SIZE])
 
-    def _withdraw(self, port_id: int, events: frozenset[int] | None) -> None:
-        """Drop undelivered messages for ``port_id`` (only ``events`` kinds, or all)."""
-        kept = deque()
-        for raw in self._outbox:
+    def _withdraw(
+        self, port_id: int, events: frozenset[int] | None, start: int = 0
+    ) -> None:
+        """Drop undelivered messages for ``port_id`` (only ``events`` kinds, or all) that
+        sit at queue position ``start`` or later."""
+        kept: deque[bytes] = deque()
+        for i, raw in enumerate(self._outbox):
             header = ControlHeader.unpack(raw[:_HEADER_SIZE])
-            if header.id == port_id and (events is None or header.event in events):
+            if (
+                i >= start
+                and header.id == port_id
+                and (events is None or header.event in events)
+            ):
                 continue
             kept.append(raw)
         self._outbox = kept
