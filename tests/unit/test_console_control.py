@@ -210,7 +210,7 @@ def test_readding_a_removed_name_gets_a_fresh_id_and_full_sequence():
     assert_guest_matches_device(control, guest)
 
 
-def test_remove_before_add_was_delivered_withdraws_silently():
+def test_spec_5_3_6_2_1_no_device_remove_for_a_port_the_guest_never_got():
     control, guest = make(2, max_nr_ports=8)
     pump(control, guest, guest.driver_ok())
     port = control.add_port("flash")

@@ -23,7 +23,7 @@ from virtio.console.control import (
     PortReady,
 )
 from virtio.console.errors import ControlBacklogFull, ControlProtocolError
-from virtio.console.wire import BAD_ID, ControlEvent, ControlMessage
+from virtio.console.wire import BAD_ID, ControlMessage
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 GUEST_EVENTS = (DeviceReady, DeviceFailed, PortReady, PortAddFailed, GuestOpened, GuestClosed,

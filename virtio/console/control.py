@@ -370,6 +370,9 @@ class ConsoleControl:
                 last_add = i
         add_undelivered = last_add is not None
         self._withdraw(port_id, None, start=last_add or 0)
+        # Spec: virtio 1.2 §5.3.6.2.1 "The device MUST NOT specify a port in
+        # VIRTIO_CONSOLE_DEVICE_REMOVE which has not been created with a previous
+        # VIRTIO_CONSOLE_DEVICE_ADD."
         if port.announced and not add_undelivered:
             if self.driver_ready:
                 self._queue(ControlMessage.build(port_id, ControlEvent.DEVICE_REMOVE))
@@ -551,6 +554,9 @@ class ConsoleControl:
 
     # -- queue helpers --------------------------------------------------------------------
     def _announce(self, port: Port) -> None:
+        # Spec: virtio 1.2 §5.3.6.2.1 "The device MUST NOT specify a port which exists in a
+        # VIRTIO_CONSOLE_DEVICE_ADD message, nor a port which is equal or greater than
+        # max_nr_ports." (PortTable guarantees the range; one ADD per driver instance.)
         port.announced = True
         port.guest_ready = port.guest_open = port.add_failed = False
         self._queue(ControlMessage.build(port.id, ControlEvent.DEVICE_ADD))
