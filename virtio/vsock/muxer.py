@@ -6,7 +6,8 @@ keyed by (guest CID, host port, guest port), an RX schedule (connections with a 
 the guest, served round-robin), and one ``_reconcile(key, before)`` that re-derives fd
 interest, timers and RX scheduling after any mutation of a connection.
 
-Several VMs share one muxer. VMs attached with the same ``group`` are siblings: a guest
+Several VMs share one muxer. VMs that share a group (``group`` or any of ``groups``) are
+siblings: a guest
 packet whose dst_cid is a sibling's CID is forwarded to that sibling's RX queue (copied; the
 guests do credit between themselves end to end) and the pair is tracked in the table (for
 limits, listing and clean-up). Everything else addressed elsewhere than CID 2 is dropped.
@@ -116,14 +117,18 @@ def _sibling_key(a: tuple[int, int], b: tuple[int, int]) -> tuple[tuple[int, int
 
 
 class _Vm:
-    __slots__ = ("cid", "uds_path", "group", "features", "conns", "rxq", "ctrl", "sib_q",
+    __slots__ = ("cid", "uds_path", "group", "groups", "conn_cfg", "features", "conns", "rxq", "ctrl", "sib_q",
                  "sib_q_bytes", "sib_off", "stats", "next_port", "used_ports", "log",
                  "warn_window", "warn_count", "serve_sibling_first")
 
-    def __init__(self, cid: int, uds_path: str, group: str | None, next_port: int) -> None:
+    def __init__(self, cid: int, uds_path: str, group: str | None, next_port: int,
+                 groups: frozenset[str] = frozenset(), conn_cfg: ConnConfig | None = None
+                 ) -> None:
         self.cid = cid
         self.uds_path = uds_path
         self.group = group
+        self.groups = groups | ({group} if group is not None else set())
+        self.conn_cfg = conn_cfg
         self.features = VsockFeature(0)
         self.conns: dict[ConnKey, Connection] = {}
         self.rxq: OrderedDict[ConnKey, None] = OrderedDict()
@@ -154,13 +159,28 @@ class VsockMuxer:
 
     # -- VMs --------------------------------------------------------------------------------
 
-    def add_vm(self, cid: int, uds_path: str, *, group: str | None = None) -> None:
-        """Attach a VM with guest CID ``cid``; host services live at ``<uds_path>_<port>``."""
+    def add_vm(self, cid: int, uds_path: str, *, group: str | None = None,
+               groups: Sequence[str] = (), conn_config: ConnConfig | None = None) -> None:
+        """Attach a VM with guest CID ``cid``; host services live at ``<uds_path>_<port>``.
+
+        ``group``/``groups``: the sibling groups it belongs to (vhost-device-vsock's
+        ``--groups``). ``conn_config``: this VM's connection settings (default: the muxer's
+        ``config.conn``)."""
         if cid in self._vms:
             raise DuplicateCidError(cid)
         if not cid_is_valid_guest(cid):
             raise ValueError(f"guest CID {cid} is reserved or out of range")
-        self._vms[cid] = _Vm(cid, uds_path, group, self.config.ephemeral_ports[0])
+        self._vms[cid] = _Vm(cid, uds_path, group, self.config.ephemeral_ports[0],
+                             frozenset(groups), conn_config)
+
+    def has_rx(self, cid: int) -> bool:
+        """Whether VM ``cid`` may have a packet for its RX queue (so an RX chain is worth
+        popping); ``poll_rx`` can still return None (e.g. a host read finds no data)."""
+        return self._vm(cid).has_rx()
+
+    def conn_config(self, cid: int) -> ConnConfig:
+        """The connection settings of VM ``cid``."""
+        return self._vm(cid).conn_cfg or self.config.conn
 
     def remove_vm(self, cid: int, now: float) -> list[Action]:
         actions = self.reset(cid, now)
@@ -263,7 +283,7 @@ class VsockMuxer:
             return []
         if hdr.dst_cid != HOST_CID:
             sib = self._vms.get(hdr.dst_cid)
-            if sib is None or sib is vm or vm.group is None or sib.group != vm.group:
+            if sib is None or sib is vm or not vm.groups & sib.groups:
                 vm.stats.dropped_bad_cid += 1
                 self._warn(vm, now, "dropping TX packet for dst_cid %d", hdr.dst_cid)
                 return []
@@ -359,7 +379,7 @@ class VsockMuxer:
             self._warn(vm, now, "connection table full (%d): RST", self.config.max_connections)
             return self._rst_reply(vm, hdr)
         path = f"{vm.uds_path}_{key.local_port}"
-        conn, actions = Connection.from_guest_request(key, hdr, path, self.config.conn, now,
+        conn, actions = Connection.from_guest_request(key, hdr, path, vm.conn_cfg or self.config.conn, now,
                                                       vm.log)
         self._insert(vm, conn)
         vm.stats.connections_opened += 1
@@ -512,8 +532,8 @@ class VsockMuxer:
             raise TableFullError(self.config.max_connections)
         local_port = self._alloc_port(vm)
         key = ConnKey(vm.cid, local_port, port)
-        conn = Connection.from_host_connect(key, Type(type_), self.config.conn, now, leftover,
-                                            vm.log)
+        conn = Connection.from_host_connect(key, Type(type_), vm.conn_cfg or self.config.conn,
+                                            now, leftover, vm.log)
         self._insert(vm, conn)
         vm.stats.connections_opened += 1
         return key, self._reconcile(key, _NO_SNAP)
