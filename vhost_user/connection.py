@@ -268,13 +268,16 @@ class Listener:
     """
 
     def __init__(self, loop: Any, path: str, device: VhostUserDevice, *,
-                 name: str | None = None, **connection_kwargs: Any) -> None:
+                 name: str | None = None,
+                 on_frontend: Callable[[bool], None] | None = None,
+                 **connection_kwargs: Any) -> None:
         self.loop = loop
         self.path = path
         self.device = device
         self.name = name or os.path.basename(path)
         self.log = log.getChild(self.name)
         self.connection: Connection | None = None
+        self.on_frontend = on_frontend
         self._kwargs = connection_kwargs
         _remove_stale_socket(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -305,14 +308,10 @@ class Listener:
             self.log.warning("refusing a second front-end on %s", self.path)
             conn.close()
             return
-        self.connection = Connection(
-            self.loop, conn, self.device, on_close=self._on_connection_closed,
-            name=self.name, **self._kwargs,
-        )
+        self.connection = _open_connection(self, conn)
 
     def _on_connection_closed(self, connection: Connection) -> None:
-        if self.connection is connection:
-            self.connection = None
+        _connection_closed(self, connection)
 
     def close(self) -> None:
         """Stop listening, drop the current front-end and remove the socket file."""
@@ -334,12 +333,14 @@ class Connector:
 
     def __init__(self, loop: Any, path: str, device: VhostUserDevice, *,
                  name: str | None = None, retry_s: float = 0.05, max_retry_s: float = 2.0,
+                 on_frontend: Callable[[bool], None] | None = None,
                  **connection_kwargs: Any) -> None:
         self.loop = loop
         self.path = path
         self.device = device
         self.name = name or os.path.basename(path)
         self.log = log.getChild(self.name)
+        self.on_frontend = on_frontend
         self.retry_s = retry_s
         self.max_retry_s = max_retry_s
         self.connection: Connection | None = None
@@ -364,14 +365,10 @@ class Connector:
             self._delay = min(self._delay * 2, self.max_retry_s)
             return
         self._delay = self.retry_s
-        self.connection = Connection(
-            self.loop, sock, self.device, on_close=self._on_connection_closed,
-            name=self.name, **self._kwargs,
-        )
+        self.connection = _open_connection(self, sock)
 
     def _on_connection_closed(self, connection: Connection) -> None:
-        if self.connection is connection:
-            self.connection = None
+        _connection_closed(self, connection)
         if not self._closed:
             self._timer = self.loop.call_later(self._delay, self._try_connect)
 
@@ -382,6 +379,24 @@ class Connector:
             self._timer = None
         if self.connection is not None:
             self.connection.close()
+
+
+def _open_connection(endpoint: "Listener | Connector", sock: socket.socket) -> Connection:
+    """Start serving a front-end on ``sock`` and tell the endpoint's owner."""
+    connection = Connection(
+        endpoint.loop, sock, endpoint.device, on_close=endpoint._on_connection_closed,
+        name=endpoint.name, **endpoint._kwargs,
+    )
+    if endpoint.on_frontend is not None:
+        endpoint.on_frontend(True)
+    return connection
+
+
+def _connection_closed(endpoint: "Listener | Connector", connection: Connection) -> None:
+    if endpoint.connection is connection:
+        endpoint.connection = None
+    if endpoint.on_frontend is not None:
+        endpoint.on_frontend(False)
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -71,7 +71,12 @@ class Daemon:
     def _serve(self, kind: str, device: Any, path: str, mode: str) -> None:
         _ensure_parent(path)
         endpoint_cls = Listener if mode == "listen" else Connector
-        endpoint = endpoint_cls(self.loop, path, device, **self._session_kwargs)
+        def on_frontend(connected: bool) -> None:
+            event = "FRONTEND_CONNECTED" if connected else "FRONTEND_DISCONNECTED"
+            self.emit(event, {"socket": path, "device": kind})
+
+        endpoint = endpoint_cls(self.loop, path, device, on_frontend=on_frontend,
+                                **self._session_kwargs)
         self.devices.append((kind, device))
         self.endpoints.append(endpoint)
 
