@@ -9,29 +9,38 @@ vsock helper and qemu-ga run in the guest (vsock over the guest's loopback trans
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import socket
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.guest.pattern import crc32, parse_helper_output, stream_pattern
+from tests.guest.vm import GuestVM
 
 pytestmark = pytest.mark.guest
 
 PORT_NAME = "org.test.0"
 
 
-@pytest.fixture
-def serial_guest(guest_vm_factory, guest_tmp):
-    host_sock = guest_tmp / "port0.sock"
-    vm = guest_vm_factory(start=False)
+@pytest.fixture(scope="module")
+def serial_guest(guest_image):
+    """One guest for the whole module (one boot), with port org.test.0 on a host socket."""
+    workdir = Path(tempfile.mkdtemp(prefix="gsmoke-"))
+    host_sock = workdir / "port0.sock"
+    vm = GuestVM(guest_image.kernel, guest_image.initramfs, workdir=workdir)
     vm.add_virtio_serial_port(PORT_NAME, host_sock)
-    vm.start()
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.settimeout(20)
-    conn.connect(str(host_sock))
-    yield vm, conn
-    conn.close()
+    with vm:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(20)
+        conn.connect(str(host_sock))
+        yield vm, conn
+        conn.close()
+    assert not vm.alive()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def recv_exactly(conn: socket.socket, n: int) -> bytes:
@@ -57,6 +66,12 @@ def test_guest_boots_and_runs_commands(serial_guest):
     assert vm.run("sleep 30", timeout=2).status == 137
     assert time.monotonic() - started < 15
     assert vm.run("echo still-here") == (0, "still-here\n")
+    # Background commands: status recorded, process group killable.
+    sleeper = vm.start_background("sleep 100")
+    assert sleeper.running()
+    sleeper.kill("KILL")
+    assert sleeper.wait(timeout=10).status == 137
+    assert vm.start_background("echo out; exit 5").wait(timeout=10) == (5, "out\n")
 
 
 def test_virtio_serial_port_name_and_data_both_ways(serial_guest):
@@ -114,12 +129,29 @@ def test_helper_detects_corruption(serial_guest):
 
 
 def test_qemu_guest_agent_starts(serial_guest):
+    """qemu-ga loads its shared libraries, opens its vsock listener and keeps running."""
     vm, _ = serial_guest
     qga = vm.start_qga(port=1234)
     deadline = time.monotonic() + 20
-    while vm.run("test -s /run/qga.pid").status != 0:
+    while vm.run("test -s /run/qga-state/qga.state").status != 0:
         assert qga.running(), qga.output()
         assert time.monotonic() < deadline, qga.output()
         time.sleep(0.3)
-    assert qga.running()
-    qga.kill()
+    time.sleep(1)
+    assert qga.running(), qga.output()
+    assert "qemu-ga" in vm.check("ps")
+    qga.kill("TERM")
+    assert qga.wait(timeout=10).status == 0  # qemu-ga exits cleanly on SIGTERM
+    assert "qemu-ga" not in vm.check("ps")
+
+
+def test_process_group_teardown(guest_vm_factory):
+    """The factory's VMs are gone (QEMU reaped) after stop; stop is idempotent."""
+    vm = guest_vm_factory()
+    pid = vm.pid
+    assert vm.run("echo ok") == (0, "ok\n")
+    vm.stop()
+    assert not vm.alive()
+    assert vm.stop() == vm._proc.returncode
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

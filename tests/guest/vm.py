@@ -137,8 +137,8 @@ class BackgroundCommand:
             time.sleep(poll_s)
 
     def kill(self, sig: str = "TERM") -> None:
-        """Signal the command (and its process group)."""
-        self.vm.run(f"kill -{sig} -{self.pid} 2>/dev/null || kill -{sig} {self.pid} 2>/dev/null; true")
+        """Send signal ``sig`` to the command's process group (its children too)."""
+        self.vm.run(f"kill -{sig} -{self.pid} 2>/dev/null; true")
 
 
 class GuestVM:
@@ -148,6 +148,8 @@ class GuestVM:
     ``extra_qemu_args``: appended to the QEMU command line.
     ``mem``: guest RAM size in QEMU syntax; the RAM is a shared memfd backend, so a
     vhost-user back-end can map it.
+    ``machine``: QEMU machine type; ``pc`` boots ~1.5 s faster than ``q35`` under TCG.
+    ``cmdline``: appended to the kernel command line.
     ``workdir``: where the console log, QEMU stderr and QMP socket go (a fresh temporary
     directory when None; removed at stop only if we created it and the VM ended cleanly).
     """
@@ -160,6 +162,7 @@ class GuestVM:
         mem: str = "512M",
         *,
         smp: int = 1,
+        machine: str = "pc",
         cmdline: str = "",
         boot_timeout: float = 90.0,
         workdir: os.PathLike | str | None = None,
@@ -169,6 +172,7 @@ class GuestVM:
         self.extra_qemu_args = list(extra_qemu_args)
         self.mem = mem
         self.smp = smp
+        self.machine = machine
         self.cmdline = cmdline
         self.boot_timeout = boot_timeout
         self._own_workdir = workdir is None
@@ -253,7 +257,7 @@ class GuestVM:
             "-accel", "tcg", "-cpu", "max", "-smp", str(self.smp),
             "-m", self.mem,
             "-object", f"memory-backend-memfd,id=mem,size={self.mem},share=on",
-            "-machine", "q35,memory-backend=mem",
+            "-machine", f"{self.machine},memory-backend=mem",
             "-kernel", str(self.kernel), "-initrd", str(self.initramfs),
             "-append", append.strip(),
             "-chardev", "stdio,id=ser0,signal=off", "-serial", "chardev:ser0",
@@ -392,19 +396,23 @@ class GuestVM:
     def start_background(self, cmd: str, name: str | None = None) -> BackgroundCommand:
         """Start ``cmd`` in the guest without waiting; returns a ``BackgroundCommand``.
 
-        The command runs in its own session (``setsid``), output to a file in /tmp/bg.
+        The command runs as a new session and process group (``setsid``; ``.pid`` is its
+        process group id) with stdout+stderr to ``/tmp/bg/<name>.out``; a wrapper shell
+        waits for it and records its exit status in ``/tmp/bg/<name>.rc``.
         """
         self._bg_seq += 1
         name = name or f"bg{self._bg_seq}"
-        out_path, rc_path, script = f"/tmp/bg/{name}.out", f"/tmp/bg/{name}.rc", f"/tmp/bg/{name}.sh"
+        base = f"/tmp/bg/{name}"
+        out_path, rc_path, pid_path, script = f"{base}.out", f"{base}.rc", f"{base}.pid", f"{base}.sh"
         encoded = base64.b64encode(cmd.encode()).decode()
         pid_text = self.check(
             "mkdir -p /tmp/bg\n"
-            f"rm -f {rc_path}\n"
+            f"rm -f {rc_path} {pid_path}\n"
             f"printf '%s' {encoded} | base64 -d > {script}\n"
-            f"setsid sh -c 'sh {script} > {out_path} 2>&1 < /dev/null; echo $? > {rc_path}.tmp; "
-            f"mv {rc_path}.tmp {rc_path}' > /dev/null 2>&1 &\n"
-            "echo $!\n"
+            f"( setsid sh -c 'echo $$ > {pid_path}; exec sh {script}' > {out_path} 2>&1 < /dev/null\n"
+            f"  echo $? > {rc_path}.tmp; mv {rc_path}.tmp {rc_path} ) > /dev/null 2>&1 &\n"
+            f"while [ ! -s {pid_path} ]; do sleep 0.01; done\n"
+            f"cat {pid_path}\n"
         )
         return BackgroundCommand(self, name, int(pid_text.strip()), out_path, rc_path)
 
