@@ -289,7 +289,8 @@ class Virtqueue:
         if not self.configured:
             raise DriverError(ChainError.NOT_READY, self.index)
         for head, used_len, ring_slots in items:
-            if not 0 <= head < self.size or not 0 <= used_len <= 0xFFFFFFFF or ring_slots < 1:
+            if (not 0 <= head < self.size or not 0 <= used_len <= 0xFFFFFFFF
+                    or not 1 <= ring_slots <= self.size):
                 raise ValueError(f"bad used element ({head}, {used_len}, {ring_slots})")
         try:
             self._publish(items)
