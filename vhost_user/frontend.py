@@ -38,6 +38,7 @@ from vhost_user.wire import (
     ConfigSpace,
     FrontendReq,
     Inflight,
+    LogDescription,
     MemoryRegion,
     MemoryTable,
     MemRegMsg,
@@ -324,6 +325,15 @@ class VhostUserFrontend:
 
     def set_inflight_fd(self, inflight: Inflight, fd: int) -> None:
         self.request(FrontendReq.SET_INFLIGHT_FD, inflight.pack(), [fd])
+
+    def set_log_base(self, fd: int, size: int, offset: int = 0) -> None:
+        """Hand the back-end the dirty-page log (QEMU does this when migration starts).
+        Spec: vhost-user VHOST_USER_SET_LOG_BASE; with LOG_SHMFD the back-end replies."""
+        body = LogDescription(size, offset).pack()
+        if self.protocol_features & PF.LOG_SHMFD:
+            self.request(FrontendReq.SET_LOG_BASE, body, [fd], reply=True)
+        else:
+            self.send(FrontendReq.SET_LOG_BASE, body, [fd])
 
     def set_status(self, status: int) -> None:
         self.request(FrontendReq.SET_STATUS, U64(status).pack())
