@@ -12,14 +12,16 @@ import hashlib
 import os
 import shutil
 import socket
+import struct
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.guest.pattern import crc32, parse_helper_output, stream_pattern
-from tests.guest.vm import GuestVM
+from tests.guest.vm import GuestBootError, GuestVM
 
 pytestmark = pytest.mark.guest
 
@@ -107,6 +109,7 @@ def test_vsock_helper_over_guest_loopback(serial_guest):
         assert conn.rcvd == 100_000
         assert conn.crc32_rx == crc32(stream_pattern(100_000, seed=11 + conn.idx))
     assert server.wait(timeout=30).status == 0
+    assert vm.local_cid() == 1  # no virtio-vsock device: the loopback's VMADDR_CID_LOCAL
 
     seq_server = vm.vsock_helper("listen", "-t", "seqpacket", "-p", 5001, "-a", "echo")
     seq_server.wait_for_output(r"LISTENING port=5001")
@@ -155,3 +158,35 @@ def test_process_group_teardown(guest_vm_factory):
     assert vm.stop() == vm._proc.returncode
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_vhost_user_vsock_device_dials_the_backend_socket(guest_vm_factory, guest_tmp):
+    """QEMU started with ``add_vhost_user_vsock`` connects to the back-end socket and
+    opens with VHOST_USER_GET_FEATURES (request 1); a back-end that then hangs up makes
+    the boot fail with GuestBootError carrying QEMU's complaint."""
+    path = guest_tmp / "vhost.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    listener.settimeout(30)
+    seen: list[bytes] = []
+
+    def fake_backend() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            seen.append(conn.recv(12))  # vhost-user header: request, flags, size (u32 each)
+
+    thread = threading.Thread(target=fake_backend)
+    thread.start()
+    vm = guest_vm_factory(start=False, vhost_user_vsock=path, guest_cid=3, boot_timeout=30)
+    assert vm.guest_cid == 3
+    assert any("vhost-user-vsock-pci" in a for a in vm.qemu_command())
+    with pytest.raises(GuestBootError) as err:
+        vm.start()
+    thread.join(10)
+    listener.close()
+    request, flags, size = struct.unpack("=III", seen[0])
+    assert (request, size) == (1, 0)  # VHOST_USER_GET_FEATURES, no payload
+    assert flags & 0x3 == 0x1  # version 1
+    assert "vhost" in err.value.console_tail.lower()
+    assert not vm.alive()

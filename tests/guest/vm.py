@@ -428,6 +428,13 @@ class GuestVM:
         cmd = "exec /bin/vsock_helper " + " ".join(shlex.quote(str(a)) for a in args)
         return self.start_background(cmd, name=name)
 
+    def local_cid(self) -> int:
+        """The guest's own vsock CID as its kernel reports it (IOCTL_VM_SOCKETS_GET_LOCAL_CID):
+        the device's config-space guest_cid once a virtio-vsock device is up; Linux 6.1
+        with only the loopback transport active reports 1 (VMADDR_CID_LOCAL)."""
+        out = self.check("/bin/vsock_helper cid")
+        return int(out.split()[1])
+
     def start_qga(self, port: int, name: str = "qga") -> BackgroundCommand:
         """Start qemu-guest-agent listening on vsock ``port`` (any CID)."""
         return self.start_background(

@@ -7,6 +7,8 @@
  *
  *   vsock_helper listen  -p PORT            -a ACTION [options]
  *   vsock_helper connect -c CID -p PORT     -a ACTION [options]
+ *   vsock_helper cid                        print "CID <n>", the guest's own CID
+ *                                           (IOCTL_VM_SOCKETS_GET_LOCAL_CID on /dev/vsock)
  *
  * ACTION (applied to every connection):
  *   send       stream: write -n BYTES of the pattern, shutdown(SHUT_WR), wait for EOF.
@@ -48,6 +50,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -438,6 +441,16 @@ int main(int argc, char **argv)
 
     if (argc < 2)
         usage();
+    if (!strcmp(argv[1], "cid")) {
+        unsigned int cid = 0;
+        int fd = open("/dev/vsock", O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || ioctl(fd, IOCTL_VM_SOCKETS_GET_LOCAL_CID, &cid) < 0) {
+            printf("ERROR /dev/vsock: %s\n", strerror(errno));
+            return 4;
+        }
+        printf("CID %u\n", cid);
+        return 0;
+    }
     if (!strcmp(argv[1], "listen"))
         o.listen = 1;
     else if (strcmp(argv[1], "connect"))
