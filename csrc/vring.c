@@ -1255,6 +1255,9 @@ int vr_tx_to_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t budge
         rc = vr_push_batch(q, s->done_head, s->done_len, s->done_slots, ndone);
         if (rc < 0)
             return rc;
+    }
+    /* A hostile chain was returned as (head, 0) by the walk itself: the guest must hear. */
+    if (ndone || broken) {
         rc = vr_should_notify(q);
         if (rc < 0)
             return rc;
@@ -1377,6 +1380,9 @@ int vr_rx_from_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t bud
         rc = vr_push_batch(q, s->done_head, s->done_len, s->done_slots, ndone);
         if (rc < 0)
             return rc;
+    }
+    /* A hostile chain was returned as (head, 0) by the walk itself: the guest must hear. */
+    if (ndone || broken) {
         rc = vr_should_notify(q);
         if (rc < 0)
             return rc;

@@ -148,7 +148,8 @@ def tx_to_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None) -> TxResult
             break
     if completed:
         vq.push_batch(completed)  # one publication for the whole call
-    notify = vq.should_notify() if completed else False
+    # A hostile chain was returned as (head, 0) by the walk itself: the guest must hear of it.
+    notify = vq.should_notify() if completed or broken is not None else False
     return TxResult(written_total, len(completed), notify, blocked, error, broken)
 
 
@@ -220,7 +221,8 @@ def rx_from_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None) -> RxResu
             break
     if completed:
         vq.push_batch(completed)
-    notify = vq.should_notify() if completed else False
+    # A hostile chain was returned as (head, 0) by the walk itself: the guest must hear of it.
+    notify = vq.should_notify() if completed or broken is not None else False
     return RxResult(read_total, len(completed), notify, eof, starved, error, drained, broken)
 
 

@@ -106,6 +106,8 @@ class EchoDevice:
             self._log.error("transmit queue broken: %s", exc)
             handle.notify()
             return
+        if result.broken is not None:
+            self._log.error("transmit queue broken by the guest: %s", result.broken.name)
         if result.notify:
             handle.notify()
         self._watch_tx_writable(result.blocked)
@@ -121,6 +123,8 @@ class EchoDevice:
             handle.notify()
             return
         self.bytes_echoed += result.bytes
+        if result.broken is not None:
+            self._log.error("receive queue broken by the guest: %s", result.broken.name)
         if result.notify:
             handle.notify()
         # No guest buffers: stop watching the socket until the guest kicks RX again, so an
