@@ -1,0 +1,479 @@
+"""The virtio-vsock device: virtqueues ↔ vsock packets, one device per VM, one backend for all.
+
+Spec: virtio 1.2 §5.10 (Socket Device): device id 19 (§5.10.1); queues rx = 0, tx = 1,
+event = 2 (§5.10.2); feature VIRTIO_VSOCK_F_SEQPACKET (§5.10.3); config ``le64 guest_cid``
+(§5.10.4); packets = a 44-byte header + payload in one chain (§5.10.6); the event queue
+carries VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (§5.10.6.7).
+
+Layout after Firecracker's vsock split: this module moves packets between the queues and the
+sans-I/O `VsockMuxer` (routing, connections, credit); `VsockHost` (host.py) executes the
+muxer's actions on real UNIX sockets; `virtio.vsock.mgmt` answers management commands.
+
+* **TX** (guest → device): every available chain is handed to ``muxer.guest_tx`` and
+  completed with used length 0 (§5.10.6.1: the device uses TX buffers without writing).
+  Guest data goes straight from guest memory to the host socket (``WriteHost`` runs
+  before the chain completes); what the socket does not take is copied, and credit bounds
+  it (a guest exceeding its credit has that connection reset), so the TX queue never needs
+  to stall.
+* **RX** (device → guest): an RX chain is popped only when the muxer has something for this
+  VM; host stream bytes are ``readv``-ed from the host socket straight into the chain after
+  the header. When the guest posts no RX buffers, nothing is read and the host sockets are
+  not polled for input (the muxer drops read interest), until the guest kicks RX.
+  A chain popped for nothing (the host had no data after all) is held for the next packet.
+* **Event queue**: QEMU's ``vhost-user-vsock-pci`` keeps it (only queues 0 and 1 are set up
+  here); a front-end that gives us queue 2 gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET after
+  connection state was lost (device reset, front-end reconnect, restore), so the guest
+  resets its sockets instead of waiting on connections that no longer exist.
+
+Spec: vhost-user "Ring states" (devices see only live rings).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any, Callable, Sequence
+
+from ring.errors import DriverError
+
+from .conn import ConnConfig, RxPacket, RxRead
+from .errors import DuplicateCidError, UnknownCidError
+from .handshake import OkPortConvention
+from .host import VsockHost
+from .muxer import DEVICE_FEATURES, MuxerConfig, VsockMuxer
+from .wire import VIRTIO_ID_VSOCK, Queue, VsockConfig as VsockConfigSpace, VsockEvent, VsockHeader
+
+log = logging.getLogger(__name__)
+
+HDR = VsockHeader.SIZE
+#: RX chains filled per turn of the loop before yielding to other fds (fairness).
+RX_BUDGET = 256
+#: TX chains per pop_batch, and batches per turn.
+TX_BATCH = 64
+TX_BUDGET_BATCHES = 8
+#: Device-specific feature bits live in bits 0..23 (virtio 1.2 §6).
+_DEVICE_FEATURE_MASK = (1 << 24) - 1
+
+
+def conn_config_for(vm: Any) -> ConnConfig:
+    """A `ConnConfig` from a `virtio.config.VsockConfig`: buffer size, connect timeout and
+    the ``OK <port>`` convention (``reply_port`` "guest" = vhost-device-vsock, the default;
+    "host" = Firecracker)."""
+    convention = (OkPortConvention.HOST_PORT if getattr(vm, "reply_port", "guest") == "host"
+                  else OkPortConvention.GUEST_PORT)
+    return ConnConfig(buf_alloc_bytes=vm.tx_buffer_size,
+                      request_timeout_s=vm.connect_timeout_s,
+                      ok_convention=convention)
+
+
+class VsockDevice:
+    """The VhostUserDevice of one VM (docs/internals.md, "what the back-end asks of a
+    device"). Built by `VsockBackend.add_vm`; shares the backend's muxer and host adapter.
+    """
+
+    device_id = VIRTIO_ID_VSOCK
+    #: rx, tx, event. QEMU's vhost-user-vsock-pci sets up only 0 and 1.
+    num_queues = 3
+
+    def __init__(self, backend: "VsockBackend", config: Any) -> None:
+        self.backend = backend
+        self.config = config
+        self.cid = int(config.guest_cid)
+        self.loop = backend.loop
+        self.muxer = backend.muxer
+        self.host = backend.host
+        self.log = log.getChild(f"cid{self.cid}")
+        self._queues: dict[int, Any] = {}  # index -> QueueHandle
+        self._held = None  # an RX chain popped but not filled (see module docstring)
+        self._rx_scheduled = False
+        self._tx_scheduled = False
+        self._in_rx = False
+        self._ever_started = False
+        self.event_pending = False  # TRANSPORT_RESET owed to the guest
+        self.features = 0
+        self.events_sent = 0
+        self.resets = 0
+
+    # -- VhostUserDevice -------------------------------------------------------------------
+    def device_features(self) -> int:
+        return int(DEVICE_FEATURES)
+
+    def config_read(self, offset: int, size: int) -> bytes:
+        """``struct virtio_vsock_config``: le64 guest_cid (Spec: virtio 1.2 §5.10.4)."""
+        space = VsockConfigSpace(self.cid).pack()
+        if offset < 0 or size < 0 or offset + size > len(space):
+            raise ValueError(f"config read {offset}+{size} beyond {len(space)} bytes")
+        return space[offset:offset + size]
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        """Spec: virtio 1.2 §5.10.4: guest_cid is read-only for the driver."""
+        raise ValueError("the vsock config space is read-only")
+
+    def set_features(self, features: int) -> None:
+        self.features = features
+        self.muxer.set_features(self.cid, features & _DEVICE_FEATURE_MASK)
+
+    def queue_started(self, handle: Any) -> None:
+        self._queues[handle.index] = handle
+        self._ever_started = True
+        if handle.index == Queue.TX:
+            self._process_tx()
+        elif handle.index == Queue.RX:
+            self._schedule_rx()
+        elif handle.index == Queue.EVENT:
+            self._deliver_event()
+
+    def queue_stopped(self, index: int) -> None:
+        handle = self._queues.pop(index, None)
+        if index == Queue.RX and self._held is not None and handle is not None:
+            # The ring has no "un-pop": give the held chain back empty (the Linux driver
+            # drops an RX buffer shorter than a header and posts a new one).
+            chain, self._held = self._held, None
+            try:
+                handle.vq.push(chain.head, 0, chain.ring_slots)
+            except DriverError as exc:
+                self.log.debug("cannot return the held RX chain: %s", exc)
+
+    def kick(self, index: int) -> None:
+        if index == Queue.TX:
+            self._process_tx()
+        elif index == Queue.RX:
+            self._process_rx()
+        elif index == Queue.EVENT:
+            self._deliver_event()
+
+    def reset(self) -> None:
+        """Device reset or front-end gone: every connection of this VM is dropped, so the
+        guest is owed a TRANSPORT_RESET if it ever ran (Spec: virtio 1.2 §5.10.6.7)."""
+        self._queues.clear()
+        self._held = None
+        self.resets += 1
+        self.host.run(self.muxer.reset(self.cid, self.loop.time()))
+        self.host.close_cid(self.cid)
+        if self._ever_started:
+            self.event_pending = True
+
+    def snapshot(self) -> dict:
+        """Host sockets cannot be carried to another process: only the identity."""
+        return {"guest_cid": self.cid, "connections": len(self.muxer.connections(self.cid))}
+
+    def restore(self, state: dict) -> None:
+        """Connections did not survive: tell the guest (TRANSPORT_RESET) on the event queue."""
+        if int(state.get("guest_cid", self.cid)) != self.cid:
+            raise ValueError(f"state of guest CID {state.get('guest_cid')} for CID {self.cid}")
+        self.event_pending = True
+        self._deliver_event()
+
+    # -- scheduling ------------------------------------------------------------------------
+    def rx_ready(self) -> None:
+        """The muxer has packets for this VM (RxReady)."""
+        self._schedule_rx()
+
+    def _schedule_rx(self) -> None:
+        if not self._rx_scheduled:
+            self._rx_scheduled = True
+            self.loop.call_soon(self._scheduled_rx)
+
+    def _scheduled_rx(self) -> None:
+        self._rx_scheduled = False
+        self._process_rx()
+
+    def _schedule_tx(self) -> None:
+        if not self._tx_scheduled:
+            self._tx_scheduled = True
+            self.loop.call_soon(self._scheduled_tx)
+
+    def _scheduled_tx(self) -> None:
+        self._tx_scheduled = False
+        self._process_tx()
+
+    # -- TX: guest -> host ---------------------------------------------------------------
+    def _process_tx(self) -> None:
+        """Spec: virtio 1.2 §5.10.6.1: one packet (header + payload) per TX chain."""
+        handle = self._queues.get(Queue.TX)
+        if handle is None:
+            return
+        vq = handle.vq
+        completed = 0
+        for _ in range(TX_BUDGET_BATCHES):
+            broken: DriverError | None = None
+            try:
+                chains = vq.pop_batch(TX_BATCH)
+            except DriverError as exc:
+                chains, broken = list(getattr(exc, "chains", ()) or ()), exc
+            if chains:
+                now = self.loop.time()
+                done = []
+                for chain in chains:
+                    try:
+                        self.host.run(self.muxer.guest_tx(self.cid, chain.readable, now))
+                    except Exception:  # a bug must not leak the chain
+                        self.log.exception("TX packet handling failed")
+                    done.append((chain.head, 0, chain.ring_slots))
+                vq.push_batch(done)
+                completed += len(done)
+            if broken is not None:
+                self.log.error("TX queue broken (%s): the guest driver broke the ring; it "
+                               "stays stopped until the device is reset", broken)
+                completed += 1  # the ring pushed the bad chain
+                break
+            if len(chains) < TX_BATCH:
+                break
+        else:
+            self._schedule_tx()  # more to do: after other fds had their turn
+        if completed:
+            handle.notify_if_needed()
+
+    # -- RX: host -> guest -----------------------------------------------------------------
+    def _process_rx(self) -> None:
+        if self._in_rx:
+            self._schedule_rx()
+            return
+        self._in_rx = True
+        try:
+            self._fill_rx()
+        finally:
+            self._in_rx = False
+
+    def _fill_rx(self) -> None:
+        handle = self._queues.get(Queue.RX)
+        if handle is None:
+            return
+        vq = handle.vq
+        used: list[tuple[int, int, int]] = []
+        notify_broken = False
+        for _ in range(RX_BUDGET):
+            chain = self._held
+            if chain is None:
+                if not self.muxer.has_rx(self.cid):
+                    break
+                try:
+                    chain = vq.pop()
+                except DriverError as exc:
+                    self.log.error("RX queue broken (%s): it stays stopped until the device "
+                                   "is reset", exc)
+                    notify_broken = True
+                    break
+                if chain is None:
+                    break  # no buffers: the guest kicks RX when it posts some
+            self._held = None
+            room = chain.writable_bytes - HDR
+            if room < 0:
+                self.log.warning("RX buffer of %d bytes cannot hold a packet header: "
+                                 "returned empty", chain.writable_bytes)
+                used.append((chain.head, 0, chain.ring_slots))
+                continue
+            now = self.loop.time()
+            item, actions = self.muxer.poll_rx(self.cid, now, room)
+            self.host.run(actions)
+            if item is None:
+                self._held = chain
+                break
+            length = self._deliver(vq, chain, item, now)
+            if length is None:
+                self._held = chain
+                continue
+            used.append((chain.head, length, chain.ring_slots))
+        else:
+            self._schedule_rx()
+        if used:
+            vq.push_batch(used)
+        if used or notify_broken:
+            handle.notify_if_needed()
+
+    def _deliver(self, vq: Any, chain: Any, item: Any, now: float) -> int | None:
+        """Write ``item`` into ``chain``; the used length, or None if the chain stays
+        unused."""
+        if type(item) is RxPacket:
+            vq.fill(chain, item.header.pack(), 0)
+            if item.payload:
+                vq.fill(chain, item.payload, HDR)
+            return HDR + len(item.payload)
+        assert type(item) is RxRead
+        sock = self.host.sock(item.key)
+        if sock is None:
+            self.host.run(self.muxer.host_error(item.key, now))
+            return None
+        if item.message:
+            return self._read_message(vq, chain, item, sock, now)
+        views = _slice_views(chain.writable, HDR, item.max_bytes)
+        try:
+            n: int | None = os.readv(sock.fileno(), views)
+        except (BlockingIOError, InterruptedError):
+            n = None
+        except OSError as exc:
+            self.host.run(self.muxer.host_error(item.key, now, exc.errno))
+            return None
+        hangup = n == 0 and self.host.hung_up(item.key)
+        header, actions = self.muxer.rx_read_done(item.key, n, now, hangup=hangup)
+        self.host.run(actions)
+        if header is None:
+            return None
+        if n:
+            _mark_dirty(vq, chain, HDR, n)
+        vq.fill(chain, header.pack(), 0)
+        return HDR + header.len_
+
+    def _read_message(self, vq: Any, chain: Any, item: RxRead, sock: socket.socket,
+                      now: float) -> int | None:
+        """One host SOCK_SEQPACKET message (copied; the muxer splits it into packets)."""
+        try:
+            data, _anc, flags, _addr = sock.recvmsg(item.max_bytes + 1)
+        except (BlockingIOError, InterruptedError):
+            header, actions = self.muxer.rx_read_done(item.key, None, now)
+            self.host.run(actions)
+            return None
+        except OSError as exc:
+            self.host.run(self.muxer.host_error(item.key, now, exc.errno))
+            return None
+        if not data and self.host.peer_shut_write(item.key):
+            header, actions = self.muxer.rx_read_done(item.key, 0, now,
+                                                      hangup=self.host.hung_up(item.key))
+            self.host.run(actions)
+            if header is None:
+                return None
+            vq.fill(chain, header.pack(), 0)
+            return HDR + header.len_
+        truncated = len(data) > item.max_bytes or bool(flags & socket.MSG_TRUNC)
+        self.host.run(self.muxer.rx_message(item.key, data, now, truncated=truncated,
+                                            eor=bool(flags & socket.MSG_EOR)))
+        return None
+
+    # -- event queue -------------------------------------------------------------------------
+    def _deliver_event(self) -> None:
+        """Spec: virtio 1.2 §5.10.6.7: VIRTIO_VSOCK_EVENT_TRANSPORT_RESET tells the driver
+        that connections were lost (and to re-read guest_cid)."""
+        if not self.event_pending:
+            return
+        handle = self._queues.get(Queue.EVENT)
+        if handle is None:
+            return
+        try:
+            chain = handle.vq.pop()
+        except DriverError as exc:
+            self.log.error("event queue broken (%s)", exc)
+            handle.notify_if_needed()
+            return
+        if chain is None:
+            return  # the guest posts event buffers and kicks
+        n = handle.vq.fill(chain, VsockEvent.transport_reset().pack())
+        handle.vq.push(chain.head, n, chain.ring_slots)
+        self.event_pending = False
+        self.events_sent += 1
+        self.log.info("sent TRANSPORT_RESET to the guest")
+        handle.notify_if_needed()
+
+    @property
+    def live_queues(self) -> list[int]:
+        return sorted(self._queues)
+
+
+class VsockBackend:
+    """Every vsock VM of one process: one muxer, one host adapter, one device per VM.
+
+    ``configs``: `virtio.config.VsockConfig` items (guest_cid, uds_path, groups,
+    tx_buffer_size, connect_timeout_s, reply_port, max_connections). ``emit(event, data)``
+    sends a management event (unused for now, kept for the daemon's contract).
+    """
+
+    def __init__(self, loop: Any, configs: Sequence[Any] = (), *,
+                 emit: Callable[[str, dict | None], None] | None = None,
+                 muxer_config: MuxerConfig | None = None,
+                 handshake_timeout_s: float | None = None) -> None:
+        self.loop = loop
+        self.emit = emit
+        if muxer_config is None:
+            limit = sum(int(getattr(c, "max_connections", 4096)) for c in configs) or 4096
+            muxer_config = MuxerConfig(max_connections=limit)
+        self.muxer = VsockMuxer(muxer_config)
+        kwargs = {} if handshake_timeout_s is None else {"handshake_timeout_s":
+                                                          handshake_timeout_s}
+        self.host = VsockHost(loop, self.muxer, on_rx_ready=self._rx_ready, **kwargs)
+        self._devices: dict[int, VsockDevice] = {}
+        try:
+            for config in configs:
+                self.add_vm(config)
+        except BaseException:
+            self.close()
+            raise
+
+    def add_vm(self, config: Any) -> VsockDevice:
+        """Attach a VM; `DuplicateCidError` if its CID is taken (nothing is changed then)."""
+        cid = int(config.guest_cid)
+        if cid in self._devices:
+            raise DuplicateCidError(cid)
+        self.muxer.add_vm(cid, config.uds_path, groups=tuple(getattr(config, "groups", ())),
+                          conn_config=conn_config_for(config))
+        try:
+            self.host.listen(cid, config.uds_path)
+        except BaseException:
+            self.muxer.remove_vm(cid, self.loop.time())
+            raise
+        device = self._devices[cid] = VsockDevice(self, config)
+        return device
+
+    def device(self, cid: int) -> VsockDevice:
+        try:
+            return self._devices[cid]
+        except KeyError:
+            raise UnknownCidError(cid) from None
+
+    @property
+    def devices(self) -> dict[int, VsockDevice]:
+        return dict(self._devices)
+
+    def register_commands(self, registry: Any) -> None:
+        from .mgmt import register_vsock_commands
+
+        register_vsock_commands(registry, self)
+
+    def _rx_ready(self, cid: int) -> None:
+        device = self._devices.get(cid)
+        if device is not None:
+            device.rx_ready()
+
+    def close(self) -> None:
+        """Close every host socket and listener (the vhost-user endpoints are the daemon's)."""
+        now = self.loop.time()
+        for cid in list(self._devices):
+            try:
+                self.host.run(self.muxer.reset(cid, now))
+            except UnknownCidError:
+                pass
+        self.host.close()
+        self._devices.clear()
+
+
+def _slice_views(views: Sequence[memoryview], offset: int, limit: int) -> list[memoryview]:
+    """The buffers ``views`` from byte ``offset`` on, at most ``limit`` bytes in all."""
+    out: list[memoryview] = []
+    for view in views:
+        n = len(view)
+        if offset >= n:
+            offset -= n
+            continue
+        piece = view[offset:offset + limit] if offset or n > limit else view
+        offset = 0
+        out.append(piece)
+        limit -= len(piece)
+        if limit <= 0:
+            break
+    return out
+
+
+def _mark_dirty(vq: Any, chain: Any, offset: int, length: int) -> None:
+    """Mark the dirty log for bytes written into ``chain`` behind the ring's back (readv)."""
+    memory = getattr(vq, "memory", None)
+    if memory is None or getattr(memory, "log", None) is None:
+        return
+    for gpa, size in chain.writable_gpas:
+        if offset >= size:
+            offset -= size
+            continue
+        n = min(size - offset, length)
+        memory.mark_dirty(gpa + offset, n)
+        length -= n
+        offset = 0
+        if length <= 0:
+            break

@@ -1,0 +1,459 @@
+"""The vsock I/O adapter: host UNIX sockets on the event loop, executing the muxer's actions.
+
+The only module of ``virtio.vsock`` that touches sockets. It
+
+* listens on each VM's ``uds_path`` (``SOCK_STREAM``, mode 0600) and runs the hybrid-vsock
+  handshake of every accepted client (``CONNECT <port>\\n``, parsed by
+  `virtio.vsock.handshake.HandshakeParser`; a malformed line, EOF or no line within
+  ``handshake_timeout_s`` closes that client only); a complete line becomes
+  ``muxer.host_connect_request``;
+* connects, non-blocking, to ``<uds_path>_<port>`` for a guest's connection request
+  (``SOCK_STREAM`` or ``SOCK_SEQPACKET`` by the connection's type). A full listen backlog
+  (``EAGAIN`` on an ``AF_UNIX`` socket) is retried every ``connect_retry_s`` until the VM's
+  connect timeout; any other failure is reported at once (the guest gets an RST);
+* executes the muxer's actions (``ConnectHost``, ``WriteHost``, ``ShutdownHost``,
+  ``CloseHost``, ``ReplyHost``, ``SetHostInterest``, ``SetTimer``, ``RxReady``) in order,
+  reporting the results back to the muxer at once (``host_write_done`` before the caller
+  completes the TX chain a ``WriteHost`` points into);
+* watches host sockets level-triggered, only while the muxer wants it (``SetHostInterest``):
+  once a socket is known readable the muxer drops the read interest until the guest has
+  consumed it, so a guest that posts no RX buffers costs no CPU.
+
+Reading host sockets into guest RX buffers is the device's job (`virtio.vsock.device`); it
+asks here for the socket of a connection (`VsockHost.sock`) and whether the peer hung up
+(`VsockHost.hung_up`).
+
+Spec: the hybrid-vsock convention (Firecracker ``docs/vsock.md``, rust-vmm vhost-device-vsock
+README); virtio 1.2 §5.10.6 (Device Operation). STYLE R1/R13: the one I/O module here.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import stat
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from .conn import (Action, CloseHost, ConnectHost, ConnKey, ReplyHost, RxReady,
+                   SetHostInterest, SetTimer, ShutdownHost, WriteHost)
+from .errors import HandshakeError, TableFullError
+from .handshake import HANDSHAKE_TIMEOUT_S, MAX_LINE_BYTES, HandshakeParser
+from .muxer import VsockMuxer
+from .wire import Type
+
+log = logging.getLogger(__name__)
+
+#: Most buffers in one sendmsg (IOV_MAX is 1024 on Linux).
+IOV_MAX = 1024
+#: Clients accepted per listener wake-up (other fds get their turn).
+ACCEPT_BATCH = 64
+_SEND_FLAGS = socket.MSG_NOSIGNAL
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
+
+
+@dataclass(slots=True)
+class _HostSock:
+    """The host socket of one connection and the events we watch it for."""
+
+    sock: socket.socket
+    read: bool = False
+    write: bool = False
+
+
+@dataclass(slots=True)
+class _Handshake:
+    """An accepted client still writing its ``CONNECT <port>`` line."""
+
+    cid: int
+    sock: socket.socket
+    parser: HandshakeParser
+    timer: Any = None
+
+
+@dataclass(slots=True)
+class _Connecting:
+    """A guest-initiated connect waiting for room in the host service's backlog."""
+
+    sock: socket.socket
+    path: str
+    give_up_at: float
+    timer: Any = None
+
+
+@dataclass(slots=True)
+class _Listener:
+    cid: int
+    path: str
+    sock: socket.socket
+    handshakes: dict[int, _Handshake] = field(default_factory=dict)  # fd -> client
+
+
+@dataclass(slots=True)
+class HostStats:
+    """Counters of the host side of one VM (``query-vsock-stats``)."""
+
+    clients_accepted: int = 0
+    handshakes_failed: int = 0
+    handshakes_timed_out: int = 0
+    handshakes_refused_busy: int = 0
+    connects_refused: int = 0
+
+
+class VsockHost:
+    """Host sockets of every VM of one muxer (see module docstring).
+
+    ``on_rx_ready(cid)`` is called for ``RxReady``: the device should serve its RX queue.
+    """
+
+    def __init__(self, loop: Any, muxer: VsockMuxer, *, on_rx_ready: Callable[[int], None],
+                 handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+                 max_pending_handshakes: int = 128, connect_retry_s: float = 0.01) -> None:
+        self.loop = loop
+        self.muxer = muxer
+        self.on_rx_ready = on_rx_ready
+        self.handshake_timeout_s = handshake_timeout_s
+        self.max_pending_handshakes = max_pending_handshakes
+        self.connect_retry_s = connect_retry_s
+        self._socks: dict[ConnKey, _HostSock] = {}
+        self._timers: dict[ConnKey, Any] = {}
+        self._connecting: dict[ConnKey, _Connecting] = {}
+        self._listeners: dict[int, _Listener] = {}
+        self.stats: dict[int, HostStats] = {}
+        self.closed = False
+
+    # -- listeners ------------------------------------------------------------------------
+    def listen(self, cid: int, uds_path: str) -> None:
+        """Listen for hybrid-vsock clients of VM ``cid`` at ``uds_path`` (a stale socket
+        file there is replaced; any other file is refused with ``FileExistsError``)."""
+        _remove_stale_socket(uds_path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            old_umask = os.umask(0o177)
+            try:
+                sock.bind(uds_path)
+            finally:
+                os.umask(old_umask)
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        listener = _Listener(cid, uds_path, sock)
+        self._listeners[cid] = listener
+        self.stats.setdefault(cid, HostStats())
+        self.loop.add_reader(sock.fileno(), lambda: self._accept(listener))
+        log.info("vsock cid %d: hybrid-vsock clients on %s", cid, uds_path)
+
+    def unlisten(self, cid: int) -> None:
+        listener = self._listeners.pop(cid, None)
+        if listener is None:
+            return
+        for hs in list(listener.handshakes.values()):
+            self._drop_handshake(listener, hs)
+        self.loop.remove_reader(listener.sock.fileno())
+        listener.sock.close()
+        try:
+            if stat.S_ISSOCK(os.lstat(listener.path).st_mode):
+                os.unlink(listener.path)
+        except OSError:
+            pass
+
+    def _accept(self, listener: _Listener) -> None:
+        stats = self.stats[listener.cid]
+        for _ in range(ACCEPT_BATCH):
+            try:
+                client, _addr = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE & co: keep the listener, try again later
+                log.warning("vsock cid %d: accept on %s failed: %s", listener.cid,
+                            listener.path, exc)
+                return
+            stats.clients_accepted += 1
+            if len(listener.handshakes) >= self.max_pending_handshakes:
+                stats.handshakes_refused_busy += 1
+                log.warning("vsock cid %d: %d handshakes pending: closing a new client",
+                            listener.cid, len(listener.handshakes))
+                client.close()
+                continue
+            client.setblocking(False)
+            hs = _Handshake(listener.cid, client,
+                            HandshakeParser(started_at=self.loop.time(),
+                                            timeout_s=self.handshake_timeout_s))
+            fd = client.fileno()
+            listener.handshakes[fd] = hs
+            hs.timer = self.loop.call_later(self.handshake_timeout_s,
+                                            lambda: self._handshake_expired(listener, hs))
+            self.loop.add_reader(fd, lambda: self._handshake_readable(listener, hs))
+
+    def _handshake_readable(self, listener: _Listener, hs: _Handshake) -> None:
+        try:
+            data = hs.sock.recv(MAX_LINE_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.info("vsock cid %d: handshake client failed: %s", hs.cid, exc)
+            self._drop_handshake(listener, hs)
+            return
+        try:
+            request = hs.parser.feed(data)
+        except HandshakeError as exc:
+            self.stats[hs.cid].handshakes_failed += 1
+            log.info("vsock cid %d: %s: closing that client", hs.cid, exc)
+            self._drop_handshake(listener, hs)
+            return
+        if request is None:
+            return
+        self._forget_handshake(listener, hs)
+        now = self.loop.time()
+        try:
+            key, actions = self.muxer.host_connect_request(hs.cid, request.port, now,
+                                                           request.leftover)
+        except TableFullError as exc:
+            log.warning("vsock cid %d: %s: closing the client for port %d", hs.cid, exc,
+                        request.port)
+            hs.sock.close()
+            return
+        self._socks[key] = _HostSock(hs.sock)
+        self.run(actions)
+
+    def _handshake_expired(self, listener: _Listener, hs: _Handshake) -> None:
+        if listener.handshakes.get(hs.sock.fileno()) is hs:
+            self.stats[hs.cid].handshakes_timed_out += 1
+            log.info("vsock cid %d: no CONNECT line within %.1f s: closing the client",
+                     hs.cid, self.handshake_timeout_s)
+            self._drop_handshake(listener, hs)
+
+    def _forget_handshake(self, listener: _Listener, hs: _Handshake) -> None:
+        fd = hs.sock.fileno()
+        listener.handshakes.pop(fd, None)
+        self.loop.remove_reader(fd)
+        if hs.timer is not None:
+            hs.timer.cancel()
+
+    def _drop_handshake(self, listener: _Listener, hs: _Handshake) -> None:
+        self._forget_handshake(listener, hs)
+        hs.sock.close()
+
+    # -- what the device needs ---------------------------------------------------------
+    def sock(self, key: ConnKey) -> socket.socket | None:
+        """The host socket of connection ``key`` (None when it has none)."""
+        hs = self._socks.get(key)
+        return None if hs is None else hs.sock
+
+    def hung_up(self, key: ConnKey) -> bool:
+        """After a read returned EOF: did the peer close both ways (POLLHUP), not just
+        ``shutdown(SHUT_WR)``? For seqpacket also tells an empty message from EOF
+        (POLLRDHUP)."""
+        hs = self._socks.get(key)
+        if hs is None:
+            return True
+        poller = select.poll()
+        poller.register(hs.sock.fileno(), select.POLLIN | _POLLRDHUP)
+        events = sum(ev for _fd, ev in poller.poll(0))
+        return bool(events & (select.POLLHUP | select.POLLERR))
+
+    def peer_shut_write(self, key: ConnKey) -> bool:
+        """Whether the peer will send nothing more (POLLRDHUP or POLLHUP)."""
+        hs = self._socks.get(key)
+        if hs is None:
+            return True
+        poller = select.poll()
+        poller.register(hs.sock.fileno(), select.POLLIN | _POLLRDHUP)
+        events = sum(ev for _fd, ev in poller.poll(0))
+        return bool(events & (select.POLLHUP | select.POLLERR | _POLLRDHUP))
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._socks) + len(self._connecting)
+
+    # -- executing actions ----------------------------------------------------------------
+    def run(self, actions: Iterable[Action]) -> None:
+        """Execute the muxer's actions in order (results are fed back at once)."""
+        for action in actions:
+            kind = type(action)
+            if kind is WriteHost:
+                self._write(action)
+            elif kind is SetHostInterest:
+                self._interest(action)
+            elif kind is RxReady:
+                self.on_rx_ready(action.cid)
+            elif kind is SetTimer:
+                self._set_timer(action)
+            elif kind is ConnectHost:
+                self._connect(action)
+            elif kind is ReplyHost:
+                self._reply(action)
+            elif kind is ShutdownHost:
+                self._shutdown(action)
+            elif kind is CloseHost:
+                self._close(action.key)
+            else:  # pragma: no cover - the muxer has no other actions
+                raise TypeError(f"unknown vsock action {action!r}")
+
+    def _write(self, action: WriteHost) -> None:
+        key = action.key
+        hs = self._socks.get(key)
+        now = self.loop.time()
+        if hs is None:
+            self.run(self.muxer.host_error(key, now, errno.EBADF))
+            return
+        data = action.data if len(action.data) <= IOV_MAX else action.data[:IOV_MAX]
+        try:
+            n: int | None = hs.sock.sendmsg(data, (), _SEND_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            n = None
+        except OSError as exc:
+            log.info("%s: host write failed: %s", key, exc)
+            self.run(self.muxer.host_error(key, now, exc.errno))
+            return
+        self.run(self.muxer.host_write_done(key, n, now))
+
+    def _reply(self, action: ReplyHost) -> None:
+        hs = self._socks.get(action.key)
+        if hs is None:
+            return
+        try:
+            n = hs.sock.send(action.data, _SEND_FLAGS)
+        except OSError as exc:
+            n = -1
+            log.info("%s: cannot send the handshake reply: %s", action.key, exc)
+        if n != len(action.data):
+            self.run(self.muxer.host_error(action.key, self.loop.time(),
+                                           errno.EPIPE if n < 0 else errno.EAGAIN))
+
+    def _shutdown(self, action: ShutdownHost) -> None:
+        hs = self._socks.get(action.key)
+        if hs is not None:
+            try:
+                hs.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def _interest(self, action: SetHostInterest) -> None:
+        hs = self._socks.get(action.key)
+        if hs is None:
+            return
+        fd = hs.sock.fileno()
+        key = action.key
+        if action.read != hs.read:
+            if action.read:
+                self.loop.add_reader(fd, lambda: self._readable(key))
+            else:
+                self.loop.remove_reader(fd)
+            hs.read = action.read
+        if action.write != hs.write:
+            if action.write:
+                self.loop.add_writer(fd, lambda: self._writable(key))
+            else:
+                self.loop.remove_writer(fd)
+            hs.write = action.write
+
+    def _readable(self, key: ConnKey) -> None:
+        self.run(self.muxer.host_readable(key, self.loop.time()))
+
+    def _writable(self, key: ConnKey) -> None:
+        self.run(self.muxer.host_writable(key, self.loop.time()))
+
+    def _set_timer(self, action: SetTimer) -> None:
+        old = self._timers.pop(action.key, None)
+        if old is not None:
+            old.cancel()
+        if action.deadline is None:
+            return
+        key = action.key
+        delay = max(0.0, action.deadline - self.loop.time()) + 1e-6
+
+        def fire() -> None:
+            self._timers.pop(key, None)
+            self.run(self.muxer.timer_fired(key, self.loop.time()))
+
+        self._timers[key] = self.loop.call_later(delay, fire)
+
+    def _connect(self, action: ConnectHost) -> None:
+        kind = socket.SOCK_SEQPACKET if action.type_ == Type.SEQPACKET else socket.SOCK_STREAM
+        sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        timeout = self.muxer.conn_config(action.key.cid).request_timeout_s
+        pending = _Connecting(sock, action.path, self.loop.time() + timeout)
+        self._connecting[action.key] = pending
+        self._try_connect(action.key, pending)
+
+    def _try_connect(self, key: ConnKey, pending: _Connecting) -> None:
+        if self._connecting.get(key) is not pending:
+            return  # closed meanwhile
+        now = self.loop.time()
+        try:
+            pending.sock.connect(pending.path)
+        except (BlockingIOError, InterruptedError):
+            if now < pending.give_up_at:  # the service's backlog is full: try again soon
+                pending.timer = self.loop.call_later(
+                    self.connect_retry_s, lambda: self._try_connect(key, pending))
+                return
+            ok = False
+            log.info("%s: %s kept its backlog full: giving up", key, pending.path)
+        except OSError as exc:
+            ok = False
+            log.info("%s: guest connection to %s refused: %s", key, pending.path, exc)
+        else:
+            ok = True
+        del self._connecting[key]
+        if ok:
+            self._socks[key] = _HostSock(pending.sock)
+        else:
+            stats = self.stats.get(key.cid)
+            if stats is not None:
+                stats.connects_refused += 1
+            pending.sock.close()
+        self.run(self.muxer.host_connected(key, now, ok))
+
+    def _close(self, key: ConnKey) -> None:
+        pending = self._connecting.pop(key, None)
+        if pending is not None:
+            if pending.timer is not None:
+                pending.timer.cancel()
+            pending.sock.close()
+        hs = self._socks.pop(key, None)
+        if hs is None:
+            return
+        fd = hs.sock.fileno()
+        if hs.read:
+            self.loop.remove_reader(fd)
+        if hs.write:
+            self.loop.remove_writer(fd)
+        hs.sock.close()
+
+    # -- life cycle -----------------------------------------------------------------------
+    def close_cid(self, cid: int) -> None:
+        """Forget every host socket and timer of VM ``cid`` (after ``muxer.reset``)."""
+        for key in [k for k in self._socks if k.cid == cid]:
+            self._close(key)
+        for key in [k for k in self._connecting if k.cid == cid]:
+            self._close(key)
+        for key in [k for k in self._timers if k.cid == cid]:
+            self._timers.pop(key).cancel()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for cid in list(self._listeners):
+            self.unlisten(cid)
+        for key in list(self._socks) + list(self._connecting):
+            self._close(key)
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno.EEXIST, "not a socket, refusing to replace it", path)
+    os.unlink(path)
