@@ -37,7 +37,7 @@ Credit (§5.10.6.3), with all counters u32 and wrapping:
   (or everything) since we last told it — the guest blocks only at zero credit, so one of the
   two must become true while the host drains (Linux and Firecracker use the same idea with
   64 KiB and 4 KiB). Also sent in reply to CREDIT_REQUEST. CREDIT_REQUEST is sent once when
-  we have data for the guest and zero credit (re-armed by any guest packet).
+  we have data for the guest and zero credit (re-armed when the guest's credit changes).
 
 Close semantics:
 
@@ -550,9 +550,13 @@ class Connection:
         return []
 
     def _update_peer_credit(self, hdr: VsockHeader) -> None:
+        # Re-arm CREDIT_REQUEST only when the guest's credit changed: a guest answering our
+        # CREDIT_REQUEST with an unchanged CREDIT_UPDATE (Linux does, while its application
+        # does not read) must not start a request/update ping-pong.
+        if hdr.buf_alloc != self.peer_buf_alloc or hdr.fwd_cnt != self.peer_fwd_cnt:
+            self._credit_requested = False
         self.peer_buf_alloc = hdr.buf_alloc
         self.peer_fwd_cnt = hdr.fwd_cnt
-        self._credit_requested = False
 
     def _established_by_guest(self, now: float) -> list[Action]:
         self.state = ConnState.ESTABLISHED
