@@ -1,0 +1,207 @@
+"""A cheap guest driver for streaming benchmarks: split rings with pre-built descriptors.
+
+The general guest-driver model (``tests/support/driver.py``) allocates, fills and frees
+buffers and descriptors per chain, as Linux does; at a few µs of Python per chain it would
+be the bottleneck of every bulk scenario. This driver moves the per-chain work out of the
+measured loop, so what is measured is the back-end:
+
+- the descriptor table is written once: chain ``k`` of a queue always uses descriptors
+  ``k*segs .. k*segs+segs-1``, each pointing at its own fixed data buffer (pre-filled for
+  transmit queues, never read back for receive queues);
+- the avail ring is written once too: slot ``s`` holds head ``segs * (s mod chains)``;
+- the back-end completes chains in order (the batched data path does), so publishing is
+  "advance ``avail->idx`` by the number of chains completed": O(1) Python per batch, not
+  per chain. Received byte counts come from the used ring's ``len`` fields through numpy.
+  :meth:`StreamQueue.check_in_order` verifies the in-order assumption (tests and warm-up).
+
+Guest memory is the front-end's memfd (``vhost_user.frontend.GuestRam``), one region.
+
+Spec: virtio 1.2 §2.7.13 (supplying buffers), §2.7.14 (receiving used buffers), §2.7.10
+(used_event / avail_event with VIRTIO_F_EVENT_IDX).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+
+import numpy as np
+
+from ring.wire import DescFlag
+
+__all__ = ["GuestLayout", "StreamQueue", "need_event"]
+
+_DESC = struct.Struct("<QIHH")
+_ONE = (1).to_bytes(8, sys.byteorder)
+_NEXT, _WRITE = int(DescFlag.NEXT), int(DescFlag.WRITE)
+
+
+def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """vring_need_event (virtio 1.2 §2.7.10): notify iff event_idx is in [old, new)."""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+class GuestLayout:
+    """A bump allocator over one guest RAM region (``region.view``, guest-physical ``gpa``)."""
+
+    def __init__(self, view: memoryview, gpa: int = 0) -> None:
+        self.view = view
+        self.base = gpa
+        self.next = gpa
+        self.end = gpa + len(view)
+
+    def alloc(self, size: int, align: int = 64) -> int:
+        gpa = -(-self.next // align) * align
+        if gpa + size > self.end:
+            raise MemoryError(f"bench guest RAM exhausted ({size} bytes more wanted)")
+        self.next = gpa + size
+        return gpa
+
+    def mv(self, gpa: int, size: int) -> memoryview:
+        off = gpa - self.base
+        return self.view[off:off + size]
+
+
+class StreamQueue:
+    """The guest side of one split virtqueue with fixed chains (see the module docstring).
+
+    ``segments``: the byte sizes of the descriptors of every chain (e.g. ``[32768]``, or a
+    vsock ``[44, 65536]`` header + payload); ``writable``: device-writable buffers (receive
+    queues) instead of readable ones; ``fill``: bytes repeated into readable buffers.
+    ``kick_fd`` / ``call_fd`` are the eventfds handed to the front-end.
+    """
+
+    def __init__(self, layout: GuestLayout, index: int, size: int, segments: list[int], *,
+                 writable: bool = False, fill: bytes = b"\x5a") -> None:
+        if size & (size - 1):
+            raise ValueError("split queue size must be a power of two")
+        segs = len(segments)
+        if size % segs or size // segs < 1:
+            raise ValueError("descriptors per chain must divide the queue size")
+        self.index = index
+        self.size = size
+        self.segs = segs
+        self.chains = size // segs
+        self.chain_bytes = sum(segments)
+        self.writable = writable
+        self.layout = layout
+        self.desc_gpa = layout.alloc(16 * size, 16)
+        self.avail_gpa = layout.alloc(6 + 2 * size, 2)
+        self.used_gpa = layout.alloc(6 + 8 * size, 4)
+        # Data buffers, one set per chain; readable ones are filled once.
+        self.buffers: list[list[int]] = []
+        table = bytearray(16 * size)
+        for k in range(self.chains):
+            gpas = []
+            for j, length in enumerate(segments):
+                gpa = layout.alloc(length, 64)
+                gpas.append(gpa)
+                if not writable:
+                    mv = layout.mv(gpa, length)
+                    mv[:] = (fill * (length // len(fill) + 1))[:length]
+                d = k * segs + j
+                flags = (_WRITE if writable else 0) | (_NEXT if j + 1 < segs else 0)
+                _DESC.pack_into(table, 16 * d, gpa, length, flags,
+                                d + 1 if j + 1 < segs else 0)
+            self.buffers.append(gpas)
+        layout.mv(self.desc_gpa, 16 * size)[:] = table
+        avail = bytearray(6 + 2 * size)
+        ring = np.frombuffer(avail, dtype="<u2", count=size, offset=4)
+        ring[:] = (np.arange(size) % self.chains) * segs
+        layout.mv(self.avail_gpa, len(avail))[:] = avail
+        layout.mv(self.used_gpa, 6 + 8 * size)[:] = bytes(6 + 8 * size)
+        # Scalar views (u16) of the indices and event fields.
+        self._avail_idx = layout.mv(self.avail_gpa + 2, 2).cast("H")
+        self._used_event = layout.mv(self.avail_gpa + 4 + 2 * size, 2).cast("H")
+        self._used_idx = layout.mv(self.used_gpa + 2, 2).cast("H")
+        self._avail_event = layout.mv(self.used_gpa + 4 + 8 * size, 2).cast("H")
+        self.used_ring = np.frombuffer(layout.mv(self.used_gpa + 4, 8 * size), dtype="<u4") \
+            .reshape(size, 2)
+        self.avail_idx = 0
+        self.last_used = 0
+        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.kicks = 0
+        self.completed = 0  # chains reaped since creation
+
+    # -- addresses for the front-end ------------------------------------------------------
+    @property
+    def ring_addresses(self) -> tuple[int, int, int]:
+        return self.desc_gpa, self.avail_gpa, self.used_gpa
+
+    def chain_buffer(self, k: int, j: int = 0) -> memoryview:
+        """The bytes of descriptor ``j`` of chain ``k`` (to prepare special chains)."""
+        return self.layout.mv(self.buffers[k][j], 0x7FFFFFFF)  # clipped by the region
+
+    # -- driver operations ------------------------------------------------------------------
+    @property
+    def outstanding(self) -> int:
+        return (self.avail_idx - self.last_used) & 0xFFFF
+
+    def reap(self) -> tuple[int, int]:
+        """Take every used chain: ``(chains, bytes)`` where bytes sums the used lengths
+        (meaningful for receive queues)."""
+        used = self._used_idx[0]
+        n = (used - self.last_used) & 0xFFFF
+        if n == 0:
+            return 0, 0
+        total = 0
+        if self.writable:
+            start = self.last_used & (self.size - 1)
+            end = start + n
+            lens = self.used_ring[:, 1]
+            if end <= self.size:
+                total = int(lens[start:end].sum())
+            else:
+                total = int(lens[start:].sum()) + int(lens[:end - self.size].sum())
+        self.last_used = used
+        self.completed += n
+        return n, total
+
+    def publish(self, max_chains: int | None = None) -> int:
+        """Make every free chain (at most ``max_chains``) available; kick if the device asked
+        for it (avail_event). Returns the number of chains published."""
+        free = self.chains - self.outstanding
+        if max_chains is not None:
+            free = min(free, max_chains)
+        if free <= 0:
+            return 0
+        old = self.avail_idx
+        self.avail_idx = new = (old + free) & 0xFFFF
+        self._avail_idx[0] = new
+        if need_event(self._avail_event[0], new, old):
+            os.write(self.kick_fd, _ONE)
+            self.kicks += 1
+        return free
+
+    def kick(self) -> None:
+        """Notify unconditionally (a rescue after a timeout; see the module docstring)."""
+        os.write(self.kick_fd, _ONE)
+        self.kicks += 1
+
+    def want_interrupt_after(self, chains: int) -> None:
+        """used_event: interrupt once ``chains`` more chains were used (≥ 1)."""
+        self._used_event[0] = (self.last_used + max(1, chains) - 1) & 0xFFFF
+
+    def no_interrupts(self) -> None:
+        """used_event just behind: the device signals only after ~65535 completions."""
+        self._used_event[0] = (self.last_used - 1) & 0xFFFF
+
+    def check_in_order(self, first_index: int, count: int) -> None:
+        """Assert that used elements ``[first_index, first_index+count)`` carry the heads
+        published at those positions (the in-order assumption of this driver)."""
+        for i in range(count):
+            pos = (first_index + i) & 0xFFFF
+            head = int(self.used_ring[pos & (self.size - 1), 0])
+            want = (pos % self.chains) * self.segs
+            if head != want:
+                raise AssertionError(f"queue {self.index}: used element {pos} is head {head}, "
+                                     f"expected {want} (back-end completed out of order)")
+
+    def close(self) -> None:
+        for fd in (self.kick_fd, self.call_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -1,0 +1,166 @@
+/* The host-side peer of the end-to-end scenarios: connects to the back-end's host UNIX
+ * sockets (console ports, vsock) and sinks, sources or echoes bytes, in C so the peer costs
+ * as little as the raw limit's own reader/writer does.
+ *
+ * usage: peer sink|source|echo CHUNK CPU SPEC...
+ *   SPEC = PATH | stall:PATH (connect, never read or write) | vsock:PORT:PATH (hybrid vsock:
+ *          write "CONNECT PORT\n", wait for the "OK ...\n" line first)
+ * After every connection is up it prints "READY\n"; on SIGTERM/SIGINT (or when every
+ * connection closed) it prints one JSON line {"bytes": [per connection]} and exits.
+ * sink reads into 256 KiB; source writes CHUNK-byte buffers (non-blocking, epoll);
+ * echo reads up to CHUNK bytes and writes them back. */
+#include "common.h"
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+static volatile sig_atomic_t stopping;
+static void on_signal(int sig) { (void)sig; stopping = 1; }
+
+static int connect_path(const char *path)
+{
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof addr.sun_path) {
+        fprintf(stderr, "path too long: %s\n", path);
+        exit(2);
+    }
+    strcpy(addr.sun_path, path);
+    uint64_t deadline = now_ns() + 20ull * 1000000000ull;
+    for (;;) {
+        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd < 0)
+            die("socket");
+        if (connect(fd, (struct sockaddr *)&addr, sizeof addr) == 0)
+            return fd;
+        close(fd);
+        if (now_ns() > deadline)
+            die(path);
+        usleep(2000);
+    }
+}
+
+static void vsock_connect(int fd, const char *port)
+{
+    char line[64];
+    int n = snprintf(line, sizeof line, "CONNECT %s\n", port);
+    write_all(fd, line, (size_t)n);
+    size_t got = 0;
+    for (;;) { /* read the reply line byte by byte: nothing of the stream may be eaten */
+        if (got + 1 >= sizeof line || !read_all(fd, line + got, 1)) {
+            fprintf(stderr, "vsock CONNECT %s: no OK line\n", port);
+            exit(3);
+        }
+        if (line[got++] == '\n')
+            break;
+    }
+    if (strncmp(line, "OK ", 3) != 0) {
+        fprintf(stderr, "vsock CONNECT %s: %.*s\n", port, (int)got, line);
+        exit(3);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 5) {
+        fprintf(stderr, "usage: peer sink|source|echo CHUNK CPU SPEC...\n");
+        return 2;
+    }
+    const char *mode = argv[1];
+    size_t chunk = strtoul(argv[2], NULL, 0);
+    pin(atoi(argv[3]));
+    int nconn = argc - 4;
+    int *fds = calloc((size_t)nconn, sizeof *fds);
+    int *stalled = calloc((size_t)nconn, sizeof *stalled);
+    uint64_t *bytes = calloc((size_t)nconn, sizeof *bytes);
+    struct sigaction sa = {.sa_handler = on_signal};
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    for (int i = 0; i < nconn; i++) {
+        char *spec = argv[4 + i];
+        if (strncmp(spec, "stall:", 6) == 0) {
+            stalled[i] = 1;
+            spec += 6;
+        }
+        if (strncmp(spec, "vsock:", 6) == 0) {
+            char *port = spec + 6, *colon = strchr(port, ':');
+            if (!colon) {
+                fprintf(stderr, "bad spec %s\n", spec);
+                return 2;
+            }
+            *colon = 0;
+            fds[i] = connect_path(colon + 1);
+            vsock_connect(fds[i], port);
+        } else {
+            fds[i] = connect_path(spec);
+        }
+    }
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    int src = strcmp(mode, "source") == 0, echo = strcmp(mode, "echo") == 0;
+    int live = 0;
+    for (int i = 0; i < nconn; i++) {
+        if (stalled[i])
+            continue;
+        fcntl(fds[i], F_SETFL, O_NONBLOCK);
+        struct epoll_event ev = {.events = src ? EPOLLOUT : EPOLLIN, .data.u32 = (uint32_t)i};
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, fds[i], &ev) < 0)
+            die("epoll_ctl");
+        live++;
+    }
+    printf("READY\n");
+    fflush(stdout);
+    size_t bufsize = chunk > 256 * 1024 ? chunk : 256 * 1024;
+    char *buf = malloc(bufsize);
+    memset(buf, 0x5a, bufsize);
+    struct epoll_event events[256];
+    while (!stopping && live > 0) {
+        int n = epoll_wait(ep, events, 256, 200);
+        for (int k = 0; k < n; k++) {
+            int i = (int)events[k].data.u32, fd = fds[i];
+            if (src) {
+                for (;;) {
+                    ssize_t w = write(fd, buf, chunk);
+                    if (w < 0) {
+                        if (errno == EAGAIN || errno == EINTR)
+                            break;
+                        epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL);
+                        live--;
+                        break;
+                    }
+                    bytes[i] += (uint64_t)w;
+                }
+                continue;
+            }
+            for (;;) {
+                ssize_t r = read(fd, buf, echo ? chunk : bufsize);
+                if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) {
+                    epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL);
+                    live--;
+                    break;
+                }
+                if (r < 0)
+                    break;
+                bytes[i] += (uint64_t)r;
+                if (echo) { /* the back-end may push back: write it all, blocking briefly */
+                    size_t off = 0;
+                    while (off < (size_t)r) {
+                        ssize_t w = write(fd, buf + off, (size_t)r - off);
+                        if (w < 0) {
+                            if (errno == EAGAIN || errno == EINTR)
+                                continue;
+                            break;
+                        }
+                        off += (size_t)w;
+                    }
+                }
+            }
+        }
+    }
+    printf("{\"bytes\": [");
+    for (int i = 0; i < nconn; i++)
+        printf("%s%llu", i ? ", " : "", (unsigned long long)bytes[i]);
+    printf("]}\n");
+    return 0;
+}
