@@ -98,14 +98,19 @@ class ConsoleGuest:
         self.max_nr_ports = self.config.max_nr_ports
         self.num_queues = 2 * (self.max_nr_ports + 1)
         self.model = LinuxConsoleGuest(self.max_nr_ports)
-        slice_bytes = (ram_bytes // self.num_queues) & ~(PAGE_SIZE - 1)
+        # Each queue allocates its rings and buffers from its own slice of guest RAM.
+        control_slice = control_queue_size * PAGE_SIZE + (64 << 10)
+        port_slice = ((ram_bytes - 2 * control_slice) // (self.num_queues - 2)
+                      ) & ~(PAGE_SIZE - 1)
         self.drivers: dict[int, SplitDriver] = {}
         queues = []
+        lo = 0
         for index in range(self.num_queues):
-            size = (control_queue_size if index in (CONTROL_RX_QUEUE, CONTROL_TX_QUEUE)
-                    else port_queue_size)
-            lo = index * slice_bytes
+            control = index in (CONTROL_RX_QUEUE, CONTROL_TX_QUEUE)
+            size = control_queue_size if control else port_queue_size
+            slice_bytes = control_slice if control else port_slice
             alloc = Allocator(self.ram.memory, lo, lo + slice_bytes)
+            lo += slice_bytes
             driver = SplitDriver(self.ram.memory, size, event_idx=event_idx,
                                  allocator=alloc, index=index)
             self.drivers[index] = driver
