@@ -1,0 +1,355 @@
+"""The end-to-end scenarios of issue 5: each runs the back-end, the guest and the host peer
+in their own processes, alternates back-end runs with the machine-limit runs (same
+pinning), and returns :class:`Row` results.
+
+Pinnings: ``same`` — every process on CPU 0 (the figures the targets apply to); ``cross`` —
+back-end on CPU 0, guest and host peer on CPU 1; the limit's writer on CPU 0 and reader on
+CPU 1 (the data crosses CPUs as it does through the back-end).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from bench.procs import Backend, GuestProc, Peer, limit_rtt, limit_stream
+
+KIB = 1024
+PINNINGS = {
+    "same": {"backend": 0, "guest": 0, "peer": 0, "writer": 0, "reader": 0},
+    "cross": {"backend": 0, "guest": 1, "peer": 1, "writer": 0, "reader": 1},
+}
+
+
+@dataclasses.dataclass
+class Ctx:
+    quick: bool
+    runs: int
+    seconds: float
+    pinnings: tuple[str, ...]
+    ring: str = "c"
+    workdir: Path = dataclasses.field(default_factory=lambda: Path(tempfile.mkdtemp(
+        prefix="vmchannel-bench-")))
+    log: Callable[[str], None] = print
+
+
+@dataclasses.dataclass
+class Row:
+    """One measured figure: back-end samples beside limit samples (same unit)."""
+
+    scenario: str
+    label: str
+    pinning: str
+    ring: str
+    unit: str
+    backend: list[float]
+    limit: list[float] = dataclasses.field(default_factory=list)
+    limit_label: str = ""
+    target: float | None = None  # ratio the issue asks for
+    higher_is_better: bool = True
+    chunk: int | None = None
+    direction: str | None = None  # "guest->host" / "host->guest" (plot)
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.backend)
+
+    @property
+    def limit_median(self) -> float | None:
+        return statistics.median(self.limit) if self.limit else None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.extra.get("ratio") is not None:
+            return self.extra["ratio"]
+        lm = self.limit_median
+        return None if not lm else self.median / lm
+
+    @property
+    def passed(self) -> bool | None:
+        if self.target is None or self.ratio is None or self.pinning != "same":
+            return None
+        return self.ratio >= self.target if self.higher_is_better else self.ratio <= self.target
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(median=self.median, limit_median=self.limit_median, ratio=self.ratio,
+                 passed=self.passed,
+                 spread=[min(self.backend), max(self.backend)],
+                 limit_spread=[min(self.limit), max(self.limit)] if self.limit else None)
+        return d
+
+
+# -- building blocks ------------------------------------------------------------------------
+def console_config(ctx: Ctx, tag: str, names: list[str], max_ports: int) -> tuple[str, str, str]:
+    d = ctx.workdir / tag
+    (d / "ports").mkdir(parents=True, exist_ok=True)
+    sock = str(d / "console.sock")
+    ports = "".join(f'  [[console.port]]\n  name = "{n}"\n' for n in names)
+    toml = (f'[[console]]\nsocket = "{sock}"\nmax_ports = {max_ports}\n'
+            f'socket_dir = "{d / "ports"}"\n{ports}')
+    return toml, sock, str(d / "ports")
+
+
+class ConsoleSetup:
+    """Back-end (console device), guest process and host peer for one measurement series."""
+
+    def __init__(self, ctx: Ctx, pin: str, *, workload: str, names: list[str], chunk: int,
+                 peer_mode: str, peer_chunk: int | None = None, queue_size: int = 256,
+                 max_ports: int | None = None, stall: tuple[str, ...] = (),
+                 ring: str | None = None) -> None:
+        cpus = PINNINGS[pin]
+        tag = f"{workload}-{pin}-{chunk}-{len(names)}-{len(stall)}-{time.monotonic_ns()}"
+        max_ports = max_ports or len(names) + 1  # port 0 is reserved for a console port
+        toml, sock, port_dir = console_config(ctx, tag, names, max_ports)
+        self.backend = self.guest = self.peer = None
+        try:
+            self.backend = Backend(ctx.workdir / tag, toml, [sock], ring=ring or ctx.ring,
+                                   cpu=cpus["backend"])
+            streaming = [n for n in names if n not in stall]
+            spec = {"workload": workload, "socket": sock, "chunk": chunk, "cpu": cpus["guest"],
+                    "max_ports": max_ports, "port_names": streaming, "queue_size": queue_size}
+            self.guest = GuestProc(ctx.workdir / tag, spec)
+            specs = [os.path.join(port_dir, f"{n}.sock") for n in streaming]
+            specs += [f"stall:{os.path.join(port_dir, n + '.sock')}" for n in stall]
+            self.peer = Peer(peer_mode, peer_chunk or chunk, cpus["peer"], specs)
+            self.guest.call(cmd="settle")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for p in (self.guest, self.peer, self.backend):
+            if p is not None:
+                try:
+                    p.close()
+                except Exception:  # noqa: BLE001 - tear-down must go on
+                    pass
+
+
+def alternate(ctx: Ctx, backend_run: Callable[[], float], limit_run: Callable[[], float] | None,
+              runs: int | None = None) -> tuple[list[float], list[float]]:
+    """Back-end and limit runs, interleaved, one warm-up back-end run discarded."""
+    runs = runs or ctx.runs
+    backend_run()
+    b, l = [], []
+    for _ in range(runs):
+        b.append(backend_run())
+        if limit_run is not None:
+            l.append(limit_run())
+    return b, l
+
+
+# -- scenarios ------------------------------------------------------------------------------
+def bulk(ctx: Ctx, direction: str, chunks: list[int]) -> list[Row]:
+    """Console bulk: guest→host with ``chunk``-byte chains vs raw AF_UNIX at ``chunk`` writes;
+    host→guest (host writes ``chunk``) into 4 KiB guest buffers vs raw readv 16 × 4 KiB."""
+    rows = []
+    tx = direction == "guest->host"
+    for pin in ctx.pinnings:
+        cpus = PINNINGS[pin]
+        for chunk in chunks:
+            s = ConsoleSetup(ctx, pin, workload="console-tx" if tx else "console-rx",
+                             names=["bench0"], chunk=chunk if tx else 4096,
+                             peer_mode="sink" if tx else "source", peer_chunk=chunk)
+            try:
+                b, l = alternate(
+                    ctx, lambda: _rate(s.guest.run(ctx.seconds)),
+                    lambda: limit_stream(chunk, ctx.seconds, "read" if tx else "readv",
+                                         cpus["writer"], cpus["reader"])["bytes_per_s"])
+            finally:
+                s.close()
+            target = 0.8 if tx and chunk == 32 * KIB else 0.7 if not tx and chunk == 64 * KIB \
+                else None
+            rows.append(Row("console-bulk-tx" if tx else "console-bulk-rx",
+                            f"console {direction} {chunk // KIB} KiB" +
+                            ("" if tx else " (4 KiB guest buffers)"), pin, ctx.ring, "B/s",
+                            b, l, "raw AF_UNIX write()/read()" if tx else
+                            "raw AF_UNIX write()/readv(16×4 KiB)", target, chunk=chunk,
+                            direction=direction))
+            ctx.log(_fmt(rows[-1]))
+    return rows
+
+
+def small(ctx: Ctx) -> list[Row]:
+    """64-byte messages guest→host vs the raw 64-byte write() rate."""
+    rows = []
+    for pin in ctx.pinnings:
+        cpus = PINNINGS[pin]
+        s = ConsoleSetup(ctx, pin, workload="console-tx", names=["bench0"], chunk=64,
+                         peer_mode="sink", queue_size=1024)
+        try:
+            b, l = alternate(ctx, lambda: _rate(s.guest.run(ctx.seconds)) / 64,
+                             lambda: limit_stream(64, ctx.seconds, "read", cpus["writer"],
+                                                  cpus["reader"])["writes_per_s"])
+        finally:
+            s.close()
+        rows.append(Row("console-small", "console guest->host 64-byte messages", pin, ctx.ring,
+                        "msg/s", b, l, "raw 64-byte write()", 1.0, chunk=64))
+        ctx.log(_fmt(rows[-1]))
+    return rows
+
+
+def rtt(ctx: Ctx) -> list[Row]:
+    """64-byte guest → host echo → guest round trip vs raw eventfd + socketpair (3 hops)."""
+    rows = []
+    iters = 300 if ctx.quick else 2000
+    for pin in ctx.pinnings:
+        cpus = PINNINGS[pin]
+        s = ConsoleSetup(ctx, pin, workload="console-rtt", names=["bench0"], chunk=64,
+                         peer_mode="echo")
+        p50, p99, lp50, lp99 = [], [], [], []
+        try:
+            s.guest.rtt(iters // 4)
+            for _ in range(ctx.runs):
+                r = s.guest.rtt(iters)
+                p50.append(r["p50_ns"] / 1e3)
+                p99.append(r["p99_ns"] / 1e3)
+                lr = limit_rtt(3, iters * 5, cpus["guest"], cpus["backend"], cpus["peer"])
+                lp50.append(lr["p50_ns"] / 1e3)
+                lp99.append(lr["p99_ns"] / 1e3)
+        finally:
+            s.close()
+        rows.append(Row("console-rtt", "console 64-byte round trip p50", pin, ctx.ring, "µs",
+                        p50, lp50, "raw eventfd+socketpair (3 processes)", 1.5,
+                        higher_is_better=False))
+        rows.append(Row("console-rtt-p99", "console 64-byte round trip p99", pin, ctx.ring,
+                        "µs", p99, lp99, "raw eventfd+socketpair (3 processes)", None,
+                        higher_is_better=False))
+        ctx.log(_fmt(rows[-2]))
+        ctx.log(_fmt(rows[-1]))
+    return rows
+
+
+def many_ports(ctx: Ctx, nports: int = 126) -> list[Row]:
+    """``nports`` ports streaming together vs one port alone; Jain's fairness; a port whose
+    host peer never reads while the others stream.
+
+    126 ports: ``max_nr_ports`` 127 is the vhost-user maximum (virtio/config.py) and the
+    console device keeps port 0 for a console port, leaving ids 1..126 for named ports."""
+    rows = []
+    chunk, qsize = 32 * KIB, 16
+    names = [f"p{i}" for i in range(nports)]
+    for pin in ctx.pinnings:
+        one = ConsoleSetup(ctx, pin, workload="console-tx", names=names[:1], chunk=chunk,
+                           peer_mode="sink", queue_size=qsize, max_ports=nports + 1)
+        try:
+            single, _ = alternate(ctx, lambda: _rate(one.guest.run(ctx.seconds)), None)
+        finally:
+            one.close()
+        allp = ConsoleSetup(ctx, pin, workload="console-tx", names=names, chunk=chunk,
+                            peer_mode="sink", queue_size=qsize, max_ports=nports + 1)
+        per_runs = []
+        try:
+            def run_all() -> float:
+                r = allp.guest.run(ctx.seconds)
+                per_runs.append([b / r["seconds"] for b in r["per_port"]])
+                return _rate(r)
+            agg, _ = alternate(ctx, run_all, None)
+        finally:
+            allp.close()
+        per_runs = per_runs[1:]
+        jain = [_jain(p) for p in per_runs]
+        rows.append(Row("ports-aggregate", f"{nports} ports together, aggregate vs 1 port",
+                        pin, ctx.ring, "B/s", agg, single, "1 port alone", 0.8, chunk=chunk))
+        rows.append(Row("ports-fairness", f"{nports} ports, Jain's fairness index", pin,
+                        ctx.ring, "index", jain, [], "", None,
+                        extra={"ratio": statistics.median(jain), "target_abs": 0.95}))
+        rows[-1].target = 0.95
+        ctx.log(_fmt(rows[-2]))
+        ctx.log(_fmt(rows[-1]))
+        # One stalled port (never read by its host peer), the others streaming.
+        st = ConsoleSetup(ctx, pin, workload="console-tx", names=names, chunk=chunk,
+                          peer_mode="sink", queue_size=qsize, max_ports=nports + 1,
+                          stall=(names[0],))
+        try:
+            stalled, _ = alternate(ctx, lambda: _rate(st.guest.run(ctx.seconds)), None)
+        finally:
+            st.close()
+        others_before = [sum(p[1:]) for p in per_runs]
+        rows.append(Row("ports-stalled", f"{nports - 1} ports beside 1 never-read port",
+                        pin, ctx.ring, "B/s", stalled, others_before,
+                        f"the same {nports - 1} ports, no stalled port", 0.9, chunk=chunk))
+        ctx.log(_fmt(rows[-1]))
+    return rows
+
+
+def idle(ctx: Ctx) -> list[Row]:
+    """Back-end CPU time over an idle period: ports open, host peers attached, no traffic."""
+    seconds = 2.0 if ctx.quick else 10.0
+    s = ConsoleSetup(ctx, "same", workload="console-tx", names=["idle0", "idle1"],
+                     chunk=4096, peer_mode="sink", queue_size=64)
+    try:
+        s.guest.run(0.1)  # one burst, then nothing
+        time.sleep(0.2)
+        before = s.backend.cpu_seconds()
+        time.sleep(seconds)
+        used = s.backend.cpu_seconds() - before
+    finally:
+        s.close()
+    row = Row("idle", f"idle back-end CPU over {seconds:.0f} s (console)", "same", ctx.ring,
+              "CPU s", [used], [], "", None, higher_is_better=False,
+              extra={"seconds": seconds, "cpu_percent": 100 * used / seconds})
+    ctx.log(_fmt(row))
+    return [row]
+
+
+def py_vs_c(ctx: Ctx) -> list[Row]:
+    """The pure-Python ring against the C ring, bulk (32 KiB) and 64-byte messages."""
+    rows = []
+    for label, chunk, qsize, div, unit in (("bulk 32 KiB", 32 * KIB, 256, 1, "B/s"),
+                                            ("64-byte messages", 64, 1024, 64, "msg/s")):
+        res = {}
+        for ring in ("py", "c"):
+            s = ConsoleSetup(ctx, "same", workload="console-tx", names=["bench0"], chunk=chunk,
+                             peer_mode="sink", queue_size=qsize, ring=ring)
+            try:
+                res[ring], _ = alternate(ctx, lambda: _rate(s.guest.run(ctx.seconds)) / div,
+                                         None)
+            finally:
+                s.close()
+        rows.append(Row("py-vs-c", f"C ring vs pure-Python ring, {label}", "same", "c vs py",
+                        unit, res["c"], res["py"], "pure-Python ring (VMCHANNEL_RING=py)", None,
+                        chunk=chunk))
+        ctx.log(_fmt(rows[-1]))
+    return rows
+
+
+# -- helpers --------------------------------------------------------------------------------
+def _rate(result: dict) -> float:
+    return result["bytes"] / result["seconds"]
+
+
+def _jain(xs: list[float]) -> float:
+    s, q = sum(xs), sum(x * x for x in xs)
+    return (s * s) / (len(xs) * q) if q else 0.0
+
+
+def human(value: float, unit: str) -> str:
+    if unit == "B/s":
+        return f"{value / 1e6:,.0f} MB/s"
+    if unit == "msg/s":
+        return f"{value / 1e3:,.0f} k/s"
+    if unit == "µs":
+        return f"{value:,.1f} µs"
+    if unit == "index":
+        return f"{value:.3f}"
+    if unit == "CPU s":
+        return f"{value:.3f} s"
+    if unit == "KiB":
+        return f"{value:,.1f} KiB"
+    if unit == "conn/s":
+        return f"{value:,.0f} /s"
+    return f"{value:g} {unit}"
+
+
+def _fmt(row: Row) -> str:
+    lim = f" | limit {human(row.limit_median, row.unit)}" if row.limit else ""
+    ratio = f" | ratio {row.ratio:.2f}" if row.ratio is not None else ""
+    return f"[{row.pinning:5}] {row.label}: {human(row.median, row.unit)}{lim}{ratio}"
