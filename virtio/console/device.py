@@ -65,9 +65,9 @@ from .control import (
     GuestOpened,
     PortAddFailed,
 )
-from .errors import ControlBacklogFull, PortConfigError
+from .errors import ControlBacklogFull, DuplicatePortName, PortConfigError
 from .host import HostEndpoint, ensure_socket_dir, make_endpoint
-from .ports import CONSOLE_PORT_ID, Port
+from .ports import CONSOLE_PORT_ID, Port, check_port_name
 from .wire import CONTROL_RX_QUEUE, CONTROL_TX_QUEUE, ConsoleFeature, port_queues, queue_port
 
 __all__ = ["CONSOLE_DEVICE_ID", "ConsoleDevice", "ConsoleEvent"]
@@ -264,6 +264,9 @@ class ConsoleDevice:
         Raises the :class:`~virtio.console.errors.PortConfigError` family (bad or duplicate
         name, no free id, no endpoint) or :class:`~virtio.console.host.HostEndpointError`.
         """
+        check_port_name(name)
+        if self.control.ports.find(name) is not None:
+            raise DuplicatePortName(name)
         if isinstance(host, str):
             host = _parse_endpoint(host)
         if host is None:
@@ -428,8 +431,6 @@ class ConsoleDevice:
         if not self.config.socket_dir:
             raise PortConfigError(
                 f"port {name!r} has no host endpoint and the device has no socket directory")
-        from .ports import check_port_name
-
         check_port_name(name)  # the name becomes a path component
         return Endpoint("listen", os.path.join(self.config.socket_dir, f"{name}.sock"))
 
