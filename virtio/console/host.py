@@ -66,11 +66,13 @@ StateCallback = Callable[[bool], None]
 ResizeCallback = Callable[[int, int], None]
 
 
-class HostEndpointError(ConsoleError):
-    """A host endpoint cannot be set up (socket path taken by a non-socket, bind failed)."""
+class HostEndpointError(ConsoleError, OSError):
+    """A host endpoint cannot be set up (socket path taken by a non-socket, bind failed).
+
+    Also an ``OSError``, so callers that report failing paths at start-up catch it."""
 
     def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
+        ConsoleError.__init__(self, f"{path}: {reason}")
         self.path = path
         self.reason = reason
 
