@@ -177,7 +177,7 @@ def make_guest(spec: dict) -> Guest:
     if workload.startswith("vsock"):
         from bench.vsock_guest import VsockGuest
 
-        return VsockGuest(spec)
+        return VsockGuest(spec)  # noqa: F821 (imported above)
     raise ValueError(f"unknown workload {workload!r}")
 
 

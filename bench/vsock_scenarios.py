@@ -1,0 +1,118 @@
+"""vsock scenarios: one connection with 64 KiB writes each direction vs raw AF_UNIX,
+1,000 open connections (back-end RSS per idle connection), host CONNECT handshakes per
+second, idle back-end CPU with every connection open.
+
+Spec: DESIGN.md "The vsock device" (hybrid vsock CONNECT/OK).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from bench.procs import Backend, GuestProc, Peer, limit_stream
+from bench.scenarios import PINNINGS, Ctx, Row, _fmt, _rate, alternate
+
+KIB = 1024
+PORT = 1234
+
+
+class VsockSetup:
+    def __init__(self, ctx: Ctx, pin: str, workload: str, tag: str) -> None:
+        cpus = PINNINGS[pin]
+        d = ctx.workdir / f"{tag}-{pin}-{time.monotonic_ns()}"
+        d.mkdir(parents=True)
+        self.sock, self.uds = str(d / "vsock.sock"), str(d / "vsock")
+        toml = (f'[[vsock]]\nguest_cid = 3\nsocket = "{self.sock}"\n'
+                f'uds_path = "{self.uds}"\n')
+        self.cpus = cpus
+        self.backend = self.guest = self.peer = None
+        try:
+            self.backend = Backend(d, toml, [self.sock], ring=ctx.ring, cpu=cpus["backend"])
+            self.guest = GuestProc(d, {"workload": workload, "socket": self.sock,
+                                       "cpu": cpus["guest"], "port": PORT})
+        except BaseException:
+            self.close()
+            raise
+
+    def connect(self, mode: str, count: int, chunk: int = 64 * KIB) -> float:
+        """Host peer opens ``count`` connections (CONNECT/OK) while the guest accepts;
+        returns the seconds the handshakes took."""
+        g = self.guest
+        g.proc.stdin.write(json.dumps({"cmd": "accept", "count": count, "timeout": 60}) + "\n")
+        g.proc.stdin.flush()
+        t0 = time.perf_counter()
+        self.peer = Peer(mode, chunk, self.cpus["peer"], [f"vsock:{PORT}:{self.uds}"] * count)
+        elapsed = time.perf_counter() - t0
+        answer = g._answer()
+        if answer["accepted"] != count:
+            raise RuntimeError(f"guest accepted {answer['accepted']} of {count} connections")
+        return elapsed
+
+    def close(self) -> None:
+        for p in (self.guest, self.peer, self.backend):
+            if p is not None:
+                try:
+                    p.close()
+                except Exception:  # noqa: BLE001
+                    pass
+
+
+def stream(ctx: Ctx) -> list[Row]:
+    rows = []
+    for pin in ctx.pinnings:
+        cpus = PINNINGS[pin]
+        for direction, workload, mode in (("guest->host", "vsock-tx", "sink"),
+                                          ("host->guest", "vsock-rx", "source")):
+            s = VsockSetup(ctx, pin, workload, workload)
+            try:
+                s.connect(mode, 1)
+                b, l = alternate(ctx, lambda: _rate(s.guest.run(ctx.seconds)),
+                                 lambda: limit_stream(64 * KIB, ctx.seconds, "read",
+                                                      cpus["writer"], cpus["reader"])
+                                 ["bytes_per_s"])
+            finally:
+                s.close()
+            rows.append(Row(f"vsock-{workload[6:]}", f"vsock {direction}, 64 KiB writes",
+                            pin, ctx.ring, "B/s", b, l, "raw AF_UNIX 64 KiB", 0.6,
+                            chunk=64 * KIB))
+            ctx.log(_fmt(rows[-1]))
+    return rows
+
+
+def connections(ctx: Ctx, count: int = 1000) -> list[Row]:
+    s = VsockSetup(ctx, "same", "vsock-conns", "conns")
+    try:
+        s.guest.call(cmd="pump", seconds=0.2)
+        rss0 = s.backend.rss_kib()
+        took = s.connect("sink", count)
+        s.guest.call(cmd="pump", seconds=0.3)
+        rss1 = s.backend.rss_kib()
+        seconds = 2.0 if ctx.quick else 10.0
+        cpu0 = s.backend.cpu_seconds()
+        time.sleep(seconds)
+        idle_cpu = s.backend.cpu_seconds() - cpu0
+    finally:
+        s.close()
+    per_conn = (rss1 - rss0) / count
+    rows = [
+        Row("vsock-rss", f"vsock RSS per idle connection ({count} open)", "same", ctx.ring,
+            "KiB", [per_conn], [], "", None, higher_is_better=False,
+            extra={"rss_before_kib": rss0, "rss_after_kib": rss1, "limit_kib": 50,
+                   "ratio": per_conn / 50}),
+        Row("vsock-connect", "host CONNECT handshakes per second (guest model accepting)",
+            "same", ctx.ring, "conn/s", [count / took], [], "", None,
+            extra={"connections": count, "seconds": took}),
+        Row("idle-vsock", f"idle back-end CPU over {seconds:.0f} s ({count} vsock "
+            "connections open)", "same", ctx.ring, "CPU s", [idle_cpu], [], "", None,
+            higher_is_better=False, extra={"seconds": seconds,
+                                           "cpu_percent": 100 * idle_cpu / seconds}),
+    ]
+    rows[0].target = 1.0  # ≤ 50 KiB each: ratio to 50 KiB ≤ 1
+    for r in rows:
+        ctx.log(_fmt(r))
+    return rows
+
+
+def all_vsock(ctx: Ctx) -> list[Row]:
+    return stream(ctx) + connections(ctx, 200 if ctx.quick else 1000)
