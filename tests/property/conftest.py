@@ -1,0 +1,5 @@
+"""Load the Hypothesis profile named by ``HYPOTHESIS_PROFILE`` (see :mod:`profiles`)."""
+
+from tests.property.profiles import register
+
+register()
