@@ -373,8 +373,9 @@ class VsockGuest:
                                   hdr.type_, int(Op.RST), 0, 0, 0)
                 self.send_packet(rst)
             return
+        if (hdr.buf_alloc, hdr.fwd_cnt) != (conn.peer_buf_alloc, conn.peer_fwd_cnt):
+            conn.credit_requested = False
         conn.peer_buf_alloc, conn.peer_fwd_cnt = hdr.buf_alloc, hdr.fwd_cnt
-        conn.credit_requested = False
         if op == Op.RST:
             conn.rst_received = True
             conn.state = "reset" if conn.state != "closing" else "closed"

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable
 
 from .conn import (Action, CloseHost, ConnectHost, ConnKey, ReplyHost, RxReady,
                    SetHostInterest, SetTimer, ShutdownHost, WriteHost)
-from .errors import HandshakeError, TableFullError
+from .errors import HandshakeError, TableFullError, UnknownConnectionError
 from .handshake import HANDSHAKE_TIMEOUT_S, MAX_LINE_BYTES, HandshakeParser
 from .muxer import VsockMuxer
 from .wire import Type
@@ -334,24 +334,39 @@ class VsockHost:
             except OSError:
                 pass
 
+    def _current(self, key: ConnKey):
+        try:
+            return self.muxer.connection(key)
+        except UnknownConnectionError:
+            return None
+
     def _interest(self, action: SetHostInterest) -> None:
+        """Apply the connection's *current* interest, not the action's values.
+
+        Actions are executed in order and feed results back at once, so an action later in
+        a list can be stale: in ``[WriteHost, SetHostInterest(read, write=False)]`` the write
+        runs first, finds EAGAIN, and the nested ``host_write_done`` already asked for
+        write interest; applying the stale ``write=False`` afterwards would stall the
+        connection for good. Re-reading ``wants_read``/``wants_write`` is always right."""
         hs = self._socks.get(action.key)
         if hs is None:
             return
+        conn = self._current(action.key)
+        read, write = (conn.wants_read, conn.wants_write) if conn is not None else (False, False)
         fd = hs.sock.fileno()
         key = action.key
-        if action.read != hs.read:
-            if action.read:
+        if read != hs.read:
+            if read:
                 self.loop.add_reader(fd, lambda: self._readable(key))
             else:
                 self.loop.remove_reader(fd)
-            hs.read = action.read
-        if action.write != hs.write:
-            if action.write:
+            hs.read = read
+        if write != hs.write:
+            if write:
                 self.loop.add_writer(fd, lambda: self._writable(key))
             else:
                 self.loop.remove_writer(fd)
-            hs.write = action.write
+            hs.write = write
 
     def _readable(self, key: ConnKey) -> None:
         self.run(self.muxer.host_readable(key, self.loop.time()))
@@ -360,13 +375,17 @@ class VsockHost:
         self.run(self.muxer.host_writable(key, self.loop.time()))
 
     def _set_timer(self, action: SetTimer) -> None:
+        """Arm the connection's *current* deadline (a SetTimer can be stale, see
+        `_interest`)."""
         old = self._timers.pop(action.key, None)
         if old is not None:
             old.cancel()
-        if action.deadline is None:
+        conn = self._current(action.key)
+        deadline = None if conn is None else conn.deadline
+        if deadline is None:
             return
         key = action.key
-        delay = max(0.0, action.deadline - self.loop.time()) + 1e-6
+        delay = max(0.0, deadline - self.loop.time()) + 1e-6
 
         def fire() -> None:
             self._timers.pop(key, None)
