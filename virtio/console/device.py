@@ -580,6 +580,7 @@ class ConsoleDevice:
             if not self._write_emergency(io, fd):
                 return
         if handle is None:
+            self._watch_writable(io, None)  # the queue stopped: nothing to wait for
             return
         result = handle.vq.tx_to_fd(fd, TX_BUDGET_BYTES)
         io.port.bytes_from_guest += result.bytes
