@@ -228,12 +228,19 @@ class VsockGuest:
         raw = hdr.pack() if isinstance(hdr, VsockHeader) else hdr
         if isinstance(hdr, VsockHeader):
             self.sent.append(hdr)
-        while self.tx_outstanding >= self.queue_size - 1:
-            self.reap_tx()
-            if self.tx_outstanding >= self.queue_size - 1:
-                self.queues[1].wait_call(0.05)
         out = [raw, payload] if payload else [raw]
-        self.tx.add_buf(out=out)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.tx.add_buf(out=out)
+                break
+            except MemoryError:  # ring full: wait for the device to use some
+                if self.tx.kick_prepare():
+                    self.queues[1].kick()
+                self.queues[1].wait_call(0.02)
+                self.reap_tx()
+                if time.monotonic() > deadline:
+                    raise
         self.tx_outstanding += 1
         if kick and self.tx.kick_prepare():
             self.queues[1].kick()
