@@ -132,10 +132,17 @@ class ConsoleConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError("console.port", f"duplicate port names: {', '.join(dupes)}")
-        needed = len(self.ports) + (1 if self.console else 0)
-        if needed > self.max_ports:
+        consoles = sum(1 for p in self.ports if p.console) + (1 if self.console else 0)
+        if consoles > 1:
+            raise ConfigError("console.port", "at most one console port (it takes port id 0)")
+        # Port id 0 is reserved for a console port, as in QEMU's virtio-serial: ordinary
+        # ports get ids 1..max_ports-1.
+        ordinary = len(self.ports) - sum(1 for p in self.ports if p.console)
+        if ordinary > self.max_ports - 1:
             raise ConfigError(
-                "console.port", f"{needed} ports configured but max_ports is {self.max_ports}"
+                "console.port",
+                f"{ordinary} ports configured but max_ports {self.max_ports} leaves room for "
+                f"{self.max_ports - 1} (port id 0 is reserved for a console port)",
             )
         if self.socket_dir is None and any(p.host is None for p in self.ports):
             missing = [p.name for p in self.ports if p.host is None]

@@ -56,7 +56,8 @@ class Daemon:
             from virtio.console.device import ConsoleDevice
 
             device = ConsoleDevice(self.loop, console, emit=self.emit)
-            self._serve("console", device, console.socket, console.mode)
+            endpoint = self._serve("console", device, console.socket, console.mode)
+            device.notify_config = _config_notifier(endpoint)
             device.register_commands(self.registry)
         if self.config.vsocks:
             from virtio.vsock.device import VsockBackend
@@ -68,7 +69,7 @@ class Daemon:
             self.devices.append(("vsock-backend", backend))
         self._started = True
 
-    def _serve(self, kind: str, device: Any, path: str, mode: str) -> None:
+    def _serve(self, kind: str, device: Any, path: str, mode: str) -> Listener | Connector:
         _ensure_parent(path)
         endpoint_cls = Listener if mode == "listen" else Connector
         def on_frontend(connected: bool) -> None:
@@ -79,6 +80,7 @@ class Daemon:
                                 **self._session_kwargs)
         self.devices.append((kind, device))
         self.endpoints.append(endpoint)
+        return endpoint
 
     def describe(self) -> list[str]:
         lines = [f"{kind} device on {ep.path}" for (kind, _), ep in
@@ -123,6 +125,14 @@ class Daemon:
             return out
 
         self.registry.register("query-devices", query_devices, args_schema={})
+
+
+def _config_notifier(endpoint: Listener | Connector) -> Callable[[], None]:
+    """VHOST_USER_BACKEND_CONFIG_CHANGE_MSG to whichever front-end is attached now."""
+    def notify() -> None:
+        if endpoint.connection is not None:
+            endpoint.connection.session.notify_config()
+    return notify
 
 
 def _ensure_parent(path: str) -> None:

@@ -147,3 +147,13 @@ def test_default_config_puts_everything_under_run_dir():
     assert all(p.startswith("/run/x/") for p in paths)
     memfd = qemu_arg_sets(cfg)[0][1]
     assert "memory-backend-memfd" in memfd and "share=on" in memfd
+
+
+def test_port_id_0_is_reserved_for_the_console_port():
+    three = tuple(PortConfig(n) for n in ("a", "b", "c"))
+    with pytest.raises(ConfigError, match="leaves room for 2"):
+        ConsoleConfig(socket="s", socket_dir="/d", max_ports=3, ports=three)
+    ConsoleConfig(socket="s", socket_dir="/d", max_ports=4, ports=three)
+    with pytest.raises(ConfigError, match="at most one console port"):
+        ConsoleConfig(socket="s", socket_dir="/d", max_ports=4, console=Endpoint("stdio"),
+                      ports=(PortConfig("a", console=True),))
