@@ -167,6 +167,7 @@ class RingPair:
         self.impls = impls
         self.sides = [Side(names[0], memory)] + [Side(n, clone_memory(memory))
                                                  for n in names[1:]]
+        self.last_values: list = []  # every side's return value (or exception) of the last call
 
     @property
     def ref(self) -> Side:
@@ -201,13 +202,16 @@ class RingPair:
     def apply(self, action: Callable[[Side], Any], what: str = "action") -> Any:
         """Run ``action(side)`` on every side and compare as :meth:`call` does."""
         results = []
+        self.last_values = []
         for side in self.sides:
             try:
                 value = action(side)
             except (DriverError, GuestAddressError, MemoryMapError, RingAccessError,
                     ValueError, TypeError, OverflowError) as exc:
                 results.append(("exc", exc, exc_key(exc, side.memory)))
+                self.last_values.append(exc)
             else:
+                self.last_values.append(value)
                 results.append(("ok", value, outcome(value, side.memory)))
         self.check(what, results)
         kind, value, _key = results[0]
