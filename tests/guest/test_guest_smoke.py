@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.guest.pattern import crc32, parse_helper_output, stream_pattern
+from tests.guest.pattern import crc32, message, parse_helper_output, stream_pattern
 from tests.guest.vm import GuestBootError, GuestVM
 
 pytestmark = pytest.mark.guest
@@ -111,13 +111,29 @@ def test_vsock_helper_over_guest_loopback(serial_guest):
     assert server.wait(timeout=30).status == 0
     assert vm.local_cid() == 1  # no virtio-vsock device: the loopback's VMADDR_CID_LOCAL
 
-    seq_server = vm.vsock_helper("listen", "-t", "seqpacket", "-p", 5001, "-a", "echo")
+    # SEQPACKET: the host-side message model (sizes, contents) matches the helper's.
+    seq_server = vm.vsock_helper("listen", "-t", "seqpacket", "-p", 5001, "-a", "recv",
+                                 "-m", 50, "-z", 2000, "-s", 5)
     seq_server.wait_for_output(r"LISTENING port=5001")
     seq_client = vm.vsock_helper("connect", "-t", "seqpacket", "-c", 1, "-p", 5001,
-                                 "-a", "roundtrip", "-m", 50, "-z", 2000)
-    status, output = seq_client.wait(timeout=60)
+                                 "-a", "send", "-m", 50, "-z", 2000, "-s", 5)
+    status, output = seq_server.wait(timeout=60)
     assert status == 0, output
-    assert parse_helper_output(output).conns[0].msgs_rcvd == 50
+    expected = b"".join(message(5, j, 2000) for j in range(50))
+    (conn,) = parse_helper_output(output).conns
+    assert (conn.msgs_rcvd, conn.rcvd, conn.crc32_rx) == (50, len(expected), crc32(expected))
+    assert seq_client.wait(timeout=30).status == 0
+
+    # Many concurrent SEQPACKET connections through one poll loop, echoed back.
+    seq_echo = vm.vsock_helper("listen", "-t", "seqpacket", "-p", 5003, "-k", 16, "-a", "echo")
+    seq_echo.wait_for_output(r"LISTENING port=5003")
+    seq_rt = vm.vsock_helper("connect", "-t", "seqpacket", "-c", 1, "-p", 5003, "-k", 16,
+                             "-a", "roundtrip", "-m", 20, "-z", 3000)
+    status, output = seq_rt.wait(timeout=60)
+    report = parse_helper_output(output)
+    assert status == 0 and report.ok, output
+    assert [c.msgs_rcvd for c in report.conns] == [20] * 16
+    assert seq_echo.wait(timeout=30).status == 0
 
 
 def test_helper_detects_corruption(serial_guest):

@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,8 +40,9 @@ log = logging.getLogger(__name__)
 
 QEMU = "qemu-system-x86_64"
 READY_MARKER = b"\n@@VMREADY@@\n"
-# Grace beyond a command's own timeout before the host gives up on the guest.
-HOST_GRACE_S = 15.0
+# Grace beyond a command's own timeout before the host gives up on the guest (a TCG guest
+# on a loaded 2-CPU machine can stall for tens of seconds).
+HOST_GRACE_S = 30.0
 
 
 class GuestError(RuntimeError):
@@ -151,7 +153,7 @@ class GuestVM:
     ``machine``: QEMU machine type; ``pc`` boots ~1.5 s faster than ``q35`` under TCG.
     ``cmdline``: appended to the kernel command line.
     ``workdir``: where the console log, QEMU stderr and QMP socket go (a fresh temporary
-    directory when None; removed at stop only if we created it and the VM ended cleanly).
+    directory when None, removed by ``stop`` unless VMCHANNEL_KEEP_GUEST_LOGS is set).
     """
 
     def __init__(
@@ -192,6 +194,7 @@ class GuestVM:
         self._console_log = None
         self._device_seq = 0
         self._eof = False
+        self._last_rx = time.monotonic()
 
     # -- configuration (before start) --------------------------------------------------
 
@@ -321,6 +324,8 @@ class GuestVM:
             if f:
                 f.close()
         self._stderr_file = self._console_log = None
+        if self._own_workdir and not os.environ.get("VMCHANNEL_KEEP_GUEST_LOGS"):
+            shutil.rmtree(self.workdir, ignore_errors=True)
         return proc.returncode
 
     def __enter__(self) -> "GuestVM":
@@ -485,6 +490,7 @@ class GuestVM:
             with self._cond:
                 if data:
                     self._console += data
+                    self._last_rx = time.monotonic()
                 else:
                     self._eof = True
                 self._cond.notify_all()
@@ -508,7 +514,12 @@ class GuestVM:
                     )
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise exc(f"timed out after {timeout:.0f} s waiting for {what}", self._tail_locked())
+                    idle = time.monotonic() - self._last_rx
+                    raise exc(
+                        f"timed out after {timeout:.0f} s waiting for {what} "
+                        f"(last console output {idle:.1f} s ago)",
+                        self._tail_locked(),
+                    )
                 self._cond.wait(min(left, 1.0))
 
     def _tail_locked(self, n: int = 3000) -> str:
