@@ -76,7 +76,9 @@ class Daemon:
             event = "FRONTEND_CONNECTED" if connected else "FRONTEND_DISCONNECTED"
             self.emit(event, {"socket": path, "device": kind})
 
-        endpoint = endpoint_cls(self.loop, path, device, on_frontend=on_frontend,
+        announced = _ResetAnnouncer(
+            device, lambda: self.emit("DEVICE_RESET", {"socket": path, "device": kind}))
+        endpoint = endpoint_cls(self.loop, path, announced, on_frontend=on_frontend,
                                 **self._session_kwargs)
         self.devices.append((kind, device))
         self.endpoints.append(endpoint)
@@ -125,6 +127,22 @@ class Daemon:
             return out
 
         self.registry.register("query-devices", query_devices, args_schema={})
+
+
+class _ResetAnnouncer:
+    """The device as the vhost-user session sees it, announcing every reset (RESET_DEVICE,
+    front-end gone) as a management event; everything else goes straight to the device."""
+
+    def __init__(self, device: Any, announce: Callable[[], None]) -> None:
+        self._device = device
+        self._announce = announce
+
+    def reset(self) -> None:
+        self._device.reset()
+        self._announce()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._device, name)
 
 
 def _config_notifier(endpoint: Listener | Connector) -> Callable[[], None]:
