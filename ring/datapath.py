@@ -179,6 +179,12 @@ def rx_from_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None) -> RxResu
                 vq._rewind(chain.ring_slots, 1)
                 break
             if chain.writable_bytes == 0:
+                if chains:
+                    # Chains gathered before it may stay unfilled and be rewound; rewinding
+                    # counts from last_avail_idx, so this one must not be consumed past them:
+                    # give it back too and take it first in the next round.
+                    vq._rewind(chain.ring_slots, 1)
+                    break
                 # Nothing to receive into: give it straight back, used_len 0.
                 completed.append((chain.head, 0, chain.ring_slots))
                 continue
