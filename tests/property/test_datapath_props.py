@@ -71,7 +71,7 @@ def impls():
     return require_pair()
 
 
-@scaled(0.5)
+@scaled(1.5)
 @given(packed=st.booleans(), size=st.sampled_from([2, 4, 8]), event_idx=st.booleans(),
        stages=st.lists(st.lists(CHAIN, max_size=6), min_size=1, max_size=4),
        sndbuf=st.sampled_from([None, 2048, 4096, 8192]),
@@ -161,7 +161,7 @@ def test_tx_delivers_readable_bytes_in_order(impls, packed, size, event_idx, sta
             b.close()
 
 
-@scaled(0.5)
+@scaled(1.5)
 @given(packed=st.booleans(), size=st.sampled_from([2, 4, 8]), event_idx=st.booleans(),
        chains=st.lists(st.tuples(st.lists(st.integers(0, 2000), max_size=2),
                                  st.booleans(), st.booleans()), min_size=1, max_size=16),

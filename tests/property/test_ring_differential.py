@@ -105,7 +105,7 @@ def all_operations(packed: bool, size: int):
                      .map(lambda t: t[0] + [t[2]] + t[3]))
 
 
-@scaled(1.0)
+@scaled(4.0)
 @given(data=st.data())
 def test_split_rings_walk_identically(impls, data):
     raw = data.draw(raw_rings(packed=False), label="ring")
@@ -113,7 +113,7 @@ def test_split_rings_walk_identically(impls, data):
     run_ops(start_pair(impls, raw), ops, raw.size)
 
 
-@scaled(1.0)
+@scaled(4.0)
 @given(data=st.data())
 def test_packed_rings_walk_identically(impls, data):
     raw = data.draw(raw_rings(packed=True), label="ring")
@@ -121,7 +121,7 @@ def test_packed_rings_walk_identically(impls, data):
     run_ops(start_pair(impls, raw), ops, raw.size)
 
 
-@scaled(0.5)
+@scaled(1.5)
 @given(raw=raw_rings(), batch=st.integers(1, 20))
 def test_pop_batch_equals_pops(impls, raw, batch):
     """pop_batch(n) consumes exactly what n pops would (same chains, same error, same

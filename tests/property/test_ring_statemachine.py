@@ -212,7 +212,7 @@ class RingLockStep(RuleBasedStateMachine):
 
 
 TestRingLockStep = RingLockStep.TestCase
-TestRingLockStep.settings = scaled(2.0, stateful_step_count=100)
+TestRingLockStep.settings = scaled(3.0, stateful_step_count=100)
 
 
 def test_lock_step_reaches_index_wrap():
