@@ -53,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     chunks = [32768] if args.quick else [4096, 16384, 32768, 65536, 131072]
     t0 = time.monotonic()
     rows: list = []
+    failures: list[str] = []
     try:
         for name in chosen:
+          try:
             if name == "bulk-tx":
                 rows += sc.bulk(ctx, "guest->host", chunks)
             elif name == "bulk-rx":
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows += sc.idle(ctx)
             elif name == "py-vs-c":
                 rows += sc.py_vs_c(ctx)
+          except Exception as exc:  # one failing scenario must not lose the others' figures
+            failures.append(f"{name}: {type(exc).__name__}: {exc}")
+            print(f"bench: scenario {name} failed: {failures[-1]}", file=sys.stderr)
     finally:
         if not args.keep:
             shutil.rmtree(ctx.workdir, ignore_errors=True)
@@ -83,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
                                if (argv if argv is not None else sys.argv[1:]) else "")
     meta = {"command": cmd.strip(), "date": stamp, "cpus": os.cpu_count(), "runs": ctx.runs,
             "seconds": ctx.seconds, "elapsed_s": round(time.monotonic() - t0, 1),
-            "python": sys.version.split()[0]}
+            "python": sys.version.split()[0], "failures": failures}
     paths = report.write(rows, meta, args.out or report.RESULTS_DIR, stamp)
     print(report.markdown(rows, meta))
     print("wrote " + ", ".join(str(p) for p in paths.values()) +
           f" in {meta['elapsed_s']} s")
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
