@@ -1301,8 +1301,15 @@ int vr_rx_from_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t bud
                 rewind_chains(q, ch.ring_slots, 1);
                 break;
             }
-            if (ch.writable_bytes == 0) { /* nothing to receive into: back with used_len 0 */
-                add_done(s, &ndone, ch.head, 0, ch.ring_slots);
+            if (ch.writable_bytes == 0) {
+                if (nent) {
+                    /* Chains gathered before it may stay unfilled and be rewound, counting
+                     * back from last_avail_idx: give this one back too, take it first in
+                     * the next round (ring/datapath.py does the same). */
+                    rewind_chains(q, ch.ring_slots, 1);
+                    break;
+                }
+                add_done(s, &ndone, ch.head, 0, ch.ring_slots); /* back with used_len 0 */
                 continue;
             }
             e = &s->entries[nent++];
