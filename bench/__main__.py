@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv and argv[0] == "--":  # `vmchannel bench -- --quick` (argparse REMAINDER)
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     from bench import report, scenarios as sc
     from bench.limits.build import BuildError, build_all
