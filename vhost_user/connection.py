@@ -28,7 +28,6 @@ import errno
 import logging
 import os
 import socket
-import stat
 import sys
 from typing import Any, Callable
 
@@ -36,6 +35,7 @@ from vhost_user.channel import MAX_FDS_PER_MESSAGE, close_fds
 from vhost_user.device import VhostUserDevice
 from vhost_user.errors import FrontendProtocolError, HostIOError, StateError
 from vhost_user.session import BackendSession, Reply
+from vhost_user.unix_socket import file_identity, listen_unix, unlink_if_ours
 
 __all__ = ["Connection", "Connector", "Listener", "signal_eventfd"]
 
@@ -279,20 +279,11 @@ class Listener:
         self.connection: Connection | None = None
         self.on_frontend = on_frontend
         self._kwargs = connection_kwargs
-        _remove_stale_socket(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            old_umask = os.umask(0o177)
-            try:
-                self.sock.bind(path)
-            finally:
-                os.umask(old_umask)
-            os.chmod(path, 0o600)
-            self.sock.listen(1)
+            self.sock = listen_unix(path, 1)
         except OSError as exc:
-            self.sock.close()
             raise HostIOError(f"cannot listen on {path}: {exc}") from exc
-        self.sock.setblocking(False)
+        self._identity = file_identity(path)
         loop.add_reader(self.sock.fileno(), self._on_accept)
         self.log.info("listening on %s", path)
 
@@ -320,10 +311,7 @@ class Listener:
         if self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        unlink_if_ours(self.path, self._identity)
 
 
 class Connector:
@@ -397,15 +385,3 @@ def _connection_closed(endpoint: "Listener | Connector", connection: Connection)
         endpoint.connection = None
     if endpoint.on_frontend is not None:
         endpoint.on_frontend(False)
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Remove a leftover socket file at ``path`` (never a regular file or directory)."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if stat.S_ISSOCK(mode):
-        os.unlink(path)
-    else:
-        raise HostIOError(f"{path} exists and is not a socket")

@@ -30,11 +30,10 @@ import sys
 import time
 from typing import Any, Sequence
 
-from vhost_user.channel import Closed, Message, MessageChannel, NeedData, close_fds, encode_message
+from vhost_user.channel import Closed, Message, MessageChannel, close_fds, encode_message
 from vhost_user.errors import ProtocolError
 from vhost_user.session import OFFERED_PROTOCOL_FEATURES
 from vhost_user.wire import (
-    BackendReq,
     ConfigSpace,
     FrontendReq,
     Inflight,

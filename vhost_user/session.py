@@ -52,7 +52,6 @@ from vhost_user.device import QueueHandle, VhostUserDevice
 from vhost_user.errors import FrontendProtocolError
 from vhost_user.wire import (
     DEVICE_FEATURE_MASK,
-    MAX_CONFIG_SIZE,
     MAX_PAYLOAD_BYTES,
     BackendReq,
     ConfigSpace,

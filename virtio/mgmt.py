@@ -23,15 +23,12 @@ non-blocking; a slow client never blocks the loop.
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import socket
-import stat
-import tempfile
 import time
 from typing import Callable, Mapping
 
+from vhost_user.unix_socket import file_identity, listen_unix, unlink_if_ours
 from virtio.loop import EventLoop
 from virtio.qmp import (
     MAX_MESSAGE_BYTES,
@@ -47,7 +44,6 @@ log = logging.getLogger(__name__)
 READ_CHUNK_BYTES = 64 * 1024
 MAX_OUTPUT_BYTES = 1 << 20
 MAX_CLIENTS = 16
-_SUN_PATH_MAX = 107
 
 
 class _Client:
@@ -189,8 +185,8 @@ class ManagementServer:
         self._clock = clock
         self._clients: dict[int, _Client] = {}
         self._accepted = 0
-        self._sock = _listen_unix(path)
-        self._inode = os.stat(path).st_ino
+        self._sock = listen_unix(path, 16)
+        self._identity = file_identity(path)
         self._closed = False
         loop.add_reader(self._sock.fileno(), self._on_accept)
         log.info("management socket listening on %s", path)
@@ -224,11 +220,7 @@ class ManagementServer:
         self._closed = True
         self.loop.remove_reader(self._sock.fileno())
         self._sock.close()
-        try:
-            if os.stat(self.path).st_ino == self._inode:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        unlink_if_ours(self.path, self._identity)
         for client in list(self._clients.values()):
             client.flush()
             client.close()
@@ -260,65 +252,3 @@ class ManagementServer:
             del self._clients[client.fd]
 
 
-def _listen_unix(path: str) -> socket.socket:
-    """A non-blocking listening UNIX socket at ``path`` with mode 0600.
-
-    The socket is bound inside a fresh private directory (mode 0700) next to ``path``,
-    chmod'ed, then renamed into place, so it is never reachable with looser permissions.
-    When that temporary name would be too long for ``sun_path``, it binds at ``path`` with a
-    restrictive umask instead.
-    """
-    _remove_stale_socket(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        tmpdir = tempfile.mkdtemp(prefix=".qmp", dir=parent)
-        try:
-            tmp_path = os.path.join(tmpdir, "s")
-            if len(os.fsencode(tmp_path)) <= _SUN_PATH_MAX:
-                sock.bind(tmp_path)
-                os.chmod(tmp_path, 0o600)
-                os.rename(tmp_path, path)
-            else:
-                old_umask = os.umask(0o177)
-                try:
-                    sock.bind(path)
-                finally:
-                    os.umask(old_umask)
-                os.chmod(path, 0o600)
-        finally:
-            try:
-                os.unlink(os.path.join(tmpdir, "s"))
-            except FileNotFoundError:
-                pass
-            os.rmdir(tmpdir)
-        sock.listen(16)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _remove_stale_socket(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, "refusing to replace a file that is not a socket",
-                              path)
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    probe.settimeout(1.0)                    # a full backlog would block connect()
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        log.info("removing stale management socket %s", path)
-        os.unlink(path)
-        return
-    except TimeoutError:
-        pass                                 # alive but busy: in use
-    finally:
-        probe.close()
-    raise FileExistsError(errno.EADDRINUSE, "another process is listening on this socket",
-                          path)

@@ -39,7 +39,6 @@ import logging
 import os
 import signal
 import socket
-import stat
 import struct
 import sys
 import termios
@@ -47,6 +46,7 @@ import threading
 import tty
 from typing import Any, Callable
 
+from vhost_user.unix_socket import file_identity, listen_unix, unlink_if_ours
 from virtio.config import Endpoint
 
 from .errors import ConsoleError
@@ -176,24 +176,15 @@ class ListenEndpoint(_SocketEndpoint):
         self._accepting = False
 
     def start(self) -> None:
-        _remove_stale_socket(self.path)
         parent = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(parent):
             raise HostEndpointError(self.path, "directory does not exist")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            old_umask = os.umask(0o177)
-            try:
-                sock.bind(self.path)
-            finally:
-                os.umask(old_umask)
-            os.chmod(self.path, 0o600)
-            sock.listen(self.BACKLOG)
+            sock = listen_unix(self.path, self.BACKLOG)
         except OSError as exc:
-            sock.close()
             raise HostEndpointError(self.path, f"cannot listen: {exc}") from exc
-        sock.setblocking(False)
         self.listener = sock
+        self._identity = file_identity(self.path)
         self._watch_accept(True)
 
     def _watch_accept(self, on: bool) -> None:
@@ -231,11 +222,7 @@ class ListenEndpoint(_SocketEndpoint):
             self._watch_accept(False)
             self.listener.close()
             self.listener = None
-            try:
-                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                    os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            unlink_if_ours(self.path, self._identity)
 
 
 class ConnectEndpoint(_SocketEndpoint):
@@ -386,14 +373,3 @@ def make_endpoint(loop: Any, endpoint: Endpoint, on_state: StateCallback,
 def ensure_socket_dir(path: str) -> None:
     """Create a managed socket directory (mode 0700) if it does not exist."""
     os.makedirs(path, mode=0o700, exist_ok=True)
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Unlink a leftover socket file at ``path``; refuse any other kind of file."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise HostEndpointError(path, "exists and is not a socket")
-    os.unlink(path)

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import select
 import socket
-import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
+
+from vhost_user.unix_socket import file_identity, listen_unix, unlink_if_ours
 
 from .conn import (Action, CloseHost, ConnectHost, ConnKey, ReplyHost, RxReady,
                    SetHostInterest, SetTimer, ShutdownHost, WriteHost)
@@ -89,6 +89,7 @@ class _Listener:
     cid: int
     path: str
     sock: socket.socket
+    identity: tuple[int, int, int]
     handshakes: dict[int, _Handshake] = field(default_factory=dict)  # fd -> client
 
 
@@ -129,20 +130,8 @@ class VsockHost:
     def listen(self, cid: int, uds_path: str) -> None:
         """Listen for hybrid-vsock clients of VM ``cid`` at ``uds_path`` (a stale socket
         file there is replaced; any other file is refused with ``FileExistsError``)."""
-        _remove_stale_socket(uds_path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            old_umask = os.umask(0o177)
-            try:
-                sock.bind(uds_path)
-            finally:
-                os.umask(old_umask)
-            sock.listen(128)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        listener = _Listener(cid, uds_path, sock)
+        sock = listen_unix(uds_path, 128)
+        listener = _Listener(cid, uds_path, sock, file_identity(uds_path))
         self._listeners[cid] = listener
         self.stats.setdefault(cid, HostStats())
         self.loop.add_reader(sock.fileno(), lambda: self._accept(listener))
@@ -156,11 +145,7 @@ class VsockHost:
             self._drop_handshake(listener, hs)
         self.loop.remove_reader(listener.sock.fileno())
         listener.sock.close()
-        try:
-            if stat.S_ISSOCK(os.lstat(listener.path).st_mode):
-                os.unlink(listener.path)
-        except OSError:
-            pass
+        unlink_if_ours(listener.path, listener.identity)
 
     def _accept(self, listener: _Listener) -> None:
         stats = self.stats[listener.cid]
@@ -466,13 +451,3 @@ class VsockHost:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-
-
-def _remove_stale_socket(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, "not a socket, refusing to replace it", path)
-    os.unlink(path)

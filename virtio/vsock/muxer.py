@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from .conn import (Action, Buffer, CloseHost, ConnConfig, ConnInfo, ConnKey, Connection,
-                   ConnState, RxPacket, RxRead, RxItem, RxReady, SetHostInterest, SetTimer)
+                   ConnState, RxPacket, RxItem, RxReady, SetHostInterest, SetTimer)
 from .errors import (DuplicateCidError, TableFullError, UnknownCidError,
                      UnknownConnectionError)
 from .wire import (HOST_CID, MAX_PKT_PAYLOAD_BYTES, Op, SeqpacketFlag, Type, VsockFeature,
