@@ -179,12 +179,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     from virtio.daemon import Daemon
 
+    from vhost_user.errors import BackendError
     from virtio.console.errors import ConsoleError
 
     daemon = Daemon(config)
     try:
         daemon.start()
-    except (OSError, ConfigError, ConsoleError) as exc:
+    except (OSError, ConfigError, ConsoleError, BackendError) as exc:
         print(f"vmchannel: cannot start: {exc}", file=sys.stderr)
         daemon.close()
         return 1

@@ -126,3 +126,15 @@ def test_configuration_errors_exit_2_with_the_reason(argv, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_start_up_failure_names_the_path_and_exits_1(tmp_path):
+    taken = tmp_path / "not-a-socket"
+    taken.write_text("keep me")
+    result = subprocess.run([sys.executable, "-m", "virtio.cli", "console", "--socket", str(taken),
+                             "--port", f"p=listen:{tmp_path / 'p.sock'}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr and str(taken) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert taken.read_text() == "keep me"
