@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 
-from ring._chain import RingAccessError
 from ring.errors import ChainError, DriverError, GuestAddressError
 from ring.memory import GuestMemory
 from ring.types import Chain, Pending, RxResult, TxResult
@@ -232,8 +231,9 @@ class Virtqueue:
             self._load_used_idx()
 
     def _load_used_idx(self) -> None:
-        if lib.vr_load_used_idx(self._q) < 0:
-            raise RingAccessError(self.device_gpa)  # as the reference (see report)
+        if lib.vr_load_used_idx(self._q) < 0:  # the used ring's region was removed
+            self._q.broken = int(ChainError.ADDR)
+            raise DriverError(ChainError.ADDR, self.index)
 
     def reset(self) -> None:
         """Forget the ring addresses and all state (device reset).

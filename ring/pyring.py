@@ -149,7 +149,11 @@ class Virtqueue:
         else:
             self._last_avail_idx = value & 0xFFFF
             if self.configured:
-                self._used_idx = _split.read_used_idx(self)
+                try:
+                    self._used_idx = _split.read_used_idx(self)
+                except RingAccessError:  # the used ring's region was removed
+                    self._broken = ChainError.ADDR
+                    raise DriverError(ChainError.ADDR, self.index) from None
         self._broken = None
         self._signalled_used_valid = False
         if not same:
