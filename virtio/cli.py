@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="target QEMU version: the console needs >= 10.2 "
                             "(vhost-user-test-device-pci)")
 
-    bench = sub.add_parser("bench", help="run the benchmark harness (python -m bench)")
+    # Only for --help: main() hands everything after `bench` to bench.__main__ untouched.
+    bench = sub.add_parser("bench", help="run the benchmark harness (python -m bench ARGS)")
     bench.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
@@ -159,12 +160,15 @@ def _setup_logging(verbosity: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "bench":
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        # Everything after `bench` belongs to the harness, untouched: argparse's REMAINDER
+        # in a sub-parser refuses leading options such as `--quick`.
         from bench.__main__ import main as bench_main
 
-        return bench_main(args.args)
+        return bench_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
     except ConfigError as exc:
