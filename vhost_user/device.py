@@ -16,7 +16,11 @@ __all__ = ["QueueHandle", "VhostUserDevice"]
 
 @runtime_checkable
 class VhostUserDevice(Protocol):
-    """A virtio device model served over vhost-user (contract in docs/internals.md)."""
+    """A virtio device model served over vhost-user (contract in docs/internals.md).
+
+    Optional attribute ``max_queue_size``: the largest ring the device accepts
+    (VHOST_USER_SET_VRING_NUM beyond it is refused); default 32768 (virtio 1.2 §2.7).
+    """
 
     device_id: int
     num_queues: int

@@ -725,9 +725,11 @@ class BackendSession:
 
     def _on_set_vring_num(self, body: VringState, msg) -> None:
         vring = self.vrings[body.index]
-        if not 1 <= body.num <= MAX_QUEUE_SIZE:
+        # A device may bound its rings lower (vhost-device-vsock's --queue-size does).
+        limit = min(MAX_QUEUE_SIZE, getattr(self.device, "max_queue_size", MAX_QUEUE_SIZE))
+        if not 1 <= body.num <= limit:
             raise FrontendProtocolError(
-                f"queue {body.index}: size {body.num} outside 1..{MAX_QUEUE_SIZE}",
+                f"queue {body.index}: size {body.num} outside 1..{limit}",
                 request=FrontendReq.SET_VRING_NUM,
             )
         if vring.started and body.num != vring.num:

@@ -380,3 +380,13 @@ def test_reset_device_resets_and_keeps_memory():
     finally:
         s.close()
         guest.close()
+
+
+def test_device_bounds_the_ring_size_it_accepts():
+    device = EchoDevice(num_queues=2)
+    device.max_queue_size = 64
+    s = new_session(device)
+    negotiate(s)
+    s.handle(msg(R.SET_VRING_NUM, VringState(0, 64).pack()))
+    with pytest.raises(FrontendProtocolError, match="size 128 outside 1..64"):
+        s.handle(msg(R.SET_VRING_NUM, VringState(1, 128).pack()))
