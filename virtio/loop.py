@@ -1,12 +1,20 @@
 """The single-threaded event loop every I/O adapter runs on.
 
-One thread, one ``selectors.DefaultSelector`` (epoll on Linux). Adapters register readers,
-writers and timers with callbacks; cores stay sans-I/O and never see the loop. The loop is
-passed to whoever needs it (no global loop), and ``interest()`` exposes the fds and events it
-waits for, so an asyncio or trio adapter could drive the same devices (DESIGN.md "Embedding").
+One thread, one ``select.epoll`` (level-triggered), used directly rather than through
+``selectors``: the selector's key objects and event translation cost a few microseconds
+per event in CPython, which is most of a 64-byte round trip's budget. Adapters register
+readers, writers and timers with callbacks; cores stay sans-I/O and never see the loop. The
+loop is passed to whoever needs it (no global loop), and ``interest()`` exposes the fds and
+events it waits for (as ``selectors.EVENT_*`` masks), so an asyncio or trio adapter could
+drive the same devices (DESIGN.md "Embedding").
+
+Error and hang-up conditions (EPOLLERR, EPOLLHUP) are delivered to both the reader and
+the writer of an fd, as ``selectors`` does, so an adapter sees the failure through its own
+read or write.
 
 A callback that raises is logged (ERROR summary, DEBUG traceback) and the loop goes on: one
-connection's failure never stops the process (STYLE R5, R11).
+connection's failure never stops the process (STYLE R5, R11). The guard is one ``try``
+around a whole batch of ready fds (resumed after the failing callback), not one per call.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ import heapq
 import itertools
 import logging
 import os
+import select
 import selectors
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -42,10 +52,19 @@ class Timer:
         return self.callback is None
 
 
+_EPOLLIN = select.EPOLLIN
+_EPOLLOUT = select.EPOLLOUT
+_READ_EVENTS = ~_EPOLLOUT  # any bit but OUT (IN, HUP, ERR, PRI) wakes the reader
+_WRITE_EVENTS = ~_EPOLLIN  # any bit but IN (OUT, HUP, ERR) wakes the writer
+
+
 @dataclass(slots=True)
 class _Watch:
     reader: Callback | None = None
     writer: Callback | None = None
+
+    def epoll_mask(self) -> int:
+        return (_EPOLLIN if self.reader else 0) | (_EPOLLOUT if self.writer else 0)
 
     def mask(self) -> int:
         return (selectors.EVENT_READ if self.reader else 0) | (
@@ -54,19 +73,21 @@ class _Watch:
 
 
 class EventLoop:
-    """Readers, writers, timers and soon-callbacks over one selector.
+    """Readers, writers, timers and soon-callbacks over one epoll instance.
 
-    ``clock`` is injectable so tests can drive timers without sleeping.
+    ``clock`` is injectable so tests can drive timers without sleeping. ``call_soon`` is
+    the one method safe to call from another thread (it wakes the loop).
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._selector = selectors.DefaultSelector()
+        self._epoll = select.epoll()
         self._watches: dict[int, _Watch] = {}
         self._timers: list[Timer] = []
         self._sequence = itertools.count()
         self._soon: deque[Callback] = deque()
         self._running = False
+        self._thread: int | None = None  # the thread inside run_once, if any
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.add_reader(self._wake_r, self._drain_wakeup)
 
@@ -75,13 +96,29 @@ class EventLoop:
         return self._clock()
 
     def add_reader(self, fd: int, callback: Callback) -> None:
-        self._update(fd, reader=callback)
+        watch = self._watches.get(fd)
+        if watch is None:
+            self._watches[fd] = _Watch(callback, None)
+            self._epoll.register(fd, _EPOLLIN)
+        elif watch.reader is None:
+            watch.reader = callback
+            self._epoll.modify(fd, watch.epoll_mask())
+        else:
+            watch.reader = callback  # same registration, new callback: no syscall
 
     def remove_reader(self, fd: int) -> None:
         self._update(fd, reader=None)
 
     def add_writer(self, fd: int, callback: Callback) -> None:
-        self._update(fd, writer=callback)
+        watch = self._watches.get(fd)
+        if watch is None:
+            self._watches[fd] = _Watch(None, callback)
+            self._epoll.register(fd, _EPOLLOUT)
+        elif watch.writer is None:
+            watch.writer = callback
+            self._epoll.modify(fd, watch.epoll_mask())
+        else:
+            watch.writer = callback
 
     def remove_writer(self, fd: int) -> None:
         self._update(fd, writer=None)
@@ -90,29 +127,34 @@ class EventLoop:
 
     def _update(self, fd: int, reader=_KEEP, writer=_KEEP) -> None:
         watch = self._watches.get(fd)
-        old_mask = watch.mask() if watch else 0
+        old_mask = watch.epoll_mask() if watch else 0
         if watch is None:
             watch = _Watch()
         if reader is not self._KEEP:
             watch.reader = reader
         if writer is not self._KEEP:
             watch.writer = writer
-        new_mask = watch.mask()
+        new_mask = watch.epoll_mask()
         if new_mask == 0:
             self._watches.pop(fd, None)
             if old_mask:
-                self._selector.unregister(fd)
+                try:
+                    self._epoll.unregister(fd)
+                except OSError:  # closed before it was unwatched: epoll already forgot it
+                    pass
             return
         self._watches[fd] = watch
         if old_mask == 0:
-            self._selector.register(fd, new_mask, fd)
+            self._epoll.register(fd, new_mask)
         elif old_mask != new_mask:
-            self._selector.modify(fd, new_mask, fd)
+            self._epoll.modify(fd, new_mask)
 
     def call_soon(self, callback: Callback) -> None:
-        """Run ``callback`` on the next iteration (thread-safe wake-up included)."""
+        """Run ``callback`` on the next iteration (thread-safe: another thread wakes the
+        loop; the loop's own thread needs no wake-up, it looks before it waits)."""
         self._soon.append(callback)
-        self._wake()
+        if self._thread != threading.get_ident():
+            self._wake()
 
     def call_later(self, delay_s: float, callback: Callback) -> Timer:
         timer = Timer(self._clock() + max(0.0, delay_s), next(self._sequence), callback)
@@ -130,16 +172,28 @@ class EventLoop:
     # -- running ------------------------------------------------------------------------
     def run_once(self, timeout_s: float | None = None) -> None:
         """Wait for at most ``timeout_s`` (None: until something happens) and dispatch."""
-        if self._soon:
-            timeout_s = 0.0
-        deadline = self.next_deadline()
-        if deadline is not None:
-            until_timer = max(0.0, deadline - self._clock())
-            timeout_s = until_timer if timeout_s is None else min(timeout_s, until_timer)
-        for key, events in self._selector.select(timeout_s):
-            self._dispatch_fd(key.fd, events)
-        self._run_due_timers()
-        self._run_soon()
+        self._thread = threading.get_ident()
+        try:
+            if self._soon:
+                timeout_s = 0.0
+            if self._timers:
+                deadline = self.next_deadline()
+                if deadline is not None:
+                    until_timer = max(0.0, deadline - self._clock())
+                    timeout_s = until_timer if timeout_s is None else min(timeout_s,
+                                                                          until_timer)
+            try:
+                ready = self._epoll.poll(-1 if timeout_s is None else timeout_s)
+            except InterruptedError:
+                ready = []
+            if ready:
+                self._dispatch(ready)
+            if self._timers:
+                self._run_due_timers()
+            if self._soon:
+                self._run_soon()
+        finally:
+            self._thread = None
 
     def run(self) -> None:
         self._running = True
@@ -151,7 +205,7 @@ class EventLoop:
         self._wake()
 
     def close(self) -> None:
-        self._selector.close()
+        self._epoll.close()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
         self._watches.clear()
@@ -159,13 +213,30 @@ class EventLoop:
         self._soon.clear()
 
     # -- internals ----------------------------------------------------------------------
-    def _dispatch_fd(self, fd: int, events: int) -> None:
-        watch = self._watches.get(fd)
-        if watch is not None and events & selectors.EVENT_READ and watch.reader:
-            self._guarded(watch.reader)
-        watch = self._watches.get(fd)  # the reader may have removed or replaced it
-        if watch is not None and events & selectors.EVENT_WRITE and watch.writer:
-            self._guarded(watch.writer)
+    def _dispatch(self, ready: list[tuple[int, int]]) -> None:
+        """Call the reader, then the writer, of every ready fd. The try covers the whole
+        batch; after a failure the batch resumes with the next callback."""
+        watches = self._watches
+        position, count = 0, len(ready)
+        while position < count:
+            try:
+                while position < count:
+                    fd, events = ready[position]
+                    position += 1
+                    watch = watches.get(fd)
+                    if watch is None:
+                        continue
+                    if events & _READ_EVENTS and watch.reader is not None:
+                        watch.reader()
+                        watch = watches.get(fd)  # the reader may have removed or replaced it
+                        if watch is None:
+                            continue
+                    if events & _WRITE_EVENTS and watch.writer is not None:
+                        watch.writer()
+            except Exception as exc:  # one failing callback must not stop the process
+                self._log_failure(f"fd {fd}", exc)
+                # A failing reader skips its fd's writer this round; level-triggered epoll
+                # reports the fd again.
 
     def _run_due_timers(self) -> None:
         now = self._clock()
@@ -197,9 +268,13 @@ class EventLoop:
             pass
 
     @staticmethod
-    def _guarded(callback: Callback) -> None:
+    def _log_failure(what: object, exc: Exception) -> None:
+        log.error("callback %r failed: %s: %s", what, type(exc).__name__, exc)
+        log.debug("traceback of the failed callback", exc_info=True)
+
+    @classmethod
+    def _guarded(cls, callback: Callback) -> None:
         try:
             callback()
         except Exception as exc:  # one failing callback must not stop the process
-            log.error("callback %r failed: %s: %s", callback, type(exc).__name__, exc)
-            log.debug("traceback of the failed callback", exc_info=True)
+            cls._log_failure(callback, exc)

@@ -88,3 +88,71 @@ def test_interest_excludes_internal_wakeup_pipe():
     loop.close()
     os.close(r)
     os.close(w)
+
+
+def test_a_failing_reader_does_not_starve_the_other_ready_fds(caplog):
+    loop = EventLoop()
+    pairs = [socket.socketpair() for _ in range(3)]
+    seen = []
+
+    def failing():
+        pairs[0][0].recv(10)
+        raise RuntimeError("first reader broke")
+
+    loop.add_reader(pairs[0][0].fileno(), failing)
+    for a, _ in pairs[1:]:
+        loop.add_reader(a.fileno(), lambda a=a: seen.append(a.recv(10)))
+    for _, b in pairs:
+        b.send(b"x")
+    loop.run_once(1.0)
+    assert seen == [b"x", b"x"]
+    assert "first reader broke" in caplog.text
+    loop.close()
+
+
+def test_peer_hang_up_reaches_reader_and_writer():
+    loop = EventLoop()
+    a, b = socket.socketpair()
+    seen = []
+    loop.add_reader(a.fileno(), lambda: seen.append(("r", a.recv(10))))
+    b.close()
+    loop.run_once(1.0)
+    assert seen == [("r", b"")]
+    loop.remove_reader(a.fileno())
+    loop.add_writer(a.fileno(), lambda: seen.append("w"))
+    loop.run_once(1.0)
+    assert seen[-1] == "w"
+    loop.close()
+
+
+def test_call_soon_from_another_thread_wakes_a_waiting_loop():
+    import threading
+    import time
+
+    loop = EventLoop()
+    done = []
+    started = time.monotonic()
+    t = threading.Timer(0.05, lambda: loop.call_soon(lambda: done.append(True)))
+    t.start()
+    loop.run_once(5.0)  # woken by the other thread's call_soon
+    if not done:
+        loop.run_once(0)
+    t.join()
+    assert done == [True]
+    assert time.monotonic() - started < 2.0
+    loop.close()
+
+
+def test_call_soon_inside_a_callback_runs_without_waiting():
+    import time
+
+    loop = EventLoop()
+    order = []
+    loop.call_soon(lambda: loop.call_soon(lambda: order.append("second")) or
+                   order.append("first"))
+    loop.run_once(0)
+    started = time.monotonic()
+    loop.run_once(5.0)  # a soon-callback is queued: no wait
+    assert order == ["first", "second"]
+    assert time.monotonic() - started < 1.0
+    loop.close()
