@@ -1266,21 +1266,51 @@ int vr_tx_to_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t budge
     return 0;
 }
 
-/* Spec: virtio 1.2 §2.7.13 / §2.8.21, §5.3.6 (console data: receiveq buffers are
- * device-writable; each is returned with the bytes written into it). */
+/* Pieces a chain's writable part gives when its first plen bytes are a prefix: one per
+ * writable segment, plus one when the prefix ends inside a segment. */
+static uint32_t rx_pieces(const struct vr_chain *ch, const struct vr_segment *tmp, uint32_t plen)
+{
+    uint32_t k, nw = ch->nseg - ch->nreadable;
+    uint64_t before = 0;
+    if (plen == 0)
+        return nw;
+    for (k = ch->nreadable; k < ch->nseg; k++) {
+        if (before < plen && plen < before + tmp[k].len)
+            return nw + 1;
+        before += tmp[k].len;
+    }
+    return nw;
+}
+
 int vr_rx_from_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t budget,
                   struct vr_rx_result *out)
 {
+    return vr_rx_from_fd_prefix(q, s, fd, budget, NULL, 0, -1, out);
+}
+
+/* Spec: virtio 1.2 §2.7.13 / §2.8.21, §5.3.6 (console data: receiveq buffers are
+ * device-writable; each is returned with the bytes written into it), §5.10.6 (vsock: a
+ * packet header in front of the payload, one packet per buffer). */
+int vr_rx_from_fd_prefix(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t budget,
+                         const uint8_t *prefix, uint32_t plen, int32_t len_offset,
+                         struct vr_rx_result *out)
+{
     struct gather g;
+    struct iovec riov[VR_MAX_SEGMENTS];
     struct vr_segment tmp[VR_MAX_SEGMENTS];
     struct vr_chain ch;
+    uint8_t pbuf[VR_MAX_PREFIX];
     uint64_t read_total = 0;
     uint32_t ndone = 0;
     int eof = 0, starved = 0, drained = 0, error = 0, broken = 0, rc;
 
+    if (plen > VR_MAX_PREFIX || (plen && prefix == NULL) ||
+        (len_offset >= 0 && (uint64_t)len_offset + 4 > plen) || len_offset < -1)
+        return VR_E_PREFIX;
     while (read_total < budget) {
         uint32_t nent = 0, k, j, rewind_n = 0, rewind_slots = 0;
         uint64_t gathered = 0, limit, n = 0, remaining;
+        int cnt = 0;
 
         if (ndone + (uint64_t)s->entries_cap > s->done_cap)
             break; /* no room for another round's completions (a racing hostile guest) */
@@ -1288,7 +1318,8 @@ int vr_rx_from_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t bud
         while (gathered < budget - read_total && !broken && nent < s->entries_cap &&
                ndone + nent + s->entries_cap < s->done_cap) {
             struct vr_entry *e;
-            uint32_t nw;
+            uint32_t np, npre = 0;
+            uint64_t skip = plen;
             rc = pop_one(q, &ch, tmp, 0);
             if (rc < 0) {
                 broken = -rc;
@@ -1296,12 +1327,12 @@ int vr_rx_from_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t bud
             }
             if (rc == 0)
                 break;
-            nw = ch.nseg - ch.nreadable;
-            if (g.count && g.count + nw > VR_MAX_SEGMENTS) {
+            np = rx_pieces(&ch, tmp, plen);
+            if (g.count && g.count + np > VR_MAX_SEGMENTS) {
                 rewind_chains(q, ch.ring_slots, 1);
                 break;
             }
-            if (ch.writable_bytes == 0) {
+            if (ch.writable_bytes <= plen || np > VR_MAX_SEGMENTS) {
                 if (nent) {
                     /* Chains gathered before it may stay unfilled and be rewound, counting
                      * back from last_avail_idx: give this one back too, take it first in
@@ -1315,26 +1346,52 @@ int vr_rx_from_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t bud
             e = &s->entries[nent++];
             e->head = ch.head;
             e->slots = ch.ring_slots;
-            e->need = ch.writable_bytes;
+            e->need = ch.writable_bytes - plen;
             e->prior = 0;
             e->seg_start = (uint32_t)g.count;
-            e->nseg = nw;
+            e->nseg = np;
             e->was_pending = 0;
-            for (k = ch.nreadable; k < ch.nseg; k++)
-                gather_add(&g, tmp[k].host, q->regions[tmp[k].region].gpa + tmp[k].offset,
-                           tmp[k].len);
-            gathered += ch.writable_bytes;
+            for (k = ch.nreadable; k < ch.nseg; k++) {
+                uint8_t *host = tmp[k].host;
+                uint64_t gpa = q->regions[tmp[k].region].gpa + tmp[k].offset, len = tmp[k].len;
+                if (skip > 0) { /* the prefix part of this segment */
+                    uint64_t m = skip < len ? skip : len;
+                    gather_add(&g, host, gpa, m);
+                    npre++;
+                    skip -= m;
+                    if (m == len)
+                        continue;
+                    host += m;
+                    gpa += m;
+                    len -= m;
+                }
+                gather_add(&g, host, gpa, len);
+            }
+            e->reserved = npre;
+            gathered += ch.writable_bytes - plen;
         }
         if (nent == 0) {
             starved = !broken;
             break;
         }
         limit = gathered < budget - read_total ? gathered : budget - read_total;
+        { /* the payload pieces of every entry, clipped to `limit` bytes */
+            uint64_t left = limit;
+            for (k = 0; k < nent && left > 0; k++) {
+                const struct vr_entry *e = &s->entries[k];
+                for (j = e->reserved; j < e->nseg && left > 0; j++) {
+                    riov[cnt] = g.iov[e->seg_start + j];
+                    if (riov[cnt].iov_len > left)
+                        riov[cnt].iov_len = left;
+                    left -= riov[cnt].iov_len;
+                    cnt++;
+                }
+            }
+        }
         {
-            int cnt = clip_iov(&g, limit);
             ssize_t r;
             do
-                r = readv(fd, g.iov, cnt);
+                r = readv(fd, riov, cnt);
             while (r < 0 && errno == EINTR);
             if (r < 0) {
                 if (is_again(errno))
@@ -1354,8 +1411,24 @@ int vr_rx_from_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t bud
             if (remaining > 0) {
                 uint64_t got = remaining < e->need ? remaining : e->need, left = got;
                 remaining -= got;
-                add_done(s, &ndone, e->head, (uint32_t)got, e->slots);
-                for (j = 0; j < e->nseg && left > 0; j++) { /* dirty-log what was written */
+                if (plen) { /* the prefix, its length field patched, over the prefix pieces */
+                    uint64_t off = 0;
+                    memcpy(pbuf, prefix, plen);
+                    if (len_offset >= 0) {
+                        pbuf[len_offset] = (uint8_t)got;
+                        pbuf[len_offset + 1] = (uint8_t)(got >> 8);
+                        pbuf[len_offset + 2] = (uint8_t)(got >> 16);
+                        pbuf[len_offset + 3] = (uint8_t)(got >> 24);
+                    }
+                    for (j = 0; j < e->reserved; j++) {
+                        const struct iovec *v = &g.iov[e->seg_start + j];
+                        memcpy(v->iov_base, pbuf + off, v->iov_len);
+                        log_write(q, g.piece[e->seg_start + j].gpa, v->iov_len);
+                        off += v->iov_len;
+                    }
+                }
+                add_done(s, &ndone, e->head, (uint32_t)(plen + got), e->slots);
+                for (j = e->reserved; j < e->nseg && left > 0; j++) { /* dirty-log the data */
                     const struct vr_gpa_range *p = &g.piece[e->seg_start + j];
                     uint64_t m = p->len < left ? p->len : left;
                     log_write(q, p->gpa, m);

@@ -14,9 +14,10 @@
  * Spec: virtio 1.2 §2.7 (Split Virtqueues), §2.8 (Packed Virtqueues); docs/internals.md.
  */
 
-#define VR_ABI_VERSION 1
+#define VR_ABI_VERSION 2
 
 #define VR_MAX_SEGMENTS 1024
+#define VR_MAX_PREFIX 256
 #define VR_MAX_QUEUE_SIZE 32768
 #define VR_MAX_INDIRECT_ENTRIES 65536
 #define VR_MAX_TOTAL_LEN 4294967295
@@ -35,6 +36,8 @@
 #define VR_E_TOO_MANY_SEGMENTS -12
 #define VR_E_PACKED_WRAP -13
 #define VR_E_NOT_READY -14
+/* Not a ChainError: bad vr_rx_from_fd_prefix arguments (ring.cring checks them first). */
+#define VR_E_PREFIX -100
 
 /* One guest memory region. The table handed to the library is sorted by gpa and its regions
  * do not overlap (ring.memory.GuestMemory guarantees both). host points at the region's
@@ -225,3 +228,13 @@ int vr_tx_to_fd(struct vr_queue *q, struct vr_scratch *scratch, int fd, uint64_t
 /* Host → guest: as vr_tx_to_fd, the other direction. */
 int vr_rx_from_fd(struct vr_queue *q, struct vr_scratch *scratch, int fd, uint64_t max_bytes,
                   struct vr_rx_result *out);
+
+/* As vr_rx_from_fd, with the first prefix_len (<= VR_MAX_PREFIX) writable bytes of each chain
+ * reserved: payload is read after them; each chain that received payload gets `prefix`
+ * written in front, with its payload byte count as u32 little-endian at len_offset (if
+ * len_offset >= 0; it must be <= prefix_len - 4); used length = prefix_len + payload. A chain
+ * with no room after the prefix is treated like one with no writable bytes. max_bytes counts
+ * payload bytes. Returns VR_E_PREFIX for bad prefix arguments. */
+int vr_rx_from_fd_prefix(struct vr_queue *q, struct vr_scratch *scratch, int fd,
+                         uint64_t max_bytes, const uint8_t *prefix, uint32_t prefix_len,
+                         int32_t len_offset, struct vr_rx_result *out);

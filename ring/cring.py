@@ -22,7 +22,8 @@ import logging
 from ring.errors import ChainError, DriverError, GuestAddressError
 from ring.memory import GuestMemory
 from ring.types import Chain, Pending, RxResult, TxResult
-from ring.wire import MAX_QUEUE_SIZE, MAX_SEGMENTS, SplitLayout
+from ring.datapath import check_prefix
+from ring.wire import MAX_PREFIX, MAX_QUEUE_SIZE, MAX_SEGMENTS, SplitLayout
 
 try:
     from ring._vring_c import ffi, lib
@@ -34,7 +35,7 @@ __all__ = ["Virtqueue", "Chain", "TxResult", "RxResult", "Pending", "ABI_VERSION
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 1  # the csrc/vring.h VR_ABI_VERSION this module was written against
+ABI_VERSION = 2  # the csrc/vring.h VR_ABI_VERSION this module was written against
 
 
 def _check_abi() -> None:
@@ -45,7 +46,8 @@ def _check_abi() -> None:
     for code in ChainError:
         if getattr(lib, f"VR_E_{code.name}", None) != -int(code):
             raise ImportError(f"csrc/vring.h VR_E_{code.name} does not mirror ChainError")
-    if lib.VR_MAX_SEGMENTS != MAX_SEGMENTS or lib.VR_MAX_QUEUE_SIZE != MAX_QUEUE_SIZE:
+    if (lib.VR_MAX_SEGMENTS != MAX_SEGMENTS or lib.VR_MAX_QUEUE_SIZE != MAX_QUEUE_SIZE
+            or lib.VR_MAX_PREFIX != MAX_PREFIX):
         raise ImportError("csrc/vring.h limits differ from ring.wire")
 
 
@@ -497,12 +499,23 @@ class Virtqueue:
                         int(out.error) or None,
                         ChainError(out.broken) if out.broken else None)
 
-    def rx_from_fd(self, fd: int, max_bytes: int | None = None) -> RxResult:
+    def rx_from_fd(self, fd: int, max_bytes: int | None = None, *, prefix=b"",
+                   prefix_len_offset: int | None = None) -> RxResult:
         """Read from non-blocking ``fd`` into available chains' writable buffers with one
-        ``readv`` per batch (semantics: ring.datapath.rx_from_fd, docs/internals.md)."""
+        ``readv`` per batch, each touched chain optionally starting with ``prefix`` (its
+        payload length patched in at ``prefix_len_offset``) (semantics:
+        ring.datapath.rx_from_fd, docs/internals.md)."""
         self._sync()
         s, _keep, _, out = self._scratch_for_datapath()
-        rc = lib.vr_rx_from_fd(self._q, s, fd, self._budget(max_bytes), out)
+        budget = self._budget(max_bytes)
+        if prefix:
+            prefix = check_prefix(prefix, prefix_len_offset)
+            rc = lib.vr_rx_from_fd_prefix(
+                self._q, s, fd, budget, prefix, len(prefix),
+                -1 if prefix_len_offset is None else prefix_len_offset, out)
+        else:
+            check_prefix(prefix, prefix_len_offset)
+            rc = lib.vr_rx_from_fd(self._q, s, fd, budget, out)
         if rc < 0:
             raise _raise_for(rc, self.index)
         return RxResult(int(out.bytes), int(out.chains), bool(out.notify), bool(out.eof),

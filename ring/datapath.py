@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 from typing import TYPE_CHECKING
 
 from ring.errors import DriverError, GuestAddressError
 from ring.types import Pending, RxResult, TxResult
-from ring.wire import MAX_SEGMENTS
+from ring.wire import MAX_PREFIX, MAX_SEGMENTS
 
 if TYPE_CHECKING:
     from ring.pyring import Virtqueue
 
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 _UNLIMITED = 1 << 62
+_U32 = struct.Struct("<I")
 
 
 def _pending_views(vq: "Virtqueue", pending: Pending) -> list:
@@ -153,10 +155,51 @@ def tx_to_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None) -> TxResult
     return TxResult(written_total, len(completed), notify, blocked, error, broken)
 
 
-def rx_from_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None) -> RxResult:
+def check_prefix(prefix, prefix_len_offset: int | None) -> bytes:
+    """Validate the ``rx_from_fd`` prefix arguments (both implementations): at most
+    ``MAX_PREFIX`` bytes; the u32 length field, if any, lies wholly inside the prefix."""
+    prefix = bytes(prefix)
+    if len(prefix) > MAX_PREFIX:
+        raise ValueError(f"prefix of {len(prefix)} bytes exceeds {MAX_PREFIX}")
+    if prefix_len_offset is not None and not 0 <= prefix_len_offset <= len(prefix) - 4:
+        raise ValueError(f"prefix_len_offset {prefix_len_offset} outside the {len(prefix)}-byte "
+                         "prefix")
+    return prefix
+
+
+def _split_prefix(views: list, plen: int) -> tuple[list, list]:
+    """``views`` cut after their first ``plen`` bytes: (prefix pieces, payload pieces)."""
+    if plen == 0:
+        return [], views
+    pre, rest = [], []
+    skip = plen
+    for view in views:
+        if skip <= 0:
+            rest.append(view)
+        elif len(view) <= skip:
+            pre.append(view)
+            skip -= len(view)
+        else:
+            pre.append(view[:skip])
+            rest.append(view[skip:])
+            skip = 0
+    return pre, rest
+
+
+def rx_from_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None, *, prefix=b"",
+               prefix_len_offset: int | None = None) -> RxResult:
     """Host → guest stream: readv from non-blocking ``fd`` into available chains' writable
     buffers; each touched chain is completed with the bytes it received.
+
+    ``prefix``: the first ``len(prefix)`` writable bytes of every chain are reserved; the
+    payload is read into the rest, and each chain that received payload gets ``prefix``
+    written in front, with its payload byte count as a little-endian u32 at
+    ``prefix_len_offset`` (if not None); its used length is prefix + payload. A chain with
+    no room after the prefix is treated like a chain with no writable bytes. ``max_bytes``
+    counts payload bytes only.
     """
+    prefix = check_prefix(prefix, prefix_len_offset)
+    plen = len(prefix)
     budget = _UNLIMITED if max_bytes is None else max_bytes
     read_total = 0
     completed: list[tuple[int, int, int]] = []
@@ -164,8 +207,10 @@ def rx_from_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None) -> RxResu
     error = None
     broken = None
     while read_total < budget:
-        chains = []
+        # entries: (chain, prefix pieces, payload pieces, payload capacity)
+        entries = []
         iov: list = []
+        pieces = 0
         gathered = 0
         while gathered < budget - read_total and broken is None:
             try:
@@ -175,11 +220,13 @@ def rx_from_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None) -> RxResu
                 break
             if chain is None:
                 break
-            if iov and len(iov) + len(chain.writable) > MAX_SEGMENTS:
+            pre, rest = _split_prefix(chain.writable, plen)
+            npieces = len(pre) + len(rest)
+            if pieces and pieces + npieces > MAX_SEGMENTS:
                 vq._rewind(chain.ring_slots, 1)
                 break
-            if chain.writable_bytes == 0:
-                if chains:
+            if chain.writable_bytes <= plen or npieces > MAX_SEGMENTS:
+                if entries:
                     # Chains gathered before it may stay unfilled and be rewound; rewinding
                     # counts from last_avail_idx, so this one must not be consumed past them:
                     # give it back too and take it first in the next round.
@@ -188,10 +235,11 @@ def rx_from_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None) -> RxResu
                 # Nothing to receive into: give it straight back, used_len 0.
                 completed.append((chain.head, 0, chain.ring_slots))
                 continue
-            chains.append(chain)
-            iov.extend(chain.writable)
-            gathered += chain.writable_bytes
-        if not chains:
+            entries.append((chain, pre, chain.writable_bytes - plen))
+            iov.extend(rest)
+            pieces += npieces
+            gathered += chain.writable_bytes - plen
+        if not entries:
             starved = broken is None
             break
         limit = min(gathered, budget - read_total)
@@ -210,19 +258,22 @@ def rx_from_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None) -> RxResu
         read_total += n
         remaining = n
         rewind_chains = rewind_slots = 0
-        for chain in chains:
+        for chain, pre, room in entries:
             if remaining > 0:
-                got = min(remaining, chain.writable_bytes)
+                got = min(remaining, room)
                 remaining -= got
-                completed.append((chain.head, got, chain.ring_slots))
-                _mark_written(vq, chain.writable_gpas, got)
+                if plen:
+                    _write_prefix(pre, prefix, prefix_len_offset, got)
+                completed.append((chain.head, plen + got, chain.ring_slots))
+                _mark_written(vq, chain.writable_gpas, plen + got)
             else:
                 rewind_chains += 1
                 rewind_slots += chain.ring_slots
         if broken is None:
             vq._rewind(rewind_slots, rewind_chains)
         else:  # cannot rewind across the broken chain: complete untouched ones empty
-            completed.extend((c.head, 0, c.ring_slots) for c in chains[len(chains) - rewind_chains:])
+            completed.extend((e[0].head, 0, e[0].ring_slots)
+                             for e in entries[len(entries) - rewind_chains:])
         if eof or drained or error is not None or broken is not None:
             break
     if completed:
@@ -230,6 +281,19 @@ def rx_from_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None) -> RxResu
     # A hostile chain was returned as (head, 0) by the walk itself: the guest must hear of it.
     notify = vq.should_notify() if completed or broken is not None else False
     return RxResult(read_total, len(completed), notify, eof, starved, error, drained, broken)
+
+
+def _write_prefix(pieces: list, prefix: bytes, len_offset: int | None, count: int) -> None:
+    """Copy ``prefix`` (with ``count`` as u32 LE at ``len_offset``) over ``pieces``."""
+    if len_offset is not None:
+        data = bytearray(prefix)
+        _U32.pack_into(data, len_offset, count)
+    else:
+        data = prefix
+    off = 0
+    for view in pieces:
+        view[:] = data[off:off + len(view)]
+        off += len(view)
 
 
 def _mark_written(vq: "Virtqueue", gpas, count: int) -> None:

@@ -371,9 +371,12 @@ class Virtqueue:
         :func:`ring.datapath.tx_to_fd`."""
         return tx_to_fd(self, fd, max_bytes)
 
-    def rx_from_fd(self, fd: int, max_bytes: int | None = None) -> RxResult:
-        """Read from ``fd`` into available chains' writable buffers with ``readv``; see
-        :func:`ring.datapath.rx_from_fd`."""
-        return rx_from_fd(self, fd, max_bytes)
+    def rx_from_fd(self, fd: int, max_bytes: int | None = None, *, prefix=b"",
+                   prefix_len_offset: int | None = None) -> RxResult:
+        """Read from ``fd`` into available chains' writable buffers with ``readv``, each
+        touched chain optionally starting with ``prefix`` (its payload length patched in at
+        ``prefix_len_offset``); see :func:`ring.datapath.rx_from_fd`."""
+        return rx_from_fd(self, fd, max_bytes, prefix=prefix,
+                          prefix_len_offset=prefix_len_offset)
 
 

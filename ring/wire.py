@@ -18,6 +18,7 @@ __all__ = [
     "MAX_QUEUE_SIZE",
     "MAX_INDIRECT_ENTRIES",
     "MAX_SEGMENTS",
+    "MAX_PREFIX",
     "PackedDesc",
     "PackedEventFlag",
     "PackedEventSuppress",
@@ -42,6 +43,7 @@ __all__ = [
 
 MAX_QUEUE_SIZE = 32768  # Spec: virtio 1.2 §2.7 "Queue Size ... maximum ... 32768"
 MAX_SEGMENTS = 1024  # memoryviews per chain (IOV_MAX); more → ChainError.TOO_MANY_SEGMENTS
+MAX_PREFIX = 256  # bytes of the per-chain prefix rx_from_fd writes in front of the payload
 MAX_INDIRECT_ENTRIES = 65536  # indirect len / 16 above this → ChainError.INDIRECT_LEN
 DESC_SIZE = 16
 
