@@ -228,6 +228,10 @@ class RxRead:
 
 RxItem = Union[RxPacket, RxRead]
 
+#: One guest RW packet of the TX fast path: ``(len, flags, buf_alloc, fwd_cnt, payload
+#: buffers)``, header fields as plain ints (no enum built per packet).
+RwPacket = tuple[int, int, int, int, Sequence[Buffer]]
+
 
 @dataclass(frozen=True, slots=True)
 class ConnInfo:
@@ -548,6 +552,50 @@ class Connection:
         # REQUEST / RESPONSE on a live connection: ignore (as Firecracker does).
         self.log.debug("%s: ignoring %s in state %s", self.key, Op(op).name, st.value)
         return []
+
+    def on_rw_batch(self, packets: Sequence[RwPacket], now: float) -> list[Action]:
+        """Consecutive stream RW packets from the guest for this connection (the TX fast
+        path: cids, type, op and len already checked by the caller).
+
+        Same outcome as `on_packet` for each in turn, with one ``WriteHost`` for all their
+        payloads (one ``writev``). Anything off the common case (not established, shut
+        down, host gone, a credit violation) goes packet by packet through `on_packet`.
+
+        Spec: virtio 1.2 §5.10.6.3 (credit), §5.10.6.4 (stream data)."""
+        if (self.state is not ConnState.ESTABLISHED or self.type_ is not Type.STREAM
+                or not self.host_open or self.host_hup or self.peer_shut & ShutdownFlag.SEND):
+            return self._rw_one_by_one(packets, now)
+        buf_alloc = self.buf_alloc
+        base = self.recv_cnt - self.adv_fwd_cnt
+        total = 0
+        for n, _flags, _ba, _fc, _views in packets:
+            total += n
+            # Spec: virtio 1.2 §5.10.6.3.1 (see _guest_data): credit is cumulative.
+            if n > buf_alloc or _u32(base + total) > buf_alloc:
+                return self._rw_one_by_one(packets, now)
+        for _n, _flags, ba, fc, _views in packets:
+            if ba != self.peer_buf_alloc or fc != self.peer_fwd_cnt:
+                self._credit_requested = False
+                self.peer_buf_alloc, self.peer_fwd_cnt = ba, fc
+        self.recv_cnt = _u32(self.recv_cnt + total)
+        if total == 0:
+            return []
+        views = [v for p in packets for v in p[4]]
+        if self._inflight is None and not self._g2h_has_data():
+            act = WriteHost(self.key, tuple(views))
+            self._inflight, self._inflight_direct = act, True
+            return [act]
+        self._g2h_chunks.append(_join(views))
+        return []
+
+    def _rw_one_by_one(self, packets: Sequence[RwPacket], now: float) -> list[Action]:
+        actions: list[Action] = []
+        k = self.key
+        for n, flags, ba, fc, views in packets:
+            hdr = VsockHeader(k.cid, int(HOST_CID), k.peer_port, k.local_port, n,
+                              int(Type.STREAM), int(Op.RW), flags, ba, fc)
+            actions += self.on_packet(hdr, views, now)
+        return actions
 
     def _update_peer_credit(self, hdr: VsockHeader) -> None:
         # Re-arm CREDIT_REQUEST only when the guest's credit changed: a guest answering our

@@ -42,7 +42,8 @@ from .errors import DuplicateCidError, UnknownCidError
 from .handshake import OkPortConvention
 from .host import VsockHost
 from .muxer import DEVICE_FEATURES, MuxerConfig, VsockMuxer
-from .wire import VIRTIO_ID_VSOCK, Queue, VsockConfig as VsockConfigSpace, VsockEvent, VsockHeader
+from .wire import (HOST_CID, VIRTIO_ID_VSOCK, Op, Queue, Type, VsockConfig as VsockConfigSpace,
+                   VsockEvent, VsockHeader)
 
 log = logging.getLogger(__name__)
 
@@ -203,16 +204,12 @@ class VsockDevice:
             except DriverError as exc:
                 chains, broken = list(getattr(exc, "chains", ()) or ()), exc
             if chains:
-                now = self.loop.time()
-                done = []
-                for chain in chains:
-                    try:
-                        self.host.run(self.muxer.guest_tx(self.cid, chain.readable, now))
-                    except Exception:  # a bug must not leak the chain
-                        self.log.exception("TX packet handling failed")
-                    done.append((chain.head, 0, chain.ring_slots))
-                vq.push_batch(done)
-                completed += len(done)
+                try:
+                    self._tx_packets(chains)
+                except Exception:  # a bug must not leak the chains
+                    self.log.exception("TX packet handling failed")
+                vq.push_batch([(c.head, 0, c.ring_slots) for c in chains])
+                completed += len(chains)
             if broken is not None:
                 self.log.error("TX queue broken (%s): the guest driver broke the ring; it "
                                "stays stopped until the device is reset", broken)
@@ -224,6 +221,44 @@ class VsockDevice:
             self._schedule_tx()  # more to do: after other fds had their turn
         if completed:
             handle.notify_if_needed()
+
+    def _tx_packets(self, chains: list) -> None:
+        """Hand a batch of TX packets to the muxer, before their chains are completed.
+
+        Fast path: the header is unpacked once into plain ints; consecutive stream RW
+        packets of one connection go to ``muxer.guest_rw_batch`` as one group (one
+        reconcile, one ``writev`` of their payloads straight from guest memory). Anything
+        else (control packets, seqpacket, headers split over descriptors, bad fields) goes
+        through ``muxer.guest_tx``, in order, which validates it in full.
+
+        Spec: virtio 1.2 §5.10.6 (packet = header + payload), §5.10.6.1 (TX buffers)."""
+        cid = self.cid
+        muxer, run = self.muxer, self.host.run
+        now = self.loop.time()
+        group: list = []
+        group_ports = None
+        for chain in chains:
+            readable = chain.readable
+            first = readable[0] if readable else None
+            if first is not None and len(first) >= HDR:
+                (src_cid, dst_cid, src_port, dst_port, len_, type_, op, flags, buf_alloc,
+                 fwd_cnt) = _unpack_hdr(first)
+                if op == _RW and type_ == _STREAM and src_cid == cid and dst_cid == _HOST:
+                    views = _payload(readable, len_)
+                    if views is not None:
+                        ports = (dst_port, src_port)
+                        if ports != group_ports and group:
+                            run(muxer.guest_rw_batch(cid, *group_ports, group, now))
+                            group = []
+                        group_ports = ports
+                        group.append((len_, flags, buf_alloc, fwd_cnt, views))
+                        continue
+            if group:
+                run(muxer.guest_rw_batch(cid, *group_ports, group, now))
+                group, group_ports = [], None
+            run(muxer.guest_tx(cid, readable, now))
+        if group:
+            run(muxer.guest_rw_batch(cid, *group_ports, group, now))
 
     # -- RX: host -> guest -----------------------------------------------------------------
     def _process_rx(self) -> None:
@@ -443,6 +478,25 @@ class VsockBackend:
                 pass
         self.host.close()
         self._devices.clear()
+
+
+_unpack_hdr = VsockHeader.FMT.unpack_from
+_RW, _STREAM, _HOST = int(Op.RW), int(Type.STREAM), int(HOST_CID)
+
+
+def _payload(readable: Sequence[memoryview], len_: int) -> list[memoryview] | None:
+    """The ``len_`` payload bytes after the header (no copy), or None if the chain holds
+    fewer (the full check in ``muxer.guest_tx`` then drops the packet)."""
+    first = readable[0]
+    out = [first[HDR:HDR + len_]] if len(first) > HDR and len_ else []
+    need = len_ - (len(out[0]) if out else 0)
+    for view in readable[1:]:
+        if need <= 0:
+            break
+        piece = view if len(view) <= need else view[:need]
+        out.append(piece)
+        need -= len(piece)
+    return None if need > 0 else out
 
 
 def _slice_views(views: Sequence[memoryview], offset: int, limit: int) -> list[memoryview]:

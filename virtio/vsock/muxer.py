@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from .conn import (Action, Buffer, CloseHost, ConnConfig, ConnInfo, ConnKey, Connection,
-                   ConnState, RxPacket, RxItem, RxReady, SetHostInterest, SetTimer)
+                   ConnState, RwPacket, RxPacket, RxItem, RxReady, SetHostInterest, SetTimer)
 from .errors import (DuplicateCidError, TableFullError, UnknownCidError,
                      UnknownConnectionError)
 from .wire import (HOST_CID, MAX_PKT_PAYLOAD_BYTES, Op, SeqpacketFlag, Type, VsockFeature,
@@ -276,6 +276,35 @@ class VsockMuxer:
             vm.stats.dropped_bad_len += 1
             self._warn(vm, now, "dropping TX packet: len %d beyond the buffer", hdr.len_)
             return []
+        return self._route(vm, hdr, payload, now)
+
+    def guest_rw_batch(self, cid: int, dst_port: int, src_port: int,
+                       packets: Sequence[RwPacket], now: float) -> list[Action]:
+        """Consecutive stream RW packets of VM ``cid`` from guest port ``src_port`` to host
+        port ``dst_port`` (the device's TX fast path). The caller checked what `guest_tx`
+        checks before routing (header size, len within the buffer, src_cid = the VM,
+        dst_cid = the host, type STREAM, op RW); header fields come as plain ints.
+
+        Same outcome as `guest_tx` for each packet, with one reconcile for the batch and
+        one ``WriteHost`` for all the payloads."""
+        vm = self._vm(cid)
+        key = ConnKey(cid, dst_port, src_port)
+        conn = vm.conns.get(key)
+        if conn is None or conn.type_ is not Type.STREAM:
+            actions: list[Action] = []
+            for n, flags, ba, fc, views in packets:
+                hdr = VsockHeader(cid, int(HOST_CID), src_port, dst_port, n, _STREAM, _RW,
+                                  flags, ba, fc)
+                actions += self._route(vm, hdr, views, now)
+            return actions
+        vm.stats.tx_packets += len(packets)
+        before = self._snap(conn)
+        actions = conn.on_rw_batch(packets, now)
+        return actions + self._reconcile(key, before)
+
+    def _route(self, vm: _Vm, hdr: VsockHeader, payload: list[memoryview], now: float
+               ) -> list[Action]:
+        """`guest_tx` after the header and its len were checked."""
         vm.stats.tx_packets += 1
         if hdr.src_cid != vm.cid:
             vm.stats.dropped_bad_cid += 1
@@ -678,3 +707,4 @@ class VsockMuxer:
 
 
 _KNOWN_OPS = frozenset(int(op) for op in Op if op != Op.INVALID)
+_STREAM, _RW = int(Type.STREAM), int(Op.RW)
