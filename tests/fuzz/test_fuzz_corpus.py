@@ -17,7 +17,7 @@ import struct
 
 import pytest
 
-from tests.fuzz import fuzz_channel, fuzz_ring
+from tests.fuzz import fuzz_channel, fuzz_ring, fuzz_session
 
 CORPUS = pathlib.Path(__file__).parent / "corpus"
 RANDOM_INPUTS = 2000 if os.environ.get("HYPOTHESIS_PROFILE") == "nightly" else 150
@@ -73,3 +73,23 @@ def test_ring_decoder_reaches_hostile_and_benign_rings():
             chains += 1
     assert chains >= 5
     assert len(codes) >= 5 and ChainError.AVAIL_IDX in codes, codes
+
+
+def _request(code: int, *fields: bytes) -> bytes:
+    """A session-fuzz input naming request ``code`` (an index into REQUESTS) with plain
+    flags, no fds and a structured payload driven by ``fields``."""
+    return bytes([code, 1, 1, 0, 1]) + b"".join(fields)
+
+
+SESSION_SEEDS = [
+    b"",
+    _request(0) + _request(1),  # GET_FEATURES, SET_FEATURES
+    bytes([4, 1, 1, 1, 1, 1]) + bytes(12),  # SET_MEM_TABLE with the RAM fd, one region
+] + [bytes([i % 47, i & 0xC, i, i % 4, i]) * 3 for i in range(0, 255, 7)]
+
+
+@pytest.mark.parametrize("chunk", range(3))
+def test_session_fuzz_corpus(chunk):
+    inputs = corpus("session", SESSION_SEEDS, 200)
+    for data in inputs[chunk::3]:
+        fuzz_session.one_input(data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ring.errors import DriverError
 from vhost_user.device import QueueHandle
 
 __all__ = ["EchoDevice"]
@@ -62,14 +63,18 @@ class EchoDevice:
             return
         vq = handle.vq
         completed = 0
-        while True:
-            chain = vq.pop()
-            if chain is None:
-                break
-            data = chain.read_all()
-            written = vq.fill(chain, data) if chain.writable_bytes else 0
-            vq.push(chain.head, written, chain.ring_slots)
-            completed += 1
+        try:
+            while True:
+                chain = vq.pop()
+                if chain is None:
+                    break
+                data = chain.read_all()
+                written = vq.fill(chain, data) if chain.writable_bytes else 0
+                vq.push(chain.head, written, chain.ring_slots)
+                completed += 1
+        except DriverError as exc:  # a hostile ring: the queue is broken, the device goes on
+            self.events.append(("broken", index, exc.code))
+            completed += exc.head is not None
         if completed and vq.should_notify():
             handle.notify()
 
