@@ -504,6 +504,37 @@ class Connection:
         item = self.next_rx(0)
         return (item.header if isinstance(item, RxPacket) else None), actions
 
+    def rx_burst(self) -> tuple[bytes, int] | None:
+        """For the device's RX fast path: when the next packet for the guest is a stream
+        read from the host socket, ``(header template, max payload bytes)`` for reading
+        several packets at once (``Virtqueue.rx_from_fd`` with the template as prefix and
+        ``len`` patched per chain); None otherwise. Changes nothing: report the outcome
+        with `rx_burst_done`.
+
+        Spec: virtio 1.2 §5.10.6.3 (every header carries our credit; RW within the
+        guest's credit)."""
+        if self.type_ is not Type.STREAM or self._peek_rx() != "read":
+            return None
+        credit = self.peer_free
+        k = self.key
+        template = VsockHeader.FMT.pack(int(HOST_CID), k.cid, k.local_port, k.peer_port, 0,
+                                        int(Type.STREAM), int(Op.RW), 0, self.buf_alloc,
+                                        self.fwd_cnt)
+        return template, credit
+
+    def rx_burst_done(self, nbytes: int, drained: bool) -> list[Action]:
+        """``nbytes`` payload bytes went to the guest in packets built from the
+        `rx_burst` template; ``drained``: the host socket had no more data (EAGAIN). EOF
+        and errors are left for the next ordinary read (`rx_read_done`) to find."""
+        if nbytes:
+            self.tx_cnt = _u32(self.tx_cnt + nbytes)
+            self.bytes_to_guest += nbytes
+            self.adv_fwd_cnt = self.fwd_cnt  # the template carried fwd_cnt
+            self._pending &= ~_Pending.CREDIT_UPDATE
+        if drained:
+            self.host_readable = False
+        return []
+
     def rx_message(self, data: bytes, now: float, *, truncated: bool = False,
                    eor: bool = False) -> list[Action]:
         """A whole seqpacket message read from the host socket."""

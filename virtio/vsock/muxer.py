@@ -540,6 +540,21 @@ class VsockMuxer:
         hdr, actions = conn.rx_read_done(nbytes, now, hangup=hangup)
         return hdr, actions + self._reconcile(key, before)
 
+    def rx_burst(self, key: ConnKey) -> tuple[bytes, int] | None:
+        """`Connection.rx_burst` of ``key`` (None if it is gone or has no stream read)."""
+        conn = self._lookup(key)
+        return None if conn is None else conn.rx_burst()
+
+    def rx_burst_done(self, key: ConnKey, nbytes: int, packets: int, drained: bool,
+                      now: float) -> list[Action]:
+        """After a burst read of ``packets`` packets, ``nbytes`` payload bytes, for ``key``
+        (see `Connection.rx_burst_done`)."""
+        conn = self._lookup(key)
+        if conn is None:
+            return []
+        self._vms[key.cid].stats.rx_packets += packets
+        return self._mutate(conn, now, lambda: conn.rx_burst_done(nbytes, drained))
+
     def rx_message(self, key: ConnKey, data: bytes, now: float, *, truncated: bool = False,
                    eor: bool = False) -> list[Action]:
         conn = self._lookup(key)
