@@ -118,7 +118,8 @@ class Virtqueue:
 
     ``size`` must be a power of two ≤ 32768 for split rings, 1..32768 for packed rings.
 
-    Spec: virtio 1.2 §2.6 (Virtqueues), §2.7.10 (event suppression, split), §2.8.10 (packed).
+    Spec: virtio 1.2 §2.6 (Virtqueues), §2.7.7 / §2.7.10 (notification suppression, split),
+    §2.8.10 (packed).
     """
 
     def __init__(self, memory: GuestMemory, size: int, *, packed: bool, event_idx: bool,
@@ -458,7 +459,7 @@ class Virtqueue:
     def should_notify(self) -> bool:
         """Whether the guest needs an interrupt now (updates ``signalled_used``).
 
-        Spec: virtio 1.2 §2.7.10, §2.8.10.
+        Spec: virtio 1.2 §2.7.7.2, §2.8.10.
         """
         self._sync()
         rc = lib.vr_should_notify(self._q)

@@ -31,7 +31,8 @@ class Virtqueue:
     ``size`` must be a power of two ≤ 32768 for split rings, 1..32768 for packed rings.
     Call :meth:`configure` with the guest-physical ring addresses before popping.
 
-    Spec: virtio 1.2 §2.6 (Virtqueues), §2.7.10 (event suppression, split), §2.8.10 (packed).
+    Spec: virtio 1.2 §2.6 (Virtqueues), §2.7.7 / §2.7.10 (notification suppression, split),
+    §2.8.10 (packed).
     """
 
     def __init__(self, memory: GuestMemory, size: int, *, packed: bool, event_idx: bool,
@@ -332,7 +333,7 @@ class Virtqueue:
     def should_notify(self) -> bool:
         """Whether the guest needs an interrupt now (updates ``signalled_used``).
 
-        Spec: virtio 1.2 §2.7.10 (split: used_event, VRING_AVAIL_F_NO_INTERRUPT,
+        Spec: virtio 1.2 §2.7.7.2 (split: used_event, VRING_AVAIL_F_NO_INTERRUPT,
         VIRTIO_F_NOTIFY_ON_EMPTY), §2.8.10 (packed driver event suppression).
         """
         if not self.configured:

@@ -123,9 +123,10 @@ def publish(vq: "Virtqueue", items) -> None:
 def should_notify(vq: "Virtqueue") -> bool:
     """libvhost-user ``vu_should_notify`` / QEMU ``virtio_split_should_notify``.
 
-    Spec: virtio 1.2 §2.7.10 "if the VIRTIO_F_EVENT_IDX feature bit is negotiated ... The
-    device MUST NOT send a notification ... unless used_event ... " and §2.7.7.2 / §6
-    VIRTIO_F_NOTIFY_ON_EMPTY.
+    Spec: virtio 1.2 §2.7.7.2 (Device Requirements: Used Buffer Notification Suppression):
+    "If the idx field in the used ring (which determined where that descriptor index was
+    placed) was equal to used_event, the device MUST send a notification."; §6.3
+    (VIRTIO_F_NOTIFY_ON_EMPTY, a legacy reserved feature bit).
     """
     if vq.notify_on_empty and vq._in_flight == 0 and \
             read_avail_idx(vq) == vq._last_avail_idx:

@@ -218,6 +218,6 @@ def split_layout(size: int) -> SplitLayout:
 def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     """vring_need_event: notify iff ``event_idx`` lies in ``[old, new)`` modulo 2^16.
 
-    Spec: virtio 1.2 §2.7.10 (used_event / avail_event).
+    Spec: virtio 1.2 §2.7.7 (used_event), §2.7.10 (avail_event).
     """
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)

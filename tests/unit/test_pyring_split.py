@@ -345,7 +345,7 @@ def test_avail_idx_wrapped_below_last_avail_counts_mod_2_16(vq_cls):
     assert vq.last_avail_idx == 1
 
 
-# -- notifications: virtio 1.2 §2.7.10 ------------------------------------------------------
+# -- notifications: virtio 1.2 §2.7.7, §2.7.10 --------------------------------------------------
 def test_no_event_idx_respects_no_interrupt(vq_cls):
     _, drv, vq = setup(vq_cls)
     drv.add_buf(out=[b"x"])
