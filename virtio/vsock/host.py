@@ -204,6 +204,7 @@ class VsockHost:
             hs.sock.close()
             return
         self._socks[key] = _HostSock(hs.sock)
+        self._size_send_buffer(key, hs.sock)
         self.run(actions)
 
     def _handshake_expired(self, listener: _Listener, hs: _Handshake) -> None:
@@ -407,12 +408,25 @@ class VsockHost:
         del self._connecting[key]
         if ok:
             self._socks[key] = _HostSock(pending.sock)
+            self._size_send_buffer(key, pending.sock)
         else:
             stats = self.stats.get(key.cid)
             if stats is not None:
                 stats.connects_refused += 1
             pending.sock.close()
         self.run(self.muxer.host_connected(key, now, ok))
+
+    def _size_send_buffer(self, key: ConnKey, sock: socket.socket) -> None:
+        """Let the host socket hold the guest's whole credit window (``buf_alloc``), so the
+        direct ``writev`` from guest memory normally takes a whole TX batch and nothing is
+        copied or left for a writability event. The kernel caps the value
+        (``net.core.wmem_max``); failure is harmless (the copy path covers it)."""
+        want = self.muxer.conn_config(key.cid).buf_alloc_bytes
+        try:
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < want:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, want)
+        except OSError:
+            pass
 
     def _close(self, key: ConnKey) -> None:
         pending = self._connecting.pop(key, None)
