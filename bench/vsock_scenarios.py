@@ -8,6 +8,7 @@ Spec: DESIGN.md "The vsock device" (hybrid vsock CONNECT/OK).
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from bench.procs import Backend, GuestProc, Peer, limit_stream
@@ -15,6 +16,10 @@ from bench.scenarios import PINNINGS, Ctx, Row, _fmt, _rate, alternate
 
 KIB = 1024
 PORT = 1234
+#: Credit window of each side (back-end ``tx_buffer_size``, guest ``buf_alloc``).
+WINDOW = int(os.environ.get("VSOCK_BENCH_WINDOW", 256 * KIB))
+#: Descriptors per vsock queue of the bench guest.
+QUEUE_SIZE = int(os.environ.get("VSOCK_BENCH_QUEUE", 256))
 
 
 class VsockSetup:
@@ -24,13 +29,14 @@ class VsockSetup:
         d.mkdir(parents=True)
         self.sock, self.uds = str(d / "vsock.sock"), str(d / "vsock")
         toml = (f'[[vsock]]\nguest_cid = 3\nsocket = "{self.sock}"\n'
-                f'uds_path = "{self.uds}"\n')
+                f'uds_path = "{self.uds}"\ntx_buffer_size = {WINDOW}\n')
         self.cpus = cpus
         self.backend = self.guest = self.peer = None
         try:
             self.backend = Backend(d, toml, [self.sock], ring=ctx.ring, cpu=cpus["backend"])
             self.guest = GuestProc(d, {"workload": workload, "socket": self.sock,
-                                       "cpu": cpus["guest"], "port": PORT})
+                                       "cpu": cpus["guest"], "port": PORT,
+                                       "buf_alloc": WINDOW, "queue_size": QUEUE_SIZE})
         except BaseException:
             self.close()
             raise
