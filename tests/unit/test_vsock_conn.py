@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, strategies as st
 
 from test_vsock_support import GUEST_BUF, Harness, pkt
-from virtio.vsock.conn import (ConnConfig, ConnKey, Connection, ConnState,
+from virtio.vsock.conn import (CloseHost, ConnConfig, ConnKey, Connection, ConnState,
                                WriteHost)
 from virtio.vsock.muxer import MuxerConfig
-from virtio.vsock.wire import Op, SeqpacketFlag, ShutdownFlag, Type
+from virtio.vsock.wire import Op, SeqpacketFlag, ShutdownFlag, Type, VsockHeader
 
 U32 = 2**32
 
@@ -273,3 +273,53 @@ def test_seqpacket_oversized_host_message_resets():
     key = h.open_guest_conn(type_=Type.SEQPACKET)
     h.host_sends(key, msgs=[b"m" * (64 * 1024 + 1)])
     assert [p.op for p, _ in h.rx()] == [Op.RST] and h.socks[key].closed
+
+
+# --- the batched data paths (device fast paths) ---------------------------------------------
+
+
+def _rw(n, fill=b"a", ba=GUEST_BUF, fc=0):
+    return (n, 0, ba, fc, [memoryview(fill * n)] if n else [])
+
+
+def test_rw_batch_one_write_for_all_payloads_same_credit_as_one_by_one():
+    a, b = make_conn(), make_conn()
+    packets = [_rw(10, b"x"), _rw(0), _rw(20, b"y", fc=5)]
+    acts = a.on_rw_batch(packets, 0.0)
+    assert [type(x) for x in acts] == [WriteHost]
+    assert b"".join(bytes(v) for v in acts[0].data) == b"x" * 10 + b"y" * 20
+    b._rw_one_by_one(packets, 0.0)
+    assert (a.recv_cnt, a.peer_fwd_cnt, a.peer_buf_alloc) == (b.recv_cnt, b.peer_fwd_cnt,
+                                                               b.peer_buf_alloc) == (30, 5,
+                                                                                     GUEST_BUF)
+
+
+def test_rw_batch_credit_violation_resets_like_per_packet():
+    """Spec: virtio 1.2 §5.10.6.3.1: RW beyond the credit we gave: the connection is reset."""
+    cfg = ConnConfig(buf_alloc_bytes=4096)
+    conn = make_conn(cfg=cfg)
+    acts = conn.on_rw_batch([_rw(3000), _rw(2000)], 0.0)
+    assert conn.state is ConnState.KILLED
+    assert any(type(x) is CloseHost for x in acts)
+
+
+def test_rw_batch_while_a_write_is_in_flight_buffers_a_copy():
+    conn = make_conn()
+    first = conn.on_rw_batch([_rw(5, b"p")], 0.0)
+    assert conn.on_rw_batch([_rw(3, b"q")], 0.0) == []
+    conn.host_write_done(5, 0.0)
+    again = conn.host_writable(0.0)
+    assert b"".join(bytes(v) for v in again[0].data) == b"qqq" and first
+
+
+def test_rx_burst_template_and_accounting():
+    conn = make_conn(peer_buf_alloc=10000)
+    assert conn.rx_burst() is None  # host not known readable: nothing to read
+    conn.host_readable = True
+    template, credit = conn.rx_burst()
+    hdr = VsockHeader.unpack(template)
+    assert (hdr.op, hdr.type_, hdr.len_, hdr.src_port, hdr.dst_port, hdr.dst_cid) == (
+        Op.RW, Type.STREAM, 0, 80, 1000, 3) and credit == 10000
+    conn.rx_burst_done(6000, True)
+    assert conn.tx_cnt == 6000 and conn.peer_free == 4000 and not conn.host_readable
+    assert conn.adv_fwd_cnt == conn.fwd_cnt
