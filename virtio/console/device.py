@@ -81,6 +81,9 @@ RX_BUDGET_BYTES = 256 * 1024
 """Host bytes moved into one port's receiveq per readiness callback (fairness)."""
 TX_BUDGET_BYTES = 1 << 20
 """Guest bytes moved out of one port's transmitq per call before other work runs."""
+OPPORTUNISTIC_RX_BYTES = 4096
+"""After a guest → host write of at most this many bytes, look for the host's answer at once
+(request/response traffic; vhost-net's busy-poll idea, one non-blocking ``readv``)."""
 EMERGENCY_BUFFER_BYTES = 64 * 1024
 """Emergency-write bytes kept while port 0 has no host peer (older ones are dropped)."""
 HOST_STATE_RETRY_S = 0.05
@@ -599,6 +602,11 @@ class ConsoleDevice:
         self._watch_writable(io, fd if result.blocked else None)
         if not result.blocked and result.bytes >= TX_BUDGET_BYTES:
             self.loop.call_soon(lambda: self._pump_tx(io))  # more may wait: yield first
+        elif 0 < result.bytes <= OPPORTUNISTIC_RX_BYTES and io.rx_fd is not None:
+            # A small write is likely a request: if the host peer already answered (it ran
+            # while we wrote), hand the answer to the guest now instead of one epoll round
+            # later. Nothing there costs one readv returning EAGAIN.
+            self._pump_rx(io)
 
     def _watch_writable(self, io: _PortIO, fd: int | None) -> None:
         if io.tx_fd == fd:
