@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", action="append", choices=SCENARIOS,
                    help="run only these scenarios (repeatable)")
     p.add_argument("--runs", type=int, help="back-end/limit run pairs (default 5, quick 3)")
-    p.add_argument("--seconds", type=float, help="seconds per run (default 1.0, quick 0.25)")
+    p.add_argument("--seconds", type=float, help="seconds per run (default 1.0, quick 0.2)")
     p.add_argument("--pinning", choices=("same", "cross", "both"), default="both")
     p.add_argument("--out", type=Path, help="results directory (default bench/results)")
     p.add_argument("--ports", type=int, default=126,
@@ -50,14 +50,16 @@ def main(argv: list[str] | None = None) -> int:
         args.pinning = "same"
     pinnings = ("same", "cross") if args.pinning == "both" else (args.pinning,)
     ctx = sc.Ctx(quick=args.quick, runs=args.runs or (3 if args.quick else 5),
-                 seconds=args.seconds or (0.25 if args.quick else 1.0), pinnings=pinnings)
+                 seconds=args.seconds or (0.2 if args.quick else 1.0), pinnings=pinnings)
     chosen = args.scenario or list(SCENARIOS)
     chunks = [32768] if args.quick else [4096, 16384, 32768, 65536, 131072]
     t0 = time.monotonic()
     rows: list = []
     failures: list[str] = []
+    timings: dict[str, float] = {}
     try:
         for name in chosen:
+          started = time.monotonic()
           try:
             if name == "bulk-tx":
                 rows += sc.bulk(ctx, "guest->host", chunks)
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
           except Exception as exc:  # one failing scenario must not lose the others' figures
             failures.append(f"{name}: {type(exc).__name__}: {exc}")
             print(f"bench: scenario {name} failed: {failures[-1]}", file=sys.stderr)
+          timings[name] = round(time.monotonic() - started, 1)
+          print(f"bench: {name} took {timings[name]} s", file=sys.stderr)
     finally:
         if not args.keep:
             shutil.rmtree(ctx.workdir, ignore_errors=True)
@@ -90,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                                if (argv if argv is not None else sys.argv[1:]) else "")
     meta = {"command": cmd.strip(), "date": stamp, "cpus": os.cpu_count(), "runs": ctx.runs,
             "seconds": ctx.seconds, "elapsed_s": round(time.monotonic() - t0, 1),
-            "python": sys.version.split()[0], "failures": failures}
+            "python": sys.version.split()[0], "failures": failures,
+            "scenario_seconds": timings}
     paths = report.write(rows, meta, args.out or report.RESULTS_DIR, stamp)
     print(report.markdown(rows, meta))
     print("wrote " + ", ".join(str(p) for p in paths.values()) +

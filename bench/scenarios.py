@@ -282,7 +282,7 @@ def many_ports(ctx: Ctx, nports: int = 126) -> list[Row]:
 
 def idle(ctx: Ctx) -> list[Row]:
     """Back-end CPU time over an idle period: ports open, host peers attached, no traffic."""
-    seconds = 2.0 if ctx.quick else 10.0
+    seconds = 1.5 if ctx.quick else 10.0
     s = ConsoleSetup(ctx, "same", workload="console-tx", names=["idle0", "idle1"],
                      chunk=4096, peer_mode="sink", queue_size=64)
     try:
@@ -293,7 +293,7 @@ def idle(ctx: Ctx) -> list[Row]:
         used = s.backend.cpu_seconds() - before
     finally:
         s.close()
-    row = Row("idle", f"idle back-end CPU over {seconds:.0f} s (console)", "same", ctx.ring,
+    row = Row("idle", f"idle back-end CPU over {seconds:g} s (console)", "same", ctx.ring,
               "CPU s", [used], [], "", None, higher_is_better=False,
               extra={"seconds": seconds, "cpu_percent": 100 * used / seconds})
     ctx.log(_fmt(row))
@@ -311,7 +311,7 @@ def py_vs_c(ctx: Ctx) -> list[Row]:
                              peer_mode="sink", queue_size=qsize, ring=ring)
             try:
                 res[ring], _ = alternate(ctx, lambda: _rate(s.guest.run(ctx.seconds)) / div,
-                                         None)
+                                         None, runs=2 if ctx.quick else None)
             finally:
                 s.close()
         rows.append(Row("py-vs-c", f"C ring vs pure-Python ring, {label}", "same", "c vs py",
