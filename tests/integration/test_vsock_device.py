@@ -22,6 +22,7 @@ import time
 import pytest
 
 from tests.support import ring_impl_class
+from vhost_user.frontend import FrontendError
 from tests.support.vsock_guest import HDR, BackendThread, VsockGuest
 from vhost_user.frontend import GuestRam, VhostUserFrontend
 from virtio.config import VsockConfig
@@ -137,6 +138,23 @@ def test_config_space_and_features(short_dir):
             assert features & (1 << 1)  # VIRTIO_VSOCK_F_SEQPACKET (virtio 1.2 §5.10.3)
             assert fe.get_config(0, 8) == (77).to_bytes(8, "little")
             assert fe.get_queue_num() == 3
+        finally:
+            fe.close()
+    finally:
+        backend.close()
+
+
+def test_queue_size_option_bounds_the_rings_a_frontend_may_set_up(short_dir):
+    cfg = vm_config(short_dir, cid=5, queue_size=64)
+    backend = BackendThread([cfg])
+    try:
+        fe = VhostUserFrontend.connect(cfg.socket)
+        try:
+            fe.init()
+            fe.set_vring_num(0, 64)
+            with pytest.raises((ConnectionError, OSError, FrontendError)):
+                fe.set_vring_num(1, 128)  # refused: the back-end drops the connection
+                fe.get_features()  # the refusal shows on the next request at the latest
         finally:
             fe.close()
     finally:

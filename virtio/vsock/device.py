@@ -81,6 +81,8 @@ class VsockDevice:
         self.backend = backend
         self.config = config
         self.cid = int(config.guest_cid)
+        #: the largest ring a front-end may set up (vhost-device-vsock's --queue-size)
+        self.max_queue_size = int(getattr(config, "queue_size", 32768))
         self.loop = backend.loop
         self.muxer = backend.muxer
         self.host = backend.host
