@@ -17,7 +17,7 @@ import struct
 
 import pytest
 
-from tests.fuzz import fuzz_channel, fuzz_ring, fuzz_session
+from tests.fuzz import fuzz_channel, fuzz_ring, fuzz_session, fuzz_vsock
 
 CORPUS = pathlib.Path(__file__).parent / "corpus"
 RANDOM_INPUTS = 2000 if os.environ.get("HYPOTHESIS_PROFILE") == "nightly" else 150
@@ -93,3 +93,25 @@ def test_session_fuzz_corpus(chunk):
     inputs = corpus("session", SESSION_SEEDS, 200)
     for data in inputs[chunk::3]:
         fuzz_session.one_input(data)
+
+
+def _vsock_steps(*steps: bytes) -> bytes:
+    return b"\x03\x01" + b"".join(steps)
+
+
+VSOCK_SEEDS = [
+    b"",
+    # guest REQUEST 1024 -> host 80, then the device answers, then data both ways
+    _vsock_steps(bytes([0, 1, 1, 0, 2, 0, 10, 0, 0, 0]), bytes([7, 200]),
+                 bytes([3, 0, 0, 20]), bytes([7, 255])),
+    # a host CONNECT to guest port 81, the guest accepts (RESPONSE), host floods
+    _vsock_steps(bytes([4, 1]), bytes([7, 10]), bytes([0, 2, 1, 0, 1, 2, 0, 0, 0, 0]),
+                 bytes([3, 0, 0, 63]), bytes([7, 255]), bytes([7, 255])),
+]
+
+
+@pytest.mark.parametrize("chunk", range(3))
+def test_vsock_fuzz_corpus(chunk):
+    inputs = corpus("vsock", VSOCK_SEEDS, 300)
+    for data in inputs[chunk::3]:
+        fuzz_vsock.one_input(data)
