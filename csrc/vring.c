@@ -11,6 +11,7 @@
 #include <limits.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -1282,6 +1283,22 @@ static uint32_t rx_pieces(const struct vr_chain *ch, const struct vr_segment *tm
     return nw;
 }
 
+/* Bytes a round should gather room for, asked once the round holds its first chain:
+ * FIONREAD's count when the fd has data, 1 (that one chain: the readv sees EOF or EAGAIN)
+ * when it reports none, and no bound when the fd cannot tell (not a socket, pipe, tty or
+ * file). *known is set when the count came from the fd. ring/datapath.py: _wanted. */
+static uint64_t rx_wanted(int fd, int *known)
+{
+    int avail = 0;
+    *known = 0;
+    if (ioctl(fd, FIONREAD, &avail) < 0)
+        return UINT64_MAX;
+    if (avail <= 0)
+        return 1;
+    *known = 1;
+    return (uint64_t)avail;
+}
+
 int vr_rx_from_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t budget,
                   struct vr_rx_result *out)
 {
@@ -1309,14 +1326,14 @@ int vr_rx_from_fd_prefix(struct vr_queue *q, struct vr_scratch *s, int fd, uint6
         return VR_E_PREFIX;
     while (read_total < budget) {
         uint32_t nent = 0, k, j, rewind_n = 0, rewind_slots = 0;
-        uint64_t gathered = 0, limit, n = 0, remaining;
-        int cnt = 0;
+        uint64_t gathered = 0, limit, n = 0, remaining, want = UINT64_MAX;
+        int cnt = 0, known = 0;
 
         if (ndone + (uint64_t)s->entries_cap > s->done_cap)
             break; /* no room for another round's completions (a racing hostile guest) */
         g.count = 0;
-        while (gathered < budget - read_total && !broken && nent < s->entries_cap &&
-               ndone + nent + s->entries_cap < s->done_cap) {
+        while (gathered < budget - read_total && gathered < want && !broken &&
+               nent < s->entries_cap && ndone + nent + s->entries_cap < s->done_cap) {
             struct vr_entry *e;
             uint32_t np, npre = 0;
             uint64_t skip = plen;
@@ -1369,6 +1386,8 @@ int vr_rx_from_fd_prefix(struct vr_queue *q, struct vr_scratch *s, int fd, uint6
             }
             e->reserved = npre;
             gathered += ch.writable_bytes - plen;
+            if (nent == 1) /* only as many chains as the waiting bytes need */
+                want = rx_wanted(fd, &known);
         }
         if (nent == 0) {
             starved = !broken;
@@ -1445,6 +1464,10 @@ int vr_rx_from_fd_prefix(struct vr_queue *q, struct vr_scratch *s, int fd, uint6
             for (k = nent - rewind_n; k < nent; k++)
                 add_done(s, &ndone, s->entries[k].head, 0, s->entries[k].slots);
         }
+        /* fewer bytes than the buffers offered, or all the fd reported: it has no more now
+         * (no second readv just to see EAGAIN) */
+        if (n > 0 && !error && (n < limit || (known && n >= want)))
+            drained = 1;
         if (eof || drained || error || broken)
             break;
     }

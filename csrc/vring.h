@@ -14,7 +14,7 @@
  * Spec: virtio 1.2 §2.7 (Split Virtqueues), §2.8 (Packed Virtqueues); docs/internals.md.
  */
 
-#define VR_ABI_VERSION 2
+#define VR_ABI_VERSION 3
 
 #define VR_MAX_SEGMENTS 1024
 #define VR_MAX_PREFIX 256

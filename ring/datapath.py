@@ -16,8 +16,10 @@ Spec: virtio 1.2 §2.7.13 / §2.8.21 (device side of the used ring), §5.3.6 (co
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import struct
+import termios
 from typing import TYPE_CHECKING
 
 from ring.errors import DriverError, GuestAddressError
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 _UNLIMITED = 1 << 62
 _U32 = struct.Struct("<I")
+_INT = struct.Struct("i")  # FIONREAD's native int
+_INT_ZERO = bytes(_INT.size)
 
 
 def _pending_views(vq: "Virtqueue", pending: Pending) -> list:
@@ -186,6 +190,20 @@ def _split_prefix(views: list, plen: int) -> tuple[list, list]:
     return pre, rest
 
 
+def _wanted(fd: int) -> tuple[int, bool]:
+    """Bytes an RX round should gather room for, asked once the round holds its first chain
+    (C: ``rx_wanted``): ``(FIONREAD count, True)`` when the fd has data; ``(1, False)`` (that
+    one chain: its readv sees EOF or EAGAIN) when it reports none; ``(no bound, False)`` when
+    the fd cannot tell (ioctl fails: not a socket, pipe, tty or file)."""
+    try:
+        avail = _INT.unpack(fcntl.ioctl(fd, termios.FIONREAD, _INT_ZERO))[0]
+    except OSError:
+        return _UNLIMITED, False
+    if avail <= 0:
+        return 1, False
+    return avail, True
+
+
 def rx_from_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None, *, prefix=b"",
                prefix_len_offset: int | None = None) -> RxResult:
     """Host → guest stream: readv from non-blocking ``fd`` into available chains' writable
@@ -197,6 +215,10 @@ def rx_from_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None, *, prefix
     ``prefix_len_offset`` (if not None); its used length is prefix + payload. A chain with
     no room after the prefix is treated like a chain with no writable bytes. ``max_bytes``
     counts payload bytes only.
+
+    A round gathers only as many chains as the bytes waiting need (FIONREAD, see
+    :func:`_wanted`), and a read that returns fewer bytes than offered, or every byte
+    FIONREAD reported, ends the call with ``drained`` (no second read just to see EAGAIN).
     """
     prefix = check_prefix(prefix, prefix_len_offset)
     plen = len(prefix)
@@ -212,7 +234,8 @@ def rx_from_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None, *, prefix
         iov: list = []
         pieces = 0
         gathered = 0
-        while gathered < budget - read_total and broken is None:
+        want, known = _UNLIMITED, False
+        while gathered < budget - read_total and gathered < want and broken is None:
             try:
                 chain = vq.pop()
             except DriverError as exc:
@@ -239,6 +262,8 @@ def rx_from_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None, *, prefix
             iov.extend(rest)
             pieces += npieces
             gathered += chain.writable_bytes - plen
+            if len(entries) == 1:  # only as many chains as the waiting bytes need
+                want, known = _wanted(fd)
         if not entries:
             starved = broken is None
             break
@@ -274,6 +299,8 @@ def rx_from_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None, *, prefix
         else:  # cannot rewind across the broken chain: complete untouched ones empty
             completed.extend((e[0].head, 0, e[0].ring_slots)
                              for e in entries[len(entries) - rewind_chains:])
+        if n > 0 and error is None and (n < limit or (known and n >= want)):
+            drained = True  # the fd has no more now: no second read just to see EAGAIN
         if eof or drained or error is not None or broken is not None:
             break
     if completed:

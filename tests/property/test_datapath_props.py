@@ -21,7 +21,9 @@ docs/internals.md "The batched data path", "Reconciled details" 7–8.
 
 from __future__ import annotations
 
+import os
 import socket
+import struct
 
 import pytest
 from hypothesis import event, given, reject
@@ -260,6 +262,8 @@ def _rx_readonly_after_unfilled(vq_cls, packed: bool):
         a.sendall(b"y")
         vq.rx_from_fd(b.fileno())
         reaped += [(u.id, u.len_, u.data) for u in drv.get_bufs()]
+        vq.rx_from_fd(b.fileno())  # nothing waiting: the read-only chain comes back empty
+        reaped += [(u.id, u.len_, u.data) for u in drv.get_bufs()]
     finally:
         a.close()
         b.close()
@@ -404,3 +408,85 @@ def test_rx_prefix_arguments_checked_by_both(impls, prefix, offset):
         vq = cls(make_memory(), 4, packed=False, event_idx=False)
         with pytest.raises(ValueError):
             vq.rx_from_fd(-1, prefix=prefix, prefix_len_offset=offset)
+
+
+# -- FIONREAD-bounded gathering and the short-read stop ------------------------------------------
+def _rx_ring(vq_cls, packed: bool, chains, *, hostile_last: bool = False):
+    """A size-8 ring with ``chains`` posted (lists of writable sizes, one descriptor each);
+    ``hostile_last``: the last chain's descriptor then points outside guest memory, so a
+    device that pops it breaks the queue."""
+    mem = make_memory()
+    drv = make_driver(mem, 8, packed=packed, allocator=Allocator(mem, start=0x1000))
+    vq = drv.attach(vq_cls)
+    heads = [drv.add_buf(in_sizes=ins) for ins in chains]
+    if hostile_last:
+        desc_gpa = drv.ring_addresses[0]
+        slot = len(chains) - 1 if packed else heads[-1]
+        drv.write(desc_gpa + 16 * slot, struct.pack("<Q", 0xFFFF_FFFF_0000))
+    return mem, drv, vq
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_rx_gathers_only_the_chains_the_waiting_bytes_need(impls, packed):
+    """64 bytes waiting, eight 4 KiB chains posted: one chain is popped, filled and pushed;
+    the read is short, so the call ends drained without a second read; the others stay
+    available and are not even walked (the eighth is hostile: walking it would break the
+    queue); the same in both implementations."""
+    outcomes = []
+    for name, cls in impls.items():
+        _mem, drv, vq = _rx_ring(cls, packed, [[4096]] * 8, hostile_last=True)
+        a, b = socket.socketpair()
+        try:
+            b.setblocking(False)
+            a.sendall(b"m" * 64)
+            res = vq.rx_from_fd(b.fileno())
+            assert (res.bytes, res.chains, res.drained, res.eof, res.starved,
+                    res.broken) == (64, 1, True, False, False, None), name
+            used = drv.get_bufs()
+            assert [(u.len_, bytes(u.data)) for u in used] == [(64, b"m" * 64)]
+            assert vq.in_flight == 0 and vq.last_avail_idx == 1
+            a.sendall(b"n" * 9000)  # needs three chains: exactly three are used
+            res = vq.rx_from_fd(b.fileno())
+            assert (res.bytes, res.chains, res.drained, res.broken) == (9000, 3, True, None)
+            assert [u.len_ for u in drv.get_bufs()] == [4096, 4096, 808]
+            a.close()
+            res = vq.rx_from_fd(b.fileno())
+            assert (res.bytes, res.chains, res.eof, res.broken) == (0, 0, True, None), name
+            outcomes.append(vq.last_avail_idx)
+        finally:
+            a.close()
+            b.close()
+    assert len(set(outcomes)) == 1 and outcomes[0] == 4
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_rx_from_fd_without_fionread_falls_back_to_the_budget(impls, packed):
+    """An fd that cannot say how much is waiting (``/dev/zero``: FIONREAD fails) is read as
+    before: as many chains as ``max_bytes`` needs, in one call."""
+    for name, cls in impls.items():
+        _mem, drv, vq = _rx_ring(cls, packed, [[1000]] * 6)
+        fd = os.open("/dev/zero", os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            res = vq.rx_from_fd(fd, 2500)
+        finally:
+            os.close(fd)
+        assert (res.bytes, res.chains, res.drained, res.eof) == (2500, 3, False, False), name
+        assert [u.len_ for u in drv.get_bufs()] == [1000, 1000, 500]
+        assert vq.last_avail_idx == 3
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_rx_from_pipe_uses_fionread_too(impls, packed):
+    """Pipes answer FIONREAD: 5000 bytes into 1000-byte chains take five chains, drained."""
+    for name, cls in impls.items():
+        _mem, drv, vq = _rx_ring(cls, packed, [[1000]] * 8)
+        r, w = os.pipe()
+        try:
+            os.set_blocking(r, False)
+            os.write(w, bytes(range(250)) * 20)
+            res = vq.rx_from_fd(r)
+            assert (res.bytes, res.chains, res.drained) == (5000, 5, True), name
+            assert b"".join(bytes(u.data) for u in drv.get_bufs()) == bytes(range(250)) * 20
+        finally:
+            os.close(r)
+            os.close(w)
