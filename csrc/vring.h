@@ -155,7 +155,7 @@ struct vr_tx_result {
     uint64_t bytes;          /* bytes written to the fd */
     uint32_t chains;         /* chains completed (pushed) */
     int32_t notify;          /* should_notify() after publication (0 if nothing completed) */
-    int32_t blocked;         /* the fd returned EAGAIN */
+    int32_t blocked;         /* the fd returned EAGAIN or took fewer bytes than offered */
     int32_t error;           /* errno of another write failure, else 0 */
     int32_t broken;          /* positive ChainError when a hostile chain broke the queue */
     int32_t reserved;
@@ -169,7 +169,7 @@ struct vr_rx_result {
     int32_t eof;             /* read returned 0 */
     int32_t starved;         /* no guest buffers left while the fd may have data */
     int32_t error;           /* errno of a read failure other than EAGAIN, else 0 */
-    int32_t drained;         /* the fd returned EAGAIN */
+    int32_t drained;         /* no more data now: EAGAIN, a short read, or all FIONREAD said */
     int32_t broken;          /* positive ChainError when a hostile chain broke the queue */
     int32_t reserved;
 };

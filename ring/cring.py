@@ -54,6 +54,12 @@ def _check_abi() -> None:
 _check_abi()
 
 _UNLIMITED = 1 << 62  # the reference's "no max_bytes" budget
+_U64_MAX = (1 << 64) - 1
+_new_tuple = tuple.__new__  # builds the NamedTuple results without their Python __new__
+_vr_tx_to_fd = lib.vr_tx_to_fd
+_vr_rx_from_fd = lib.vr_rx_from_fd
+_vr_rx_from_fd_prefix = lib.vr_rx_from_fd_prefix
+_BROKEN = {int(code): code for code in ChainError}
 _BATCH_CHAINS = 64  # chains per vr_pop_batch call
 _BATCH_SEGMENTS = 4 * MAX_SEGMENTS
 
@@ -150,6 +156,7 @@ class Virtqueue:
         self._seg = ffi.new("struct vr_segment[]", _BATCH_SEGMENTS)
         self._popped = ffi.new("uint32_t *")
         self._scratch = None  # allocated by the first tx_to_fd / rx_from_fd
+        self._tx_out = self._rx_out = None  # its result structs (cached for the fast path)
         self._init_state()
         self._sync()
 
@@ -486,19 +493,41 @@ class Virtqueue:
     def _budget(max_bytes: int | None) -> int:
         if max_bytes is None:
             return _UNLIMITED
-        return min(max(0, max_bytes), (1 << 64) - 1)
+        return min(max(0, max_bytes), _U64_MAX)
+
+    def _datapath_ready(self):
+        """The scratch struct once the region table is current (``None`` first: the
+        caller then goes through :meth:`_sync` and :meth:`_scratch_for_datapath`)."""
+        mem = self._mem
+        memory = self.memory
+        if mem is None or mem.generation != memory.generation or mem.log is not memory.log:
+            return None
+        scratch = self._scratch
+        return None if scratch is None else scratch[0]
+
+    def _datapath_slow(self):
+        self._sync()
+        s, _keep, self._tx_out, self._rx_out = self._scratch_for_datapath()
+        return s
 
     def tx_to_fd(self, fd: int, max_bytes: int | None = None) -> TxResult:
         """Write available chains' readable bytes to non-blocking ``fd`` with one ``writev``
-        per batch (semantics: ring.datapath.tx_to_fd, docs/internals.md)."""
-        self._sync()
-        s, _keep, out, _ = self._scratch_for_datapath()
-        rc = lib.vr_tx_to_fd(self._q, s, fd, self._budget(max_bytes), out)
+        per batch (semantics: ring.datapath.tx_to_fd, docs/internals.md).
+
+        The per-call Python work is kept to one generation check, one C call and one tuple:
+        this runs once per kick and per writability event of every port."""
+        s = self._datapath_ready() or self._datapath_slow()
+        out = self._tx_out
+        if max_bytes is None:
+            budget = _UNLIMITED
+        else:
+            budget = max_bytes if 0 <= max_bytes <= _U64_MAX else self._budget(max_bytes)
+        rc = _vr_tx_to_fd(self._q, s, fd, budget, out)
         if rc < 0:
             raise _raise_for(rc, self.index)
-        return TxResult(int(out.bytes), int(out.chains), bool(out.notify), bool(out.blocked),
-                        int(out.error) or None,
-                        ChainError(out.broken) if out.broken else None)
+        broken = out.broken
+        return _new_tuple(TxResult, (out.bytes, out.chains, out.notify != 0, out.blocked != 0,
+                                     out.error or None, _BROKEN[broken] if broken else None))
 
     def rx_from_fd(self, fd: int, max_bytes: int | None = None, *, prefix=b"",
                    prefix_len_offset: int | None = None) -> RxResult:
@@ -506,19 +535,24 @@ class Virtqueue:
         ``readv`` per batch, each touched chain optionally starting with ``prefix`` (its
         payload length patched in at ``prefix_len_offset``) (semantics:
         ring.datapath.rx_from_fd, docs/internals.md)."""
-        self._sync()
-        s, _keep, _, out = self._scratch_for_datapath()
-        budget = self._budget(max_bytes)
+        s = self._datapath_ready() or self._datapath_slow()
+        out = self._rx_out
+        if max_bytes is None:
+            budget = _UNLIMITED
+        else:
+            budget = max_bytes if 0 <= max_bytes <= _U64_MAX else self._budget(max_bytes)
         if prefix:
             prefix = check_prefix(prefix, prefix_len_offset)
-            rc = lib.vr_rx_from_fd_prefix(
+            rc = _vr_rx_from_fd_prefix(
                 self._q, s, fd, budget, prefix, len(prefix),
                 -1 if prefix_len_offset is None else prefix_len_offset, out)
         else:
-            check_prefix(prefix, prefix_len_offset)
-            rc = lib.vr_rx_from_fd(self._q, s, fd, budget, out)
+            if prefix_len_offset is not None:
+                check_prefix(prefix, prefix_len_offset)
+            rc = _vr_rx_from_fd(self._q, s, fd, budget, out)
         if rc < 0:
             raise _raise_for(rc, self.index)
-        return RxResult(int(out.bytes), int(out.chains), bool(out.notify), bool(out.eof),
-                        bool(out.starved), int(out.error) or None, bool(out.drained),
-                        ChainError(out.broken) if out.broken else None)
+        broken = out.broken
+        return _new_tuple(RxResult, (out.bytes, out.chains, out.notify != 0, out.eof != 0,
+                                     out.starved != 0, out.error or None, out.drained != 0,
+                                     _BROKEN[broken] if broken else None))

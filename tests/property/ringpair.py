@@ -118,7 +118,7 @@ def outcome(value: Any, mem: GuestMemory) -> Any:
     if isinstance(value, (TxResult, RxResult)):
         return (type(value).__name__,) + tuple(
             None if v is None else (int(v) if not isinstance(v, bool) else v)
-            for v in dataclasses.astuple(value))
+            for v in value)
     return value
 
 
