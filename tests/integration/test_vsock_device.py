@@ -343,11 +343,14 @@ def test_guest_beyond_credit_is_reset_device_keeps_serving(setup):
     server = setup.host_listen(7100)
     conn = setup.guest.connect(7100)
     peer, _ = server.accept()
-    # The device's buf_alloc is tx_buffer_size (256 KiB); send 300 KiB ignoring credit.
+    # The device's buf_alloc is tx_buffer_size (256 KiB); send 300 KiB ignoring credit, all
+    # in the ring before one kick, so no CREDIT_UPDATE can widen the window in between (the
+    # device would be right to honour credit it had already sent).
     for i in range(5):
         hdr = VsockHeader(setup.guest.cid, 2, conn.local_port, 7100, 60000, Type.STREAM,
                           Op.RW, 0, conn.buf_alloc, 0)
-        setup.guest.send_packet(hdr, pattern(60000, i))
+        setup.guest.send_packet(hdr, pattern(60000, i), kick=False)
+    setup.guest.queues[1].kick()
     setup.guest.run_until(lambda: conn.rst_received, 5)
     # Another connection still works.
     server2 = setup.host_listen(7101)
