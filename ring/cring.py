@@ -157,10 +157,12 @@ class Virtqueue:
         self._popped = ffi.new("uint32_t *")
         self._scratch = None  # allocated by the first tx_to_fd / rx_from_fd
         self._tx_out = self._rx_out = None  # its result structs (cached for the fast path)
+        self._unpop_mark: tuple | None = None  # (head, slots, last_avail, wrap) after a pop
         self._init_state()
         self._sync()
 
     def _init_state(self) -> None:
+        self._unpop_mark = None
         q = self._q
         q.last_avail_idx = q.used_idx = 0
         q.avail_wrap = q.used_wrap = 1
@@ -289,6 +291,7 @@ class Virtqueue:
                 self._load_used_idx()
         q.broken = 0
         q.signalled_used_valid = 0
+        self._unpop_mark = None
         if not same:
             q.pending_valid = 0
         q.in_flight = 1 if q.pending_valid else 0
@@ -330,6 +333,7 @@ class Virtqueue:
         q.signalled_used = int(state["signalled_used"])
         q.signalled_used_valid = bool(state["signalled_used_valid"])
         q.broken = 0 if state["broken"] is None else int(ChainError(state["broken"]))
+        self._unpop_mark = None
         if p is None:
             q.pending_valid = 0
         else:
@@ -392,7 +396,32 @@ class Virtqueue:
             raise self._error(rc)
         if rc == 0:
             return None
-        return self._make_chain(self._chain[0])
+        chain = self._make_chain(self._chain[0])
+        self._mark_popped(chain)
+        return chain
+
+    def _mark_popped(self, chain: Chain) -> None:
+        q = self._q
+        self._unpop_mark = (chain.head, chain.ring_slots, q.last_avail_idx, q.avail_wrap)
+
+    def unpop(self, chain: Chain) -> None:
+        """Give back ``chain``, the most recently popped one, unconsumed (same rules and
+        ``ValueError`` as ring.pyring.Virtqueue.unpop)."""
+        mark = self._unpop_mark
+        q = self._q
+        if (mark is None or mark[0] != chain.head or mark[1] != chain.ring_slots
+                or mark[2] != q.last_avail_idx or mark[3] != q.avail_wrap or q.in_flight < 1):
+            raise ValueError(f"chain {chain.head} is not the last popped, unpushed chain")
+        self._unpop_mark = None
+        if self.packed:  # as csrc/vring.c rewind_chains
+            pos = q.last_avail_idx - chain.ring_slots
+            if pos < 0:
+                pos += self.size
+                q.avail_wrap ^= 1
+            q.last_avail_idx = pos
+        else:
+            q.last_avail_idx = (q.last_avail_idx - 1) & 0xFFFF
+        q.in_flight -= 1
 
     def pop_batch(self, max_chains: int) -> list[Chain]:
         """Pop up to ``max_chains`` chains; a failure after some chains raises DriverError
@@ -406,6 +435,8 @@ class Virtqueue:
             got = self._popped[0]
             for k in range(got):
                 chains.append(self._make_chain(self._chain[k]))
+            if got:
+                self._mark_popped(chains[-1])
             if rc < 0:
                 raise self._error(rc, chains)
             if got < want:
@@ -429,6 +460,9 @@ class Virtqueue:
             return
         if not self.configured:
             raise DriverError(ChainError.NOT_READY, self.index)
+        mark = self._unpop_mark
+        if mark is not None and any(item[0] == mark[0] for item in items):
+            self._unpop_mark = None
         for head, used_len, ring_slots in items:
             if not 0 <= head < self.size or not 0 <= used_len <= 0xFFFFFFFF or ring_slots < 1:
                 raise ValueError(f"bad used element ({head}, {used_len}, {ring_slots})")
@@ -517,6 +551,7 @@ class Virtqueue:
         The per-call Python work is kept to one generation check, one C call and one tuple:
         this runs once per kick and per writability event of every port."""
         s = self._datapath_ready() or self._datapath_slow()
+        self._unpop_mark = None
         out = self._tx_out
         if max_bytes is None:
             budget = _UNLIMITED
@@ -536,6 +571,7 @@ class Virtqueue:
         payload length patched in at ``prefix_len_offset``) (semantics:
         ring.datapath.rx_from_fd, docs/internals.md)."""
         s = self._datapath_ready() or self._datapath_slow()
+        self._unpop_mark = None
         out = self._rx_out
         if max_bytes is None:
             budget = _UNLIMITED

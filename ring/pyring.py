@@ -65,6 +65,7 @@ class Virtqueue:
         self._signalled_used = 0
         self._signalled_used_valid = False
         self._pending: Pending | None = None
+        self._unpop_mark: tuple | None = None  # (head, slots, last_avail, wrap) after a pop
 
     # -- read-only state --------------------------------------------------------------------
     last_avail_idx = property(lambda self: self._last_avail_idx)
@@ -157,6 +158,7 @@ class Virtqueue:
                     raise DriverError(ChainError.ADDR, self.index) from None
         self._broken = None
         self._signalled_used_valid = False
+        self._unpop_mark = None
         if not same:
             self._pending = None
         self._in_flight = 1 if self._pending is not None else 0
@@ -193,6 +195,7 @@ class Virtqueue:
         self._signalled_used = int(state["signalled_used"])
         self._signalled_used_valid = bool(state["signalled_used_valid"])
         self._broken = None if state["broken"] is None else ChainError(state["broken"])
+        self._unpop_mark = None
         p = state["pending"]
         self._pending = None if p is None else Pending(
             int(p["head"]), int(p["ring_slots"]), int(p["offset"]),
@@ -221,9 +224,11 @@ class Virtqueue:
         if not self.configured:
             raise DriverError(ChainError.NOT_READY, self.index)
         try:
-            if self.packed:
-                return _packed.pop(self)
-            return _split.pop(self)
+            chain = _packed.pop(self) if self.packed else _split.pop(self)
+            if chain is not None:
+                self._unpop_mark = (chain.head, chain.ring_slots, self._last_avail_idx,
+                                    self._avail_wrap)
+            return chain
         except RingAccessError:
             self._broken = ChainError.ADDR
             self.log.warning("ring area not mapped: queue broken")
@@ -243,6 +248,26 @@ class Virtqueue:
                 break
             chains.append(chain)
         return chains
+
+    def unpop(self, chain: Chain) -> None:
+        """Give back ``chain``, the most recently popped one, unconsumed: ``last_avail_idx``
+        (and the packed avail wrap counter) step back over it and ``in_flight`` drops by one,
+        so the next ``pop`` returns it again (a device that popped a buffer it cannot use
+        yet, e.g. vsock RX with nothing to send). ``ValueError`` unless ``chain`` is the
+        last chain ``pop``/``pop_batch`` returned and, since then, nothing was pushed for its
+        head, no other chain was popped, and no ``tx_to_fd``/``rx_from_fd``, ``unpop``,
+        ``set_base``, ``load_state`` or ``reset`` ran. Nothing is written to guest memory.
+
+        Spec: virtio 1.2 §2.7.13.2 / §2.8.21 (a device reads available buffers in order; one
+        it has not used may be read again: the driver cannot tell).
+        """
+        mark = self._unpop_mark
+        if (mark is None or mark[0] != chain.head or mark[1] != chain.ring_slots
+                or mark[2] != self._last_avail_idx or mark[3] != self._avail_wrap
+                or self._in_flight < 1):
+            raise ValueError(f"chain {chain.head} is not the last popped, unpushed chain")
+        self._unpop_mark = None
+        self._rewind(chain.ring_slots, 1)
 
     def _fail(self, code: ChainError, head: int | None, ring_slots: int) -> DriverError:
         """Latch ``broken``; with a known head/id consume the chain and return it used with
@@ -293,6 +318,9 @@ class Virtqueue:
             return
         if not self.configured:
             raise DriverError(ChainError.NOT_READY, self.index)
+        mark = self._unpop_mark
+        if mark is not None and any(item[0] == mark[0] for item in items):
+            self._unpop_mark = None
         for head, used_len, ring_slots in items:
             if (not 0 <= head < self.size or not 0 <= used_len <= 0xFFFFFFFF
                     or not 1 <= ring_slots <= self.size):
@@ -370,14 +398,20 @@ class Virtqueue:
     def tx_to_fd(self, fd: int, max_bytes: int | None = None) -> TxResult:
         """Write available chains' readable bytes to ``fd`` with ``writev``; see
         :func:`ring.datapath.tx_to_fd`."""
-        return tx_to_fd(self, fd, max_bytes)
+        try:
+            return tx_to_fd(self, fd, max_bytes)
+        finally:
+            self._unpop_mark = None
 
     def rx_from_fd(self, fd: int, max_bytes: int | None = None, *, prefix=b"",
                    prefix_len_offset: int | None = None) -> RxResult:
         """Read from ``fd`` into available chains' writable buffers with ``readv``, each
         touched chain optionally starting with ``prefix`` (its payload length patched in at
         ``prefix_len_offset``); see :func:`ring.datapath.rx_from_fd`."""
-        return rx_from_fd(self, fd, max_bytes, prefix=prefix,
-                          prefix_len_offset=prefix_len_offset)
+        try:
+            return rx_from_fd(self, fd, max_bytes, prefix=prefix,
+                              prefix_len_offset=prefix_len_offset)
+        finally:
+            self._unpop_mark = None
 
 

@@ -233,5 +233,6 @@ def operations(raw_packed: bool, size: int):
         st.tuples(st.just("push_raw"), st.integers(0, size + 1), st.integers(0, 0x1_0000_0001),
                   st.integers(0, 2)),
         st.just(("set_base_same",)),
+        st.tuples(st.just("unpop"), st.sampled_from([0, 0, 0, 1, 2])),
     )
     return st.lists(op, min_size=1, max_size=12)

@@ -48,6 +48,12 @@ def run_ops(pair: RingPair, ops, size: int) -> list:
     """Apply ``ops`` in lock step; returns the list of reference outcomes (for tests that
     want to look at what happened)."""
     in_flight: list = []  # (head, slots, writable_bytes) of chains popped, not pushed
+    popped: dict = {side.name: [] for side in pair.sides}  # every side's chains, in pop order
+
+    def record(chains_by_side) -> None:
+        for side, chains in zip(pair.sides, chains_by_side):
+            popped[side.name].extend(chains)
+
     seen = []
     for op in ops:
         name = op[0]
@@ -55,13 +61,25 @@ def run_ops(pair: RingPair, ops, size: int) -> list:
             kind, value = pair.call("pop")
             if kind == "ok" and value is not None:
                 in_flight.append((value.head, value.ring_slots, value.writable_bytes))
+                record([v] for v in pair.last_values)
             elif kind == "exc":
                 in_flight.extend((c.head, c.ring_slots, c.writable_bytes)
                                  for c in value.chains)
+                record(v.chains for v in pair.last_values)
         elif name == "pop_batch":
             kind, value = pair.call("pop_batch", op[1])
             chains = value if kind == "ok" else value.chains
             in_flight.extend((c.head, c.ring_slots, c.writable_bytes) for c in chains)
+            record(v if kind == "ok" else v.chains for v in pair.last_values)
+        elif name == "unpop":  # op[1] = 0: the last popped chain; 1, 2: older ones (refused)
+            back = op[1]
+            if len(popped[pair.ref.name]) <= back:
+                continue
+            kind, value = pair.apply(lambda side: side.vq.unpop(popped[side.name][-1 - back]),
+                                     f"unpop(-{1 + back})")
+            if kind == "ok":
+                chain = popped[pair.ref.name][-1 - back]
+                in_flight.remove((chain.head, chain.ring_slots, chain.writable_bytes))
         elif name == "push_some":
             count, seed = op[1], op[2]
             rng = random.Random(seed)
@@ -244,3 +262,4 @@ def test_pinned_shapes_hit_their_error_codes():
                  "packed_chain_wraps_ring", "packed_event_desc"):
         kind, value = start_pair(impls, PINNED[name]).call("pop")
         assert kind == "ok" and value is not None, (name, kind, value)
+
