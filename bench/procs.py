@@ -183,11 +183,15 @@ class Peer:
 
 
 def limit_stream(chunk: int, seconds: float, reader: str, writer_cpu: int | None,
-                 reader_cpu: int | None) -> dict:
-    """Raw AF_UNIX stream (``reader``: "read" into 256 KiB or "readv" into 16 × 4 KiB)."""
+                 reader_cpu: int | None, working_set: int = 0) -> dict:
+    """Raw AF_UNIX stream (``reader``: "read" into 256 KiB or "readv" into 16 × 4 KiB).
+
+    ``working_set`` > 0: the guest's stand-in cycles over that many bytes (the writer with
+    "read", the readv reader with "readv") instead of one hot buffer (bench/limits/stream.c).
+    """
     out = subprocess.run([str(helper_path("stream")), str(chunk), str(seconds), reader,
                           str(-1 if writer_cpu is None else writer_cpu),
-                          str(-1 if reader_cpu is None else reader_cpu)],
+                          str(-1 if reader_cpu is None else reader_cpu), str(working_set)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 

@@ -149,31 +149,59 @@ def alternate(ctx: Ctx, backend_run: Callable[[], float], limit_run: Callable[[]
 # -- scenarios ------------------------------------------------------------------------------
 def bulk(ctx: Ctx, direction: str, chunks: list[int]) -> list[Row]:
     """Console bulk: guest→host with ``chunk``-byte chains vs raw AF_UNIX at ``chunk`` writes;
-    host→guest (host writes ``chunk``) into 4 KiB guest buffers vs raw readv 16 × 4 KiB."""
+    host→guest (host writes ``chunk``) into 4 KiB guest buffers vs raw readv 16 × 4 KiB.
+
+    At the chunk size a target applies to, a second limit is measured in the same
+    alternation: the raw helper's guest stand-in cycling over the working set the guest's
+    buffers span (256 chains × chunk guest→host, 256 × 4 KiB host→guest) instead of one hot
+    buffer. It is reported as its own row ("working-set-matched limit"); the target is
+    judged against the same-chunk-size limit, as issue 5 states it."""
     rows = []
     tx = direction == "guest->host"
+    queue_size = 256
     for pin in ctx.pinnings:
         cpus = PINNINGS[pin]
         for chunk in chunks:
             s = ConsoleSetup(ctx, pin, workload="console-tx" if tx else "console-rx",
                              names=["bench0"], chunk=chunk if tx else 4096,
-                             peer_mode="sink" if tx else "source", peer_chunk=chunk)
-            try:
-                b, l = alternate(
-                    ctx, lambda: _rate(s.guest.run(ctx.seconds)),
-                    lambda: limit_stream(chunk, ctx.seconds, "read" if tx else "readv",
-                                         cpus["writer"], cpus["reader"])["bytes_per_s"])
-            finally:
-                s.close()
+                             peer_mode="sink" if tx else "source", peer_chunk=chunk,
+                             queue_size=queue_size)
             target = 0.8 if tx and chunk == 32 * KIB else 0.7 if not tx and chunk == 64 * KIB \
                 else None
-            rows.append(Row("console-bulk-tx" if tx else "console-bulk-rx",
-                            f"console {direction} {chunk // KIB} KiB" +
-                            ("" if tx else " (4 KiB guest buffers)"), pin, ctx.ring, "B/s",
-                            b, l, "raw AF_UNIX write()/read()" if tx else
-                            "raw AF_UNIX write()/readv(16×4 KiB)", target, chunk=chunk,
-                            direction=direction))
+            mode = "read" if tx else "readv"
+            working_set = queue_size * (chunk if tx else 4 * KIB)
+            ws_samples: list[float] = []
+
+            def limit_run() -> float:
+                value = limit_stream(chunk, ctx.seconds, mode, cpus["writer"],
+                                     cpus["reader"])["bytes_per_s"]
+                if target is not None:
+                    ws_samples.append(limit_stream(chunk, ctx.seconds, mode, cpus["writer"],
+                                                   cpus["reader"], working_set)["bytes_per_s"])
+                return value
+
+            try:
+                b, l = alternate(ctx, lambda: _rate(s.guest.run(ctx.seconds)), limit_run)
+            finally:
+                s.close()
+            label = f"console {direction} {chunk // KIB} KiB" + ("" if tx else
+                                                                  " (4 KiB guest buffers)")
+            rows.append(Row("console-bulk-tx" if tx else "console-bulk-rx", label, pin,
+                            ctx.ring, "B/s", b, l, "raw AF_UNIX write()/read(), one hot buffer"
+                            if tx else "raw AF_UNIX write()/readv(16×4 KiB), one hot buffer",
+                            target, chunk=chunk, direction=direction))
             ctx.log(_fmt(rows[-1]))
+            if ws_samples:
+                ws_label = (f"raw AF_UNIX write() cycling over {working_set // (KIB * KIB)} MiB"
+                            f" ({queue_size} × {chunk // KIB} KiB, the guest's buffers)" if tx
+                            else f"raw AF_UNIX readv(16×4 KiB) cycling over "
+                                 f"{working_set // (KIB * KIB)} MiB ({queue_size} × 4 KiB, the "
+                                 "guest's buffers)")
+                rows.append(Row(("console-bulk-tx" if tx else "console-bulk-rx") + "-ws",
+                                label + " vs working-set-matched limit", pin, ctx.ring, "B/s",
+                                b, ws_samples, ws_label, None,
+                                extra={"working_set": working_set}))
+                ctx.log(_fmt(rows[-1]))
     return rows
 
 
