@@ -19,7 +19,7 @@ muxer's actions on real UNIX sockets; `virtio.vsock.mgmt` answers management com
   VM; host stream bytes are ``readv``-ed from the host socket straight into the chain after
   the header. When the guest posts no RX buffers, nothing is read and the host sockets are
   not polled for input (the muxer drops read interest), until the guest kicks RX.
-  A chain popped for nothing (the host had no data after all) is held for the next packet.
+  A chain popped for nothing (the host had no data after all) is given back (``unpop``).
 * **Event queue**: QEMU's ``vhost-user-vsock-pci`` keeps it (only queues 0 and 1 are set up
   here); a front-end that gives us queue 2 gets VIRTIO_VSOCK_EVENT_TRANSPORT_RESET after
   connection state was lost (device reset, front-end reconnect, restore), so the guest
@@ -88,7 +88,6 @@ class VsockDevice:
         self.host = backend.host
         self.log = log.getChild(f"cid{self.cid}")
         self._queues: dict[int, Any] = {}  # index -> QueueHandle
-        self._held = None  # an RX chain popped but not filled (see module docstring)
         self._rx_scheduled = False
         self._tx_scheduled = False
         self._in_rx = False
@@ -128,15 +127,7 @@ class VsockDevice:
             self._deliver_event()
 
     def queue_stopped(self, index: int) -> None:
-        handle = self._queues.pop(index, None)
-        if index == Queue.RX and self._held is not None and handle is not None:
-            # The ring has no "un-pop": give the held chain back empty (the Linux driver
-            # drops an RX buffer shorter than a header and posts a new one).
-            chain, self._held = self._held, None
-            try:
-                handle.vq.push(chain.head, 0, chain.ring_slots)
-            except DriverError as exc:
-                self.log.debug("cannot return the held RX chain: %s", exc)
+        self._queues.pop(index, None)
 
     def kick(self, index: int) -> None:
         if index == Queue.TX:
@@ -150,7 +141,6 @@ class VsockDevice:
         """Device reset or front-end gone: every connection of this VM is dropped, so the
         guest is owed a TRANSPORT_RESET if it ever ran (Spec: virtio 1.2 §5.10.6.7)."""
         self._queues.clear()
-        self._held = None
         self.resets += 1
         self.host.run(self.muxer.reset(self.cid, self.loop.time()))
         self.host.close_cid(self.cid)
@@ -282,20 +272,17 @@ class VsockDevice:
         notify_broken = False
         burst_notify = False
         for _ in range(RX_BUDGET):
-            chain = self._held
+            if not self.muxer.has_rx(self.cid):
+                break
+            try:
+                chain = vq.pop()
+            except DriverError as exc:
+                self.log.error("RX queue broken (%s): it stays stopped until the device "
+                               "is reset", exc)
+                notify_broken = True
+                break
             if chain is None:
-                if not self.muxer.has_rx(self.cid):
-                    break
-                try:
-                    chain = vq.pop()
-                except DriverError as exc:
-                    self.log.error("RX queue broken (%s): it stays stopped until the device "
-                                   "is reset", exc)
-                    notify_broken = True
-                    break
-                if chain is None:
-                    break  # no buffers: the guest kicks RX when it posts some
-            self._held = None
+                break  # no buffers: the guest kicks RX when it posts some
             room = chain.writable_bytes - HDR
             if room < 0:
                 self.log.warning("RX buffer of %d bytes cannot hold a packet header: "
@@ -306,11 +293,11 @@ class VsockDevice:
             item, actions = self.muxer.poll_rx(self.cid, now, room)
             self.host.run(actions)
             if item is None:
-                self._held = chain
+                vq.unpop(chain)  # nothing to send after all: the buffer stays the guest's
                 break
             length = self._deliver(vq, chain, item, now)
             if length is None:
-                self._held = chain
+                vq.unpop(chain)
                 continue
             used.append((chain.head, length, chain.ring_slots))
             if type(item) is RxRead and not item.message and length == chain.writable_bytes:
