@@ -56,9 +56,18 @@ def plot(rows: list[Row], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    series = [r for r in rows if r.direction and r.unit == "B/s" and r.chunk]
+    series = [r for r in rows if r.direction and r.unit == "B/s" and r.chunk
+              and not r.scenario.endswith("-ws")]
     if not series:
         return False
+    # working-set-matched limits (bench.scenarios.bulk): one point at their chunk size
+    base = {(r.label, r.pinning): r for r in series}
+    ws_points = []
+    for r in rows:
+        if r.scenario.endswith("-ws") and r.limit:
+            b = base.get((r.label.replace(" vs working-set-matched limit", ""), r.pinning))
+            if b is not None:
+                ws_points.append((b.direction, b.pinning, b.chunk, r.limit_median))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, direction in zip(axes, ("guest->host", "host->guest")):
         for pin, style in (("same", "-"), ("cross", ":")):
@@ -70,7 +79,13 @@ def plot(rows: list[Row], path: Path) -> bool:
             ax.plot(xs, [r.median / 1e9 for r in pts], "o" + style, color="tab:blue",
                     label=f"vmchannel ({pin} CPU)")
             ax.plot(xs, [r.limit_median / 1e9 for r in pts], "s" + style, color="tab:gray",
-                    label=f"raw AF_UNIX limit ({pin} CPU)")
+                    label=f"raw AF_UNIX limit, one hot buffer ({pin} CPU)")
+            ws = [(c // 1024, v / 1e9) for d, p, c, v in ws_points
+                  if d == direction and p == pin]
+            if ws:
+                ax.plot([x for x, _ in ws], [y for _, y in ws], "x" if pin == "same" else "+",
+                        color="tab:red",
+                        markersize=9, label=f"raw limit over the guest's working set ({pin})")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("chunk size (KiB)" + (" — guest chain" if direction == "guest->host"
                                               else " — host write, 4 KiB guest buffers"))
