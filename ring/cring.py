@@ -18,6 +18,7 @@ states"; STYLE R7 (the cffi boundary).
 from __future__ import annotations
 
 import logging
+import struct
 
 from ring.errors import ChainError, DriverError, GuestAddressError
 from ring.memory import GuestMemory
@@ -60,6 +61,14 @@ _vr_tx_to_fd = lib.vr_tx_to_fd
 _vr_rx_from_fd = lib.vr_rx_from_fd
 _vr_rx_from_fd_prefix = lib.vr_rx_from_fd_prefix
 _BROKEN = {int(code): code for code in ChainError}
+# struct vr_chain / struct vr_segment as Python sees them (checked against ffi at import)
+_CHAIN_FMT = struct.Struct("=IIIIIIQQ")  # head, ring_slots, seg_start, nseg, nreadable, -, rb, wb
+_SEG_FMT = struct.Struct("=QQII")  # host, offset, len, region
+if (ffi.sizeof("struct vr_chain") != _CHAIN_FMT.size
+        or ffi.sizeof("struct vr_segment") != _SEG_FMT.size
+        or ffi.offsetof("struct vr_segment", "len") != 16
+        or ffi.offsetof("struct vr_chain", "readable_bytes") != 24):
+    raise ImportError("csrc/vring.h struct vr_chain / vr_segment layout changed")
 _BATCH_CHAINS = 64  # chains per vr_pop_batch call
 _BATCH_SEGMENTS = 4 * MAX_SEGMENTS
 
@@ -92,8 +101,8 @@ class _Memory:
     Holds the ``ffi.from_buffer`` objects: C keeps raw pointers into them.
     """
 
-    __slots__ = ("generation", "regions", "table", "buffers", "views", "log", "log_buffer",
-                 "log_host", "log_size")
+    __slots__ = ("generation", "regions", "table", "buffers", "views", "gpas", "log",
+                 "log_buffer", "log_host", "log_size")
 
     def __init__(self, memory: GuestMemory) -> None:
         self.generation = memory.generation
@@ -101,6 +110,7 @@ class _Memory:
         self.table = ffi.new("struct vr_region[]", max(1, len(self.regions)))
         self.buffers = []
         self.views = []
+        self.gpas = [region.gpa for region in self.regions]
         for i, region in enumerate(self.regions):
             buf, host = _host_pointer(region.view)
             self.buffers.append(buf)
@@ -366,23 +376,35 @@ class Virtqueue:
             self.log.warning("guest driver error %s at head %s: queue broken", code.name, head)
         return _raise_for(rc, self.index, head, chains)
 
-    def _make_chain(self, c) -> Chain:
+    def _make_chains(self, count: int) -> list[Chain]:
+        """Chain objects for ``self._chain[0:count]`` and their segments.
+
+        The C arrays are read with one ``struct.iter_unpack`` each rather than per-field
+        cffi attribute reads (~50 ns apiece: they dominated ``pop_batch`` for small vsock
+        packets)."""
+        if count <= 0:
+            return []
+        raw = list(_CHAIN_FMT.iter_unpack(ffi.buffer(self._chain, _CHAIN_FMT.size * count)))
+        last = raw[-1]
+        nsegs = last[2] + last[3]
+        segs = list(_SEG_FMT.iter_unpack(ffi.buffer(self._seg, _SEG_FMT.size * nsegs)))
         mem = self._mem
-        regions, views = mem.regions, mem.views
-        readable, writable, rgpas, wgpas = [], [], [], []
-        seg = self._seg
-        for k in range(c.seg_start, c.seg_start + c.nseg):
-            s = seg[k]
-            r, off, n = s.region, s.offset, s.len
-            view = views[r][off:off + n]
-            if k - c.seg_start < c.nreadable:
-                readable.append(view)
-                rgpas.append((regions[r].gpa + off, n))
-            else:
-                writable.append(view)
-                wgpas.append((regions[r].gpa + off, n))
-        return Chain(int(c.head), int(c.ring_slots), readable, writable, int(c.readable_bytes),
-                     int(c.writable_bytes), tuple(rgpas), tuple(wgpas))
+        views = mem.views
+        gpas = mem.gpas
+        chains = []
+        for head, slots, start, nseg, nread, _r, rbytes, wbytes in raw:
+            readable, writable, rgpas, wgpas = [], [], [], []
+            for k in range(start, start + nseg):
+                _host, off, n, r = segs[k]
+                if k - start < nread:
+                    readable.append(views[r][off:off + n])
+                    rgpas.append((gpas[r] + off, n))
+                else:
+                    writable.append(views[r][off:off + n])
+                    wgpas.append((gpas[r] + off, n))
+            chains.append(_new_tuple(Chain, (head, slots, readable, writable, rbytes, wbytes,
+                                             tuple(rgpas), tuple(wgpas))))
+        return chains
 
     def pop(self) -> Chain | None:
         """Walk the next available chain, or return None if the ring is empty.
@@ -396,7 +418,7 @@ class Virtqueue:
             raise self._error(rc)
         if rc == 0:
             return None
-        chain = self._make_chain(self._chain[0])
+        chain = self._make_chains(1)[0]
         self._mark_popped(chain)
         return chain
 
@@ -433,8 +455,7 @@ class Virtqueue:
             rc = lib.vr_pop_batch(self._q, self._chain, want, self._seg, _BATCH_SEGMENTS,
                                   self._popped)
             got = self._popped[0]
-            for k in range(got):
-                chains.append(self._make_chain(self._chain[k]))
+            chains.extend(self._make_chains(got))
             if got:
                 self._mark_popped(chains[-1])
             if rc < 0:

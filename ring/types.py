@@ -13,8 +13,7 @@ from ring.errors import ChainError
 __all__ = ["Chain", "Pending", "RxResult", "TxResult"]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Chain:
+class Chain(NamedTuple):
     """One descriptor chain popped from a virtqueue.
 
     ``head``: the id to push back (split: head descriptor index; packed: buffer id).
@@ -26,6 +25,9 @@ class Chain:
 
     Writing into ``writable`` directly does not mark the dirty log: use
     ``Virtqueue.fill(chain, data)`` for that.
+
+    A NamedTuple (immutable, compared by value, the same fields), not a frozen dataclass:
+    ``pop_batch`` builds one per chain and the dataclass's ``__init__`` cost ~0.5 µs each.
     """
 
     head: int
