@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 import ring
 from ring import select_implementation
 from ring.pyring import Virtqueue as PyVirtqueue
-
-HAVE_C = importlib.util.find_spec("ring.cring") is not None
-
 
 @pytest.mark.parametrize("value", ["py", "1", "PY"])
 def test_force_python(value):
@@ -28,10 +23,21 @@ def test_unset_picks_c_when_importable_else_python():
         assert (name, cls) == ("c", cring.Virtqueue)
 
 
-@pytest.mark.skipif(HAVE_C, reason="C ring present")
-def test_require_c_propagates_import_error():
+def test_without_the_c_module_require_c_fails_and_unset_falls_back(monkeypatch):
+    """As on a machine where the cffi build did not run: ``ring.cring`` cannot import."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ring.cring", None)  # import now raises ImportError
     with pytest.raises(ImportError):
         select_implementation("c")
+    assert select_implementation(None) == ("py", PyVirtqueue)
+
+
+def test_require_c_gives_the_c_ring_when_built():
+    name, cls = select_implementation("c")
+    import ring.cring as cring
+
+    assert (name, cls) == ("c", cring.Virtqueue)
 
 
 def test_unknown_value_refused():
