@@ -19,7 +19,7 @@ import os
 import select
 import time
 
-from bench.guest import StreamQueue
+from bench.guest import StreamQueue, round_trips
 from bench.guest_proc import Guest, latency_summary
 from tests.support.console_guest import CONTROL_RX_BUFFER_BYTES, LinuxConsoleGuest
 from tests.support.driver import Allocator, SplitDriver
@@ -177,31 +177,7 @@ class ConsoleGuest(Guest):
                 "rescues": self.rescues}
 
     def rtt(self, iterations: int) -> dict:
-        rx, tx = self.rx[0], self.tx[0]
-        rx.reap(), tx.reap()
-        rx.publish()
-        tx.no_interrupts()
-        poll = select.poll()
-        poll.register(rx.call_fd, select.POLLIN)
-        clock = time.perf_counter_ns
-        lat = []
-        warm = iterations // 10 + 10
-        for i in range(iterations + warm):
-            rx.want_interrupt_after(1)
-            t0 = clock()
-            tx.publish(1)
-            while True:
-                if not poll.poll(1000):
-                    self.rescues += 1
-                    tx.kick()
-                    continue
-                os.read(rx.call_fd, 8)
-                if rx.reap()[0]:
-                    break
-            t1 = clock()
-            if i >= warm:
-                lat.append(t1 - t0)
-            rx.publish()
-            tx.reap()
-            tx.no_interrupts()
+        """64-byte echo through the host peer, one at a time (:func:`bench.guest.round_trips`)."""
+        lat, rescues = round_trips(self.rx[0], self.tx[0], iterations, iterations // 10 + 10)
+        self.rescues += rescues
         return latency_summary(lat, self.rescues)

@@ -22,15 +22,18 @@ Spec: virtio 1.2 §2.7.13 (supplying buffers), §2.7.14 (receiving used buffers)
 
 from __future__ import annotations
 
+import gc
 import os
+import signal
 import struct
 import sys
+import time
 
 import numpy as np
 
 from ring.wire import DescFlag
 
-__all__ = ["GuestLayout", "StreamQueue", "need_event"]
+__all__ = ["GuestLayout", "StreamQueue", "need_event", "round_trips"]
 
 _DESC = struct.Struct("<QIHH")
 _ONE = (1).to_bytes(8, sys.byteorder)
@@ -212,3 +215,84 @@ class StreamQueue:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def round_trips(rx: StreamQueue, tx: StreamQueue, iterations: int,
+                warm: int) -> tuple[list[int], int]:
+    """Time ``iterations`` one-chain round trips (after ``warm`` untimed ones): publish one
+    ``tx`` chain, block in read() on ``rx``'s call eventfd until a used ``rx`` chain appears.
+
+    What the guest does per round trip is the minimum a driver must do, inlined with no
+    method calls and no allocation but the latency itself (the real guest is the kernel and
+    the raw limit it is compared with is C, so the harness guest must cost as little as it
+    can): arm ``rx``'s used_event for the next completion, advance ``tx``'s avail idx (the
+    chains are pre-built, see the module docstring), kick if avail_event asks for it
+    (Spec: virtio 1.2 §2.7.10), read() the call eventfd until ``rx``'s used idx moved. Receive
+    buffers are re-posted in batches (half the ring at a time), outside the timed interval;
+    ``tx`` is reaped once at the end (each transmit chain is used before its echo can come
+    back, so it never holds more than one chain).
+
+    The call eventfd is put in blocking mode for the loop (the flag belongs to the open file
+    description the back-end shares, which only writes it; restored afterwards). Lost
+    notifications are rescued by a 1 s interval timer (SIGALRM): if ``rx`` made no progress
+    since the previous tick it kicks ``tx`` and wakes the read. Returns ``(latencies_ns,
+    rescues)``.
+    """
+    rx.reap()
+    tx.reap()
+    rx.publish()
+    tx.no_interrupts()
+    call_fd, kick_fd, rx_kick_fd = rx.call_fd, tx.kick_fd, rx.kick_fd
+    tx_avail, tx_avail_event = tx._avail_idx, tx._avail_event
+    rx_used, rx_used_event = rx._used_idx, rx._used_event
+    rx_avail, rx_avail_event = rx._avail_idx, rx._avail_event
+    ta, rl, ra = tx.avail_idx, rx.last_used, rx.avail_idx
+    refill_below = max(1, rx.chains // 2)
+    one, read, write, clock = _ONE, os.read, os.write, time.perf_counter_ns
+    lat: list[int] = []
+    append = lat.append
+    rescues = [0]
+    seen = [rx_used[0]]
+
+    def watchdog(_signum, _frame) -> None:
+        now = rx_used[0]
+        if now == seen[0]:  # no round trip completed for a whole tick: rescue
+            rescues[0] += 1
+            write(kick_fd, one)
+            write(call_fd, one)
+        seen[0] = now
+
+    old_handler = signal.signal(signal.SIGALRM, watchdog)
+    signal.setitimer(signal.ITIMER_REAL, 1.0, 1.0)
+    os.set_blocking(call_fd, True)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(iterations + warm):
+            rx_used_event[0] = rl  # interrupt on the next used rx chain
+            t0 = clock()
+            old, ta = ta, (ta + 1) & 0xFFFF
+            tx_avail[0] = ta
+            if tx_avail_event[0] == old:  # need_event(event, old + 1, old)
+                write(kick_fd, one)
+            while rx_used[0] == rl:
+                read(call_fd, 8)
+            append(clock() - t0)
+            rl = rx_used[0]
+            if ((ra - rl) & 0xFFFF) < refill_below:  # re-post the used receive buffers
+                old, ra = ra, (rl + rx.chains) & 0xFFFF
+                rx_avail[0] = ra
+                if need_event(rx_avail_event[0], ra, old):
+                    write(rx_kick_fd, one)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        os.set_blocking(call_fd, False)
+        if gc_was_enabled:
+            gc.enable()
+        done = (rl - rx.last_used) & 0xFFFF
+        rx.last_used, rx.avail_idx = rl, ra
+        rx.completed += done
+        tx.avail_idx = ta
+        tx.reap()
+    return lat[warm:], rescues[0]
