@@ -28,7 +28,7 @@ import select
 import sys
 import time
 
-from bench.guest import GuestLayout, StreamQueue
+from bench.guest import GuestLayout, StreamQueue, round_trips
 from vhost_user.frontend import FrontendQueue, GuestRam, VhostUserFrontend
 from vhost_user.wire import VirtioFeature as VF
 
@@ -128,34 +128,10 @@ class EchoGuest(Guest):
                 "kicks": tx.kicks + rx.kicks}
 
     def rtt(self, iterations: int) -> dict:
-        """One ``chunk``-byte message at a time: TX → back-end → RX; latency in ns."""
-        rx, tx = self.rx, self.tx
-        rx.reap(), tx.reap()
-        rx.publish()
-        tx.no_interrupts()
-        lat = []
-        clock = time.perf_counter_ns
-        poll = select.poll()
-        poll.register(rx.call_fd, select.POLLIN)
-        warm = iterations // 10 + 10
-        for i in range(iterations + warm):
-            rx.want_interrupt_after(1)
-            t0 = clock()
-            tx.publish(1)
-            while True:
-                if not poll.poll(1000):
-                    self.rescues += 1
-                    tx.kick()
-                    continue
-                os.read(rx.call_fd, 8)
-                if rx.reap()[0]:
-                    break
-            t1 = clock()
-            if i >= warm:
-                lat.append(t1 - t0)
-            rx.publish()
-            tx.reap()
-            tx.no_interrupts()
+        """One ``chunk``-byte message at a time: TX → back-end → RX; latency in ns
+        (:func:`bench.guest.round_trips`)."""
+        lat, rescues = round_trips(self.rx, self.tx, iterations, iterations // 10 + 10)
+        self.rescues += rescues
         return latency_summary(lat, self.rescues)
 
 
