@@ -20,11 +20,12 @@ from __future__ import annotations
 import logging
 import struct
 
+from ring.base import VirtqueueBase
 from ring.errors import ChainError, DriverError, GuestAddressError
 from ring.memory import GuestMemory
 from ring.types import Chain, Pending, RxResult, TxResult
 from ring.datapath import check_prefix
-from ring.wire import MAX_PREFIX, MAX_QUEUE_SIZE, MAX_SEGMENTS, SplitLayout
+from ring.wire import MAX_PREFIX, MAX_QUEUE_SIZE, MAX_SEGMENTS
 
 try:
     from ring._vring_c import ffi, lib
@@ -129,7 +130,7 @@ class _Memory:
             self.log_size = view.nbytes
 
 
-class Virtqueue:
+class Virtqueue(VirtqueueBase):
     """One virtqueue seen from the device side, C implementation (see ring.pyring).
 
     ``size`` must be a power of two ≤ 32768 for split rings, 1..32768 for packed rings.
@@ -140,22 +141,8 @@ class Virtqueue:
 
     def __init__(self, memory: GuestMemory, size: int, *, packed: bool, event_idx: bool,
                  notify_on_empty: bool = False, index: int = 0) -> None:
-        if not 1 <= size <= MAX_QUEUE_SIZE:
-            raise ValueError(f"queue size {size} outside 1..{MAX_QUEUE_SIZE}")
-        if not packed and size & (size - 1):
-            # Spec: virtio 1.2 §2.7 "Queue Size value is always a power of 2" (split).
-            raise ValueError(f"split queue size {size} is not a power of two")
-        self.memory = memory
-        self.size = size
-        self.packed = bool(packed)
-        self.event_idx = bool(event_idx)
-        self.notify_on_empty = bool(notify_on_empty)
-        self.index = index
-        self.log = log.getChild(str(index))
-        self.layout = SplitLayout(size)
-        self.desc_gpa: int | None = None
-        self.driver_gpa: int | None = None
-        self.device_gpa: int | None = None
+        super().__init__(memory, size, packed=packed, event_idx=event_idx,
+                         notify_on_empty=notify_on_empty, index=index, logger=log)
         self._q = ffi.new("struct vr_queue *")
         self._q.size = size
         self._q.packed = self.packed
@@ -221,16 +208,6 @@ class Virtqueue:
         segs = tuple((int(q.pending_seg[k].gpa), int(q.pending_seg[k].len))
                      for k in range(q.pending_nseg))
         return Pending(int(q.pending_head), int(q.pending_slots), int(q.pending_offset), segs)
-
-    @property
-    def configured(self) -> bool:
-        return self.desc_gpa is not None
-
-    def __repr__(self) -> str:
-        kind = "packed" if self.packed else "split"
-        return (f"<Virtqueue {self.index} {kind} size={self.size} "
-                f"last_avail={self.last_avail_idx} used={self.used_idx} "
-                f"in_flight={self.in_flight} broken={self.broken}>")
 
     # -- setup ------------------------------------------------------------------------------
     def configure(self, desc_gpa: int, driver_gpa: int, device_gpa: int) -> None:
@@ -356,15 +333,6 @@ class Virtqueue:
                 q.pending_seg[k].len = int(length)
             q.pending_valid = 1
 
-    @classmethod
-    def from_state(cls, memory: GuestMemory, state: dict, *, event_idx: bool,
-                   notify_on_empty: bool = False, index: int = 0) -> "Virtqueue":
-        """Build a queue and load ``state`` into it (see ring.pyring.Virtqueue.from_state)."""
-        vq = cls(memory, state["size"], packed=state["packed"], event_idx=event_idx,
-                 notify_on_empty=notify_on_empty, index=index)
-        vq.load_state(state)
-        return vq
-
     # -- chains -----------------------------------------------------------------------------
     def _error(self, rc: int, chains: list | None = None) -> DriverError:
         """The DriverError for a failed pop (logs the guest error once, as the reference)."""
@@ -467,28 +435,12 @@ class Virtqueue:
                     break
         return chains
 
-    def push(self, head: int, used_len: int, ring_slots: int = 1) -> None:
-        """Return one chain to the driver: write the used element, then publish it.
-
-        Spec: virtio 1.2 §2.7.8.2 / §2.8.21.
-        """
-        self.push_batch([(head, used_len, ring_slots)])
-
     def push_batch(self, items) -> None:
         """Return several chains ``[(head, used_len, ring_slots), ...]`` with one publication."""
         items = list(items)
         if not items:
             return
-        if not self.configured:
-            raise DriverError(ChainError.NOT_READY, self.index)
-        mark = self._unpop_mark
-        if mark is not None and any(item[0] == mark[0] for item in items):
-            self._unpop_mark = None
-        for head, used_len, ring_slots in items:
-            if not 0 <= head < self.size or not 0 <= used_len <= 0xFFFFFFFF or ring_slots < 1:
-                raise ValueError(f"bad used element ({head}, {used_len}, {ring_slots})")
-            if ring_slots > self.size:  # the reference would write past the ring (report)
-                raise ValueError(f"bad used element ({head}, {used_len}, {ring_slots})")
+        self._check_used(items)
         self._sync()
         n = len(items)
         heads = ffi.new("uint32_t[]", [h for h, _, _ in items])
@@ -497,25 +449,6 @@ class Virtqueue:
         rc = lib.vr_push_batch(self._q, heads, lens, slots, n)
         if rc < 0:
             raise _raise_for(rc, self.index)
-
-    def fill(self, chain: Chain, data, offset: int = 0) -> int:
-        """Copy ``data`` into the chain's writable buffers starting ``offset`` bytes in, marking
-        the dirty log; returns the bytes copied (at most the writable space)."""
-        data = memoryview(data).cast("B")
-        copied = 0
-        skip = offset
-        for view, (gpa, length) in zip(chain.writable, chain.writable_gpas):
-            if skip >= length:
-                skip -= length
-                continue
-            n = min(length - skip, len(data) - copied)
-            if n <= 0:
-                break
-            view[skip : skip + n] = data[copied : copied + n]
-            self.memory.mark_dirty(gpa + skip, n)
-            copied += n
-            skip = 0
-        return copied
 
     # -- notifications ----------------------------------------------------------------------
     def should_notify(self) -> bool:

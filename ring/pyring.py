@@ -14,18 +14,18 @@ import logging
 from ring import packed as _packed
 from ring import split as _split
 from ring._chain import RingAccessError
+from ring.base import VirtqueueBase
 from ring.datapath import rx_from_fd, tx_to_fd
 from ring.errors import ChainError, DriverError, GuestAddressError
 from ring.memory import GuestMemory
 from ring.types import Chain, Pending, RxResult, TxResult
-from ring.wire import MAX_QUEUE_SIZE, SplitLayout
 
 __all__ = ["Virtqueue", "Chain", "TxResult", "RxResult", "Pending"]
 
 log = logging.getLogger(__name__)
 
 
-class Virtqueue:
+class Virtqueue(VirtqueueBase):
     """One virtqueue seen from the device side.
 
     ``size`` must be a power of two ≤ 32768 for split rings, 1..32768 for packed rings.
@@ -37,22 +37,8 @@ class Virtqueue:
 
     def __init__(self, memory: GuestMemory, size: int, *, packed: bool, event_idx: bool,
                  notify_on_empty: bool = False, index: int = 0) -> None:
-        if not 1 <= size <= MAX_QUEUE_SIZE:
-            raise ValueError(f"queue size {size} outside 1..{MAX_QUEUE_SIZE}")
-        if not packed and size & (size - 1):
-            # Spec: virtio 1.2 §2.7 "Queue Size value is always a power of 2" (split).
-            raise ValueError(f"split queue size {size} is not a power of two")
-        self.memory = memory
-        self.size = size
-        self.packed = bool(packed)
-        self.event_idx = bool(event_idx)
-        self.notify_on_empty = bool(notify_on_empty)
-        self.index = index
-        self.log = log.getChild(str(index))
-        self.layout = SplitLayout(size)
-        self.desc_gpa: int | None = None
-        self.driver_gpa: int | None = None
-        self.device_gpa: int | None = None
+        super().__init__(memory, size, packed=packed, event_idx=event_idx,
+                         notify_on_empty=notify_on_empty, index=index, logger=log)
         self._init_state()
 
     def _init_state(self) -> None:
@@ -77,15 +63,6 @@ class Virtqueue:
     signalled_used = property(lambda self: self._signalled_used)
     signalled_used_valid = property(lambda self: self._signalled_used_valid)
     pending = property(lambda self: self._pending)
-
-    @property
-    def configured(self) -> bool:
-        return self.desc_gpa is not None
-
-    def __repr__(self) -> str:
-        kind = "packed" if self.packed else "split"
-        return (f"<Virtqueue {self.index} {kind} size={self.size} last_avail={self._last_avail_idx}"
-                f" used={self._used_idx} in_flight={self._in_flight} broken={self._broken}>")
 
     # -- setup ------------------------------------------------------------------------------
     def configure(self, desc_gpa: int, driver_gpa: int, device_gpa: int) -> None:
@@ -201,16 +178,6 @@ class Virtqueue:
             int(p["head"]), int(p["ring_slots"]), int(p["offset"]),
             tuple((int(g), int(n)) for g, n in p["segments"]))
 
-    @classmethod
-    def from_state(cls, memory: GuestMemory, state: dict, *, event_idx: bool,
-                   notify_on_empty: bool = False, index: int = 0) -> "Virtqueue":
-        """Build a queue and load ``state`` into it (call :meth:`configure` afterwards only if
-        ``used_idx`` should be re-read from guest memory; otherwise configure first)."""
-        vq = cls(memory, state["size"], packed=state["packed"], event_idx=event_idx,
-                 notify_on_empty=notify_on_empty, index=index)
-        vq.load_state(state)
-        return vq
-
     # -- chains -----------------------------------------------------------------------------
     def pop(self) -> Chain | None:
         """Walk the next available chain, or return None if the ring is empty.
@@ -304,27 +271,12 @@ class Virtqueue:
             self._last_avail_idx = (self._last_avail_idx - chains) & 0xFFFF
         self._in_flight -= chains
 
-    def push(self, head: int, used_len: int, ring_slots: int = 1) -> None:
-        """Return one chain to the driver: write the used element, then publish it.
-
-        Spec: virtio 1.2 §2.7.8.2 / §2.8.21 (the device updates the used ring / descriptor).
-        """
-        self.push_batch([(head, used_len, ring_slots)])
-
     def push_batch(self, items) -> None:
         """Return several chains ``[(head, used_len, ring_slots), ...]`` with one publication."""
         items = list(items)
         if not items:
             return
-        if not self.configured:
-            raise DriverError(ChainError.NOT_READY, self.index)
-        mark = self._unpop_mark
-        if mark is not None and any(item[0] == mark[0] for item in items):
-            self._unpop_mark = None
-        for head, used_len, ring_slots in items:
-            if (not 0 <= head < self.size or not 0 <= used_len <= 0xFFFFFFFF
-                    or not 1 <= ring_slots <= self.size):
-                raise ValueError(f"bad used element ({head}, {used_len}, {ring_slots})")
+        self._check_used(items)
         try:
             self._publish(items)
         except RingAccessError:
@@ -337,25 +289,6 @@ class Virtqueue:
             _packed.publish(self, items)
         else:
             _split.publish(self, items)
-
-    def fill(self, chain: Chain, data, offset: int = 0) -> int:
-        """Copy ``data`` into the chain's writable buffers starting ``offset`` bytes in, marking
-        the dirty log; returns the bytes copied (at most the writable space)."""
-        data = memoryview(data).cast("B")
-        copied = 0
-        skip = offset
-        for view, (gpa, length) in zip(chain.writable, chain.writable_gpas):
-            if skip >= length:
-                skip -= length
-                continue
-            n = min(length - skip, len(data) - copied)
-            if n <= 0:
-                break
-            view[skip : skip + n] = data[copied : copied + n]
-            self.memory.mark_dirty(gpa + skip, n)
-            copied += n
-            skip = 0
-        return copied
 
     # -- notifications ----------------------------------------------------------------------
     def should_notify(self) -> bool:
