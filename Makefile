@@ -1,5 +1,5 @@
-# vmchannel: `make run` starts the back-end on its built-in default configuration,
-# `make test` runs the whole test suite. Both set up what they need first.
+# Shortcuts for the two commands in the README (scripts/run.sh, scripts/test.sh), which
+# work without make; both set up what they need first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -8,12 +8,11 @@ PY := $(VENV)/bin/python
 setup:
 	scripts/bootstrap.sh
 
-run: setup
-	$(VENV)/bin/vmchannel serve
+run:
+	scripts/run.sh
 
-test: setup
-	scripts/ensure-guest-deps.sh
-	VMCHANNEL_RING=c $(PY) -m pytest -q tests
+test:
+	scripts/test.sh
 
 bench: setup
 	$(PY) -m bench
