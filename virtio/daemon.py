@@ -136,6 +136,7 @@ class _ResetAnnouncer:
     def __init__(self, device: Any, announce: Callable[[], None]) -> None:
         self._device = device
         self._announce = announce
+        self.kick = device.kick  # bound once: every guest notification goes through here
 
     def reset(self) -> None:
         self._device.reset()
