@@ -1125,6 +1125,28 @@ static int is_again(int err)
     return err == EAGAIN || err == EWOULDBLOCK;
 }
 
+/* The end of every data-path call: publish the completions once and make the notify
+ * decision (ring/datapath.py's tail). A hostile chain was returned as (head, 0) by the walk
+ * itself, so a broken batch is decided on too: the guest must hear of it. */
+static int publish_batch(struct vr_queue *q, struct vr_scratch *s, uint32_t ndone,
+                         int broken, int32_t *notify)
+{
+    int rc;
+    *notify = 0;
+    if (ndone) {
+        rc = vr_push_batch(q, s->done_head, s->done_len, s->done_slots, ndone);
+        if (rc < 0)
+            return rc;
+    }
+    if (ndone || broken) {
+        rc = vr_should_notify(q);
+        if (rc < 0)
+            return rc;
+        *notify = rc;
+    }
+    return 0;
+}
+
 /* Spec: virtio 1.2 §2.7.13 / §2.8.21 (device side of the used ring), §5.3.6 (console data:
  * transmitq buffers are device-readable). */
 int vr_tx_to_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t budget,
@@ -1248,23 +1270,10 @@ int vr_tx_to_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t budge
     }
     out->bytes = written_total;
     out->chains = ndone;
-    out->notify = 0;
     out->blocked = blocked;
     out->error = error;
     out->broken = broken;
-    if (ndone) {
-        rc = vr_push_batch(q, s->done_head, s->done_len, s->done_slots, ndone);
-        if (rc < 0)
-            return rc;
-    }
-    /* A hostile chain was returned as (head, 0) by the walk itself: the guest must hear. */
-    if (ndone || broken) {
-        rc = vr_should_notify(q);
-        if (rc < 0)
-            return rc;
-        out->notify = rc;
-    }
-    return 0;
+    return publish_batch(q, s, ndone, broken, &out->notify);
 }
 
 /* Pieces a chain's writable part gives when its first plen bytes are a prefix: one per
@@ -1473,23 +1482,10 @@ int vr_rx_from_fd_prefix(struct vr_queue *q, struct vr_scratch *s, int fd, uint6
     }
     out->bytes = read_total;
     out->chains = ndone;
-    out->notify = 0;
     out->eof = eof;
     out->starved = starved;
     out->error = error;
     out->drained = drained;
     out->broken = broken;
-    if (ndone) {
-        rc = vr_push_batch(q, s->done_head, s->done_len, s->done_slots, ndone);
-        if (rc < 0)
-            return rc;
-    }
-    /* A hostile chain was returned as (head, 0) by the walk itself: the guest must hear. */
-    if (ndone || broken) {
-        rc = vr_should_notify(q);
-        if (rc < 0)
-            return rc;
-        out->notify = rc;
-    }
-    return 0;
+    return publish_batch(q, s, ndone, broken, &out->notify);
 }
