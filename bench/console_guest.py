@@ -15,11 +15,9 @@ Spec: virtio 1.2 §5.3.6.2 (multiport device operation), §5.3.2 (queue numberin
 
 from __future__ import annotations
 
-import os
-import select
 import time
 
-from bench.guest import StreamQueue, round_trips
+from bench.guest import StreamQueue, round_trips, stream
 from bench.guest_proc import Guest, latency_summary
 from tests.support.console_guest import CONTROL_RX_BUFFER_BYTES, LinuxConsoleGuest
 from tests.support.driver import Allocator, SplitDriver
@@ -127,53 +125,14 @@ class ConsoleGuest(Guest):
         return self._stream(self.rx, seconds, count_lens=True)
 
     def _stream(self, queues: list[StreamQueue], seconds: float, count_lens: bool) -> dict:
-        """Keep every queue full; touch only the queues whose call fired (epoll), so the
-        guest's own cost per wake-up does not grow with the number of ports."""
-        per = [0] * len(queues)
-        for q in queues:
-            q.reap()
-        by_fd = {q.call_fd: i for i, q in enumerate(queues)}
-        ep = select.epoll()
-        for fd in by_fd:
-            ep.register(fd, select.EPOLLIN)
-        chunk = queues[0].chain_bytes
-        start = time.perf_counter()
-        deadline = start + seconds
-        todo = list(range(len(queues)))
-        try:
-            while True:
-                again = []
-                for i in todo:
-                    q = queues[i]
-                    n, b = q.reap()
-                    per[i] += b if count_lens else n * chunk
-                    q.publish()
-                    ahead = max(1, min(q.chains // 4, q.outstanding))
-                    q.want_interrupt_after(ahead)
-                    if ((q._used_idx[0] - q.last_used) & 0xFFFF) >= ahead:
-                        again.append(i)  # already past the event: no call will come
-                if time.perf_counter() >= deadline:
-                    break
-                if again:
-                    todo = again
-                    continue
-                events = ep.poll(0.2)
-                todo = []
-                for fd, _ev in events:
-                    os.read(fd, 8)
-                    todo.append(by_fd[fd])
-                if not events:
-                    self.rescues += 1
-                    for q in queues:
-                        q.kick()
-                    todo = list(range(len(queues)))
-        finally:
-            ep.close()
-        for i, q in enumerate(queues):  # count what completed up to the deadline
-            n, b = q.reap()
-            per[i] += b if count_lens else n * chunk
-        elapsed = time.perf_counter() - start
-        return {"bytes": sum(per), "per_port": per, "seconds": elapsed,
+        """Keep every queue full (:func:`bench.guest.stream`: touches only the queues whose
+        call fired, so the guest's cost per wake-up does not grow with the number of
+        ports)."""
+        r = stream(queues, seconds, count_lens)
+        self.rescues += r["rescues"]
+        return {"bytes": sum(r["per_port"]), "per_port": r["per_port"],
+                "seconds": r["seconds"], "guest_cpu_s": r["guest_cpu_s"],
+                "wakeups": r["wakeups"], "kicks": r["kicks"],
                 "rescues": self.rescues}
 
     def rtt(self, iterations: int) -> dict:
