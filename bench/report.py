@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import shutil
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def markdown(rows: list[Row], meta: dict) -> str:
         extra = ""
         if r.extra.get("cpu_percent") is not None:
             extra = f" = {r.extra['cpu_percent']:.2f} % CPU"
+        if r.extra.get("guest_cpu_ms_per_gb"):
+            extra = f"; guest model {statistics.median(r.extra['guest_cpu_ms_per_gb']):.0f} ms CPU/GB"
         lines.append(f"| {r.label} | {r.pinning} | {b}{extra} | {lim} | {ratio} | {target} |")
     lines.append("")
     lines.append("Ratio: back-end median / limit median (for latencies: lower is better). "

@@ -180,8 +180,15 @@ def bulk(ctx: Ctx, direction: str, chunks: list[int]) -> list[Row]:
                                                    cpus["reader"], working_set)["bytes_per_s"])
                 return value
 
+            guest_cpu: list[float] = []
+
+            def backend_run() -> float:
+                r = s.guest.run(ctx.seconds)
+                guest_cpu.append(_guest_ms_per_gb(r))
+                return _rate(r)
+
             try:
-                b, l = alternate(ctx, lambda: _rate(s.guest.run(ctx.seconds)), limit_run)
+                b, l = alternate(ctx, backend_run, limit_run)
             finally:
                 s.close()
             label = f"console {direction} {chunk // KIB} KiB" + ("" if tx else
@@ -189,7 +196,8 @@ def bulk(ctx: Ctx, direction: str, chunks: list[int]) -> list[Row]:
             rows.append(Row("console-bulk-tx" if tx else "console-bulk-rx", label, pin,
                             ctx.ring, "B/s", b, l, "raw AF_UNIX write()/read(), one hot buffer"
                             if tx else "raw AF_UNIX write()/readv(16×4 KiB), one hot buffer",
-                            target, chunk=chunk, direction=direction))
+                            target, chunk=chunk, direction=direction,
+                            extra={"guest_cpu_ms_per_gb": guest_cpu[1:]}))
             ctx.log(_fmt(rows[-1]))
             if ws_samples:
                 ws_label = (f"raw AF_UNIX write() cycling over {working_set // (KIB * KIB)} MiB"
@@ -274,9 +282,11 @@ def many_ports(ctx: Ctx, nports: int = 126) -> list[Row]:
         allp = ConsoleSetup(ctx, pin, workload="console-tx", names=names, chunk=chunk,
                             peer_mode="sink", queue_size=qsize, max_ports=nports + 1)
         per_runs = []
+        guest_cpu: list[float] = []
         try:
             def run_all() -> float:
                 r = allp.guest.run(ctx.seconds)
+                guest_cpu.append(_guest_ms_per_gb(r))
                 per_runs.append([b / r["seconds"] for b in r["per_port"]])
                 return _rate(r)
             agg, _ = alternate(ctx, run_all, None)
@@ -285,7 +295,8 @@ def many_ports(ctx: Ctx, nports: int = 126) -> list[Row]:
         per_runs = per_runs[1:]
         jain = [_jain(p) for p in per_runs]
         rows.append(Row("ports-aggregate", f"{nports} ports together, aggregate vs 1 port",
-                        pin, ctx.ring, "B/s", agg, single, "1 port alone", 0.8, chunk=chunk))
+                        pin, ctx.ring, "B/s", agg, single, "1 port alone", 0.8, chunk=chunk,
+                        extra={"guest_cpu_ms_per_gb": guest_cpu[1:]}))
         rows.append(Row("ports-fairness", f"{nports} ports, Jain's fairness index", pin,
                         ctx.ring, "index", jain, [], "", None,
                         extra={"ratio": statistics.median(jain), "target_abs": 0.95}))
@@ -350,6 +361,11 @@ def py_vs_c(ctx: Ctx) -> list[Row]:
 
 
 # -- helpers --------------------------------------------------------------------------------
+def _guest_ms_per_gb(result: dict) -> float:
+    """The guest model's own CPU (ms) per GB moved in one streaming run."""
+    return result.get("guest_cpu_s", 0.0) * 1e3 / max(result["bytes"] / 1e9, 1e-9)
+
+
 def _rate(result: dict) -> float:
     return result["bytes"] / result["seconds"]
 
