@@ -11,8 +11,12 @@ measured loop, so what is measured is the back-end:
 - the avail ring is written once too: slot ``s`` holds head ``segs * (s mod chains)``;
 - the back-end completes chains in order (the batched data path does), so publishing is
   "advance ``avail->idx`` by the number of chains completed": O(1) Python per batch, not
-  per chain. Received byte counts come from the used ring's ``len`` fields through numpy.
+  per chain. Received byte counts come from the used ring's ``len`` fields (one ``struct``
+  unpack per batch in :func:`stream`, numpy in :meth:`StreamQueue.reap`).
   :meth:`StreamQueue.check_in_order` verifies the in-order assumption (tests and warm-up).
+
+The measured loops are module functions with everything inlined: :func:`stream` (bulk and
+many ports) and :func:`round_trips` (64-byte echo).
 
 Guest memory is the front-end's memfd (``vhost_user.frontend.GuestRam``), one region.
 
