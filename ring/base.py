@@ -14,8 +14,8 @@ import logging
 
 from ring.errors import ChainError, DriverError
 from ring.memory import GuestMemory
-from ring.types import Chain
-from ring.wire import MAX_QUEUE_SIZE, SplitLayout
+from ring.types import Chain, Pending
+from ring.wire import MAX_QUEUE_SIZE, MAX_SEGMENTS, SplitLayout
 
 log = logging.getLogger("ring")
 
@@ -62,6 +62,46 @@ class VirtqueueBase:
                  notify_on_empty=notify_on_empty, index=index)
         vq.load_state(state)
         return vq
+
+    # -- state save / restore (restart, SET_DEVICE_STATE_FD) --------------------------------
+    def state(self) -> dict:
+        """A JSON-able snapshot of the device-side ring state, read through the public
+        properties (so both implementations produce the same dict)."""
+        pending = self.pending
+        return {
+            "packed": self.packed,
+            "size": self.size,
+            "last_avail_idx": self.last_avail_idx,
+            "used_idx": self.used_idx,
+            "avail_wrap": self.avail_wrap,
+            "used_wrap": self.used_wrap,
+            "in_flight": self.in_flight,
+            "signalled_used": self.signalled_used,
+            "signalled_used_valid": self.signalled_used_valid,
+            "broken": None if self.broken is None else int(self.broken),
+            "pending": None if pending is None else {
+                "head": pending.head, "ring_slots": pending.ring_slots,
+                "offset": pending.offset, "segments": [list(s) for s in pending.segments]},
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Restore a :meth:`state` snapshot (same ``packed`` and ``size``)."""
+        if state["packed"] != self.packed or state["size"] != self.size:
+            raise ValueError("state is for a different queue shape")
+        p = state["pending"]
+        if p is not None and len(p["segments"]) > MAX_SEGMENTS:
+            raise ValueError(f"pending chain has more than {MAX_SEGMENTS} segments")
+        pending = None if p is None else Pending(
+            int(p["head"]), int(p["ring_slots"]), int(p["offset"]),
+            tuple((int(g), int(n)) for g, n in p["segments"]))
+        self._unpop_mark = None
+        self._restore(
+            last_avail_idx=int(state["last_avail_idx"]), used_idx=int(state["used_idx"]),
+            avail_wrap=bool(state["avail_wrap"]), used_wrap=bool(state["used_wrap"]),
+            in_flight=int(state["in_flight"]), signalled_used=int(state["signalled_used"]),
+            signalled_used_valid=bool(state["signalled_used_valid"]),
+            broken=None if state["broken"] is None else ChainError(state["broken"]),
+            pending=pending)
 
     def push(self, head: int, used_len: int, ring_slots: int = 1) -> None:
         """Return one chain to the driver: write the used element, then publish it.

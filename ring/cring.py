@@ -284,54 +284,31 @@ class Virtqueue(VirtqueueBase):
         q.in_flight = 1 if q.pending_valid else 0
 
     # -- state save / restore -----------------------------------------------------------------
-    def state(self) -> dict:
-        """A JSON-able snapshot of the device-side ring state (same as ring.pyring)."""
+    def _restore(self, *, last_avail_idx: int, used_idx: int, avail_wrap: bool,
+                 used_wrap: bool, in_flight: int, signalled_used: int,
+                 signalled_used_valid: bool, broken, pending) -> None:
+        """Set every state field in the C struct (``VirtqueueBase.load_state`` validated
+        them, including the pending chain's segment count against the C array)."""
         q = self._q
-        pending = self.pending
-        return {
-            "packed": self.packed,
-            "size": self.size,
-            "last_avail_idx": int(q.last_avail_idx),
-            "used_idx": int(q.used_idx),
-            "avail_wrap": bool(q.avail_wrap),
-            "used_wrap": bool(q.used_wrap),
-            "in_flight": int(q.in_flight),
-            "signalled_used": int(q.signalled_used),
-            "signalled_used_valid": bool(q.signalled_used_valid),
-            "broken": int(q.broken) if q.broken else None,
-            "pending": None if pending is None else {
-                "head": pending.head, "ring_slots": pending.ring_slots,
-                "offset": pending.offset, "segments": [list(s) for s in pending.segments]},
-        }
-
-    def load_state(self, state: dict) -> None:
-        """Restore a :meth:`state` snapshot (same ``packed`` and ``size``)."""
-        if state["packed"] != self.packed or state["size"] != self.size:
-            raise ValueError("state is for a different queue shape")
-        p = state["pending"]
-        if p is not None and len(p["segments"]) > MAX_SEGMENTS:
-            raise ValueError(f"pending chain has more than {MAX_SEGMENTS} segments")
-        q = self._q
-        q.last_avail_idx = int(state["last_avail_idx"])
-        q.used_idx = int(state["used_idx"])
-        q.avail_wrap = bool(state["avail_wrap"])
-        q.used_wrap = bool(state["used_wrap"])
-        q.in_flight = int(state["in_flight"])
-        q.signalled_used = int(state["signalled_used"])
-        q.signalled_used_valid = bool(state["signalled_used_valid"])
-        q.broken = 0 if state["broken"] is None else int(ChainError(state["broken"]))
-        self._unpop_mark = None
-        if p is None:
+        q.last_avail_idx = last_avail_idx
+        q.used_idx = used_idx
+        q.avail_wrap = avail_wrap
+        q.used_wrap = used_wrap
+        q.in_flight = in_flight
+        q.signalled_used = signalled_used
+        q.signalled_used_valid = signalled_used_valid
+        q.broken = 0 if broken is None else int(broken)
+        if pending is None:
             q.pending_valid = 0
-        else:
-            q.pending_head = int(p["head"])
-            q.pending_slots = int(p["ring_slots"])
-            q.pending_offset = int(p["offset"])
-            q.pending_nseg = len(p["segments"])
-            for k, (gpa, length) in enumerate(p["segments"]):
-                q.pending_seg[k].gpa = int(gpa)
-                q.pending_seg[k].len = int(length)
-            q.pending_valid = 1
+            return
+        q.pending_head = pending.head
+        q.pending_slots = pending.ring_slots
+        q.pending_offset = pending.offset
+        q.pending_nseg = len(pending.segments)
+        for k, (gpa, length) in enumerate(pending.segments):
+            q.pending_seg[k].gpa = gpa
+            q.pending_seg[k].len = length
+        q.pending_valid = 1
 
     # -- chains -----------------------------------------------------------------------------
     def _error(self, rc: int, chains: list | None = None) -> DriverError:

@@ -141,42 +141,19 @@ class Virtqueue(VirtqueueBase):
         self._in_flight = 1 if self._pending is not None else 0
 
     # -- state save / restore (restart, device state) ----------------------------------------
-    def state(self) -> dict:
-        """A JSON-able snapshot of the device-side ring state (restart, SET_DEVICE_STATE_FD)."""
-        pending = self._pending
-        return {
-            "packed": self.packed,
-            "size": self.size,
-            "last_avail_idx": self._last_avail_idx,
-            "used_idx": self._used_idx,
-            "avail_wrap": self._avail_wrap,
-            "used_wrap": self._used_wrap,
-            "in_flight": self._in_flight,
-            "signalled_used": self._signalled_used,
-            "signalled_used_valid": self._signalled_used_valid,
-            "broken": None if self._broken is None else int(self._broken),
-            "pending": None if pending is None else {
-                "head": pending.head, "ring_slots": pending.ring_slots,
-                "offset": pending.offset, "segments": [list(s) for s in pending.segments]},
-        }
-
-    def load_state(self, state: dict) -> None:
-        """Restore a :meth:`state` snapshot (same ``packed`` and ``size``)."""
-        if state["packed"] != self.packed or state["size"] != self.size:
-            raise ValueError("state is for a different queue shape")
-        self._last_avail_idx = int(state["last_avail_idx"])
-        self._used_idx = int(state["used_idx"])
-        self._avail_wrap = bool(state["avail_wrap"])
-        self._used_wrap = bool(state["used_wrap"])
-        self._in_flight = int(state["in_flight"])
-        self._signalled_used = int(state["signalled_used"])
-        self._signalled_used_valid = bool(state["signalled_used_valid"])
-        self._broken = None if state["broken"] is None else ChainError(state["broken"])
-        self._unpop_mark = None
-        p = state["pending"]
-        self._pending = None if p is None else Pending(
-            int(p["head"]), int(p["ring_slots"]), int(p["offset"]),
-            tuple((int(g), int(n)) for g, n in p["segments"]))
+    def _restore(self, *, last_avail_idx: int, used_idx: int, avail_wrap: bool,
+                 used_wrap: bool, in_flight: int, signalled_used: int,
+                 signalled_used_valid: bool, broken, pending) -> None:
+        """Set every state field (``VirtqueueBase.load_state`` validated them)."""
+        self._last_avail_idx = last_avail_idx
+        self._used_idx = used_idx
+        self._avail_wrap = avail_wrap
+        self._used_wrap = used_wrap
+        self._in_flight = in_flight
+        self._signalled_used = signalled_used
+        self._signalled_used_valid = signalled_used_valid
+        self._broken = broken
+        self._pending = pending
 
     # -- chains -----------------------------------------------------------------------------
     def pop(self) -> Chain | None:

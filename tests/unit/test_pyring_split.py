@@ -442,6 +442,18 @@ def test_state_round_trip(vq_cls):
     assert other.state() == state
 
 
+def test_load_state_refuses_what_the_queue_cannot_hold(vq_cls):
+    mem, drv, vq = setup(vq_cls)
+    state = vq.state()
+    too_many = dict(state, pending={"head": 0, "ring_slots": 1, "offset": 0,
+                                    "segments": [[0, 1]] * 1025})
+    with pytest.raises(ValueError, match="more than 1024 segments"):
+        vq.load_state(too_many)
+    with pytest.raises(ValueError, match="different queue shape"):
+        vq.load_state(dict(state, size=SIZE * 2))
+    assert vq.state() == state  # nothing half-applied
+
+
 # -- dirty logging (vhost-user LOG_SHMFD) ----------------------------------------------------
 def test_used_writes_and_avail_event_mark_dirty_pages(vq_cls):
     mem, drv, vq = setup(vq_cls, event_idx=True)
