@@ -30,6 +30,17 @@ if TYPE_CHECKING:
     from ring.pyring import Virtqueue
 
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+def _vectored(call, fd: int, iov: list) -> tuple[int, bool, int | None]:
+    """One ``os.writev``/``os.readv`` on a non-blocking fd: ``(bytes, would_block, errno)``
+    (EINTR is retried by Python itself, PEP 475)."""
+    try:
+        return call(fd, iov), False, None
+    except OSError as exc:
+        if exc.errno in _AGAIN:
+            return 0, True, None
+        return 0, False, exc.errno
 _UNLIMITED = 1 << 62
 _U32 = struct.Struct("<I")
 _INT = struct.Struct("i")  # FIONREAD's native int
@@ -112,15 +123,7 @@ def tx_to_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None) -> TxResult
         limit = min(gathered, budget - written_total)
         n = 0
         if limit > 0:
-            try:
-                n = os.writev(fd, _clip(iov, limit))
-            except BlockingIOError:
-                blocked = True
-            except OSError as exc:
-                if exc.errno in _AGAIN:
-                    blocked = True
-                else:
-                    error = exc.errno
+            n, blocked, error = _vectored(os.writev, fd, _clip(iov, limit))
         written_total += n
         # Distribute the written bytes over the entries, in order.
         remaining = n
@@ -268,16 +271,7 @@ def rx_from_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None, *, prefix
             starved = broken is None
             break
         limit = min(gathered, budget - read_total)
-        n = 0
-        try:
-            n = os.readv(fd, _clip(iov, limit))
-        except BlockingIOError:
-            drained = True
-        except OSError as exc:
-            if exc.errno in _AGAIN:
-                drained = True
-            else:
-                error = exc.errno
+        n, drained, error = _vectored(os.readv, fd, _clip(iov, limit))
         if n == 0 and not drained and error is None:
             eof = True
         read_total += n
