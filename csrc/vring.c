@@ -1489,3 +1489,81 @@ int vr_rx_from_fd_prefix(struct vr_queue *q, struct vr_scratch *s, int fd, uint6
     out->broken = broken;
     return publish_batch(q, s, ndone, broken, &out->notify);
 }
+
+/* ---------------------------------------------------------------------------------------
+ * The stream pump (ring/pump.py is the reference).
+ */
+
+/* The used buffer notification: add 1 to the call eventfd. A full counter (EAGAIN) already
+ * means "signalled". Spec: virtio 1.2 §2.7.7 (used buffer notification); vhost-user
+ * VHOST_USER_SET_VRING_CALL. */
+static int signal_call(struct vr_pump *p, const struct vr_queue *q)
+{
+    uint64_t one = 1;
+    ssize_t r;
+    if (q->call_fd < 0)
+        return 0;
+    do
+        r = write(q->call_fd, &one, sizeof one);
+    while (r < 0 && errno == EINTR);
+    if (r < 0 && !is_again(errno)) {
+        p->call_errno = errno;
+        return VR_PUMP_CALL_ERROR;
+    }
+    return 0;
+}
+
+int vr_pump_rx(struct vr_pump *p)
+{
+    struct vr_rx_result *out = &p->rx_out;
+    int flags = 0, rc;
+    if (p->rx == NULL || p->read_fd < 0)
+        return 0;
+    rc = vr_rx_from_fd(p->rx, p->rx_scratch, p->read_fd, p->rx_budget, out);
+    p->bytes_to_guest += out->bytes;
+    if (rc < 0)
+        return rc;
+    if (out->notify)
+        flags |= signal_call(p, p->rx);
+    if (out->broken)
+        flags |= VR_PUMP_RX_BROKEN;
+    if (out->error)
+        flags |= VR_PUMP_RX_ERROR;
+    else if (out->eof)
+        flags |= VR_PUMP_RX_EOF;
+    else if (out->starved)
+        flags |= VR_PUMP_RX_STARVED;
+    return flags;
+}
+
+/* Spec: virtio 1.2 §5.3.6 (console port data: transmitq to the host, receiveq from it). */
+int vr_pump_tx(struct vr_pump *p)
+{
+    struct vr_tx_result *out = &p->tx_out;
+    int flags = 0, rc;
+    p->ran_rx = 0;
+    if (p->tx == NULL || p->write_fd < 0)
+        return 0;
+    rc = vr_tx_to_fd(p->tx, p->tx_scratch, p->write_fd, p->tx_budget, out);
+    p->bytes_from_guest += out->bytes;
+    if (rc < 0)
+        return rc;
+    if (out->notify)
+        flags |= signal_call(p, p->tx);
+    if (out->broken)
+        flags |= VR_PUMP_TX_BROKEN;
+    if (out->error)
+        return flags | VR_PUMP_TX_ERROR;
+    if (out->blocked)
+        return flags | VR_PUMP_TX_BLOCKED;
+    if (out->bytes >= p->tx_budget)
+        return flags | VR_PUMP_TX_MORE;
+    if (out->bytes > 0 && out->bytes <= p->follow_rx_max && p->rx != NULL && p->read_fd >= 0) {
+        p->ran_rx = 1;
+        rc = vr_pump_rx(p);
+        if (rc < 0)
+            return rc;
+        flags |= rc;
+    }
+    return flags;
+}

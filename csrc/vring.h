@@ -14,7 +14,7 @@
  * Spec: virtio 1.2 §2.7 (Split Virtqueues), §2.8 (Packed Virtqueues); docs/internals.md.
  */
 
-#define VR_ABI_VERSION 3
+#define VR_ABI_VERSION 4
 
 #define VR_MAX_SEGMENTS 1024
 #define VR_MAX_PREFIX 256
@@ -96,7 +96,8 @@ struct vr_queue {
     /* guest memory: the caller-owned region table and the dirty log (NULL = no logging) */
     struct vr_region *regions;
     uint32_t nregions;
-    uint32_t reserved0;
+    int32_t call_fd;         /* the queue's call eventfd (vhost-user SET_VRING_CALL), -1: none.
+                              * Only vr_pump_* write it; the ring calls never do. */
     uint8_t *log;
     uint64_t log_size;
 
@@ -238,3 +239,49 @@ int vr_rx_from_fd(struct vr_queue *q, struct vr_scratch *scratch, int fd, uint64
 int vr_rx_from_fd_prefix(struct vr_queue *q, struct vr_scratch *scratch, int fd,
                          uint64_t max_bytes, const uint8_t *prefix, uint32_t prefix_len,
                          int32_t len_offset, struct vr_rx_result *out);
+
+/* ---------------------------------------------------------------------------------------
+ * The stream pump: one port of a stream device (a console port: a transmitq/receiveq pair
+ * bridged to a host fd pair) served in one call, so that a guest kick or a readable host
+ * socket costs the caller one crossing into C. Semantics: ring/pump.py (the reference).
+ */
+
+/* vr_pump_tx / vr_pump_rx return these bits (0: nothing for the caller to do), or a
+ * negative VR_E_* when a ring area went unmapped. */
+#define VR_PUMP_TX_BLOCKED 1     /* the write fd took fewer bytes than offered: watch it */
+#define VR_PUMP_TX_MORE 2        /* the tx budget was used up: call again after others ran */
+#define VR_PUMP_TX_ERROR 4       /* a write failed: tx_out.error */
+#define VR_PUMP_TX_BROKEN 8      /* tx_out.broken */
+#define VR_PUMP_RX_STARVED 16    /* no guest buffers while the read fd may have data */
+#define VR_PUMP_RX_EOF 32
+#define VR_PUMP_RX_ERROR 64      /* rx_out.error */
+#define VR_PUMP_RX_BROKEN 128    /* rx_out.broken */
+#define VR_PUMP_CALL_ERROR 256   /* a call eventfd write failed (not EAGAIN): call_errno */
+
+struct vr_pump {
+    struct vr_queue *tx;          /* guest → host queue, NULL: not live */
+    struct vr_scratch *tx_scratch;
+    struct vr_queue *rx;          /* host → guest queue, NULL: not live */
+    struct vr_scratch *rx_scratch;
+    int32_t write_fd;             /* where the guest's bytes go, -1: no host peer */
+    int32_t read_fd;              /* what is read for the guest, -1: not wanted now */
+    uint64_t tx_budget;
+    uint64_t rx_budget;
+    uint64_t follow_rx_max;       /* after a tx step that wrote 1 .. this many bytes, also
+                                   * run the rx step (a small write is likely a request whose
+                                   * answer is already there); 0: never */
+    uint64_t bytes_from_guest;    /* running totals of both directions */
+    uint64_t bytes_to_guest;
+    int32_t call_errno;
+    int32_t ran_rx;               /* the last vr_pump_tx ran the rx step */
+    struct vr_tx_result tx_out;   /* of the last tx step */
+    struct vr_rx_result rx_out;   /* of the last rx step */
+};
+
+/* Guest → host: vr_tx_to_fd(tx, write_fd, tx_budget), signal tx->call_fd if the ring asks,
+ * then (follow_rx_max) the rx step. Nothing when tx is NULL or write_fd < 0. */
+int vr_pump_tx(struct vr_pump *p);
+
+/* Host → guest: vr_rx_from_fd(rx, read_fd, rx_budget), signal rx->call_fd if the ring asks.
+ * Nothing when rx is NULL or read_fd < 0. */
+int vr_pump_rx(struct vr_pump *p);

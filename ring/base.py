@@ -21,7 +21,13 @@ log = logging.getLogger("ring")
 
 
 class VirtqueueBase:
-    """The implementation-independent half of a device-side virtqueue."""
+    """The implementation-independent half of a device-side virtqueue.
+
+    Both implementations also carry ``call_fd``: the eventfd that signals this queue's used
+    buffer notifications (virtio 1.2 §2.7.7; vhost-user VHOST_USER_SET_VRING_CALL), or None.
+    The owner keeps it current; the ring calls never write it, the stream pump
+    (:mod:`ring.pump`) and ``QueueHandle.notify`` do.
+    """
 
     def __init__(self, memory: GuestMemory, size: int, *, packed: bool, event_idx: bool,
                  notify_on_empty: bool = False, index: int = 0, logger: logging.Logger = log

@@ -37,7 +37,7 @@ __all__ = ["Virtqueue", "Chain", "TxResult", "RxResult", "Pending", "ABI_VERSION
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 3  # the csrc/vring.h VR_ABI_VERSION this module was written against
+ABI_VERSION = 4  # the csrc/vring.h VR_ABI_VERSION this module was written against
 
 
 def _check_abi() -> None:
@@ -148,6 +148,7 @@ class Virtqueue(VirtqueueBase):
         self._q.packed = self.packed
         self._q.event_idx = self.event_idx
         self._q.notify_on_empty = self.notify_on_empty
+        self._q.call_fd = -1
         self._mem: _Memory | None = None
         self._chain = ffi.new("struct vr_chain[]", _BATCH_CHAINS)
         self._seg = ffi.new("struct vr_segment[]", _BATCH_SEGMENTS)
@@ -186,6 +187,15 @@ class Virtqueue(VirtqueueBase):
         q.log_size = mem.log_size
         lib.vr_refresh(q)
         self._mem = mem  # the old table and buffers go only now: C no longer points there
+
+    @property
+    def call_fd(self) -> int | None:
+        fd = self._q.call_fd
+        return None if fd < 0 else int(fd)
+
+    @call_fd.setter
+    def call_fd(self, fd: int | None) -> None:
+        self._q.call_fd = -1 if fd is None else fd
 
     # -- read-only state --------------------------------------------------------------------
     last_avail_idx = property(lambda self: int(self._q.last_avail_idx))

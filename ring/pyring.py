@@ -39,6 +39,7 @@ class Virtqueue(VirtqueueBase):
                  notify_on_empty: bool = False, index: int = 0) -> None:
         super().__init__(memory, size, packed=packed, event_idx=event_idx,
                          notify_on_empty=notify_on_empty, index=index, logger=log)
+        self.call_fd: int | None = None
         self._init_state()
 
     def _init_state(self) -> None:

@@ -48,30 +48,24 @@ class VhostUserDevice(Protocol):
 
 class QueueHandle:
     """A live queue given to the device: ``index``, ``vq`` (a ``ring`` Virtqueue) and
-    ``notify()``, which signals the guest through the queue's *current* call eventfd (the
-    front-end may replace it while the ring runs, e.g. when QEMU masks interrupts) or does
-    nothing when there is none (polling, SET_VRING_CALL with the no-fd flag).
+    ``notify()``, which signals the guest through the queue's *current* call eventfd,
+    ``vq.call_fd`` (the front-end may replace it while the ring runs, e.g. when QEMU masks
+    interrupts; the session keeps it current), or does nothing when there is none (polling,
+    SET_VRING_CALL with the no-fd flag).
 
     Spec: vhost-user VHOST_USER_SET_VRING_CALL.
     """
 
-    __slots__ = ("index", "vq", "_call_fd", "_signal")
+    __slots__ = ("index", "vq", "_signal")
 
-    def __init__(
-        self,
-        index: int,
-        vq: Any,
-        call_fd: Callable[[], int | None],
-        signal: Callable[[int], None],
-    ) -> None:
+    def __init__(self, index: int, vq: Any, signal: Callable[[int], None]) -> None:
         self.index = index
         self.vq = vq
-        self._call_fd = call_fd
         self._signal = signal
 
     def notify(self) -> None:
         """Interrupt the guest for this queue (write the call eventfd)."""
-        fd = self._call_fd()
+        fd = self.vq.call_fd
         if fd is not None:
             self._signal(fd)
 

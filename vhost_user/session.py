@@ -415,7 +415,7 @@ class BackendSession:
             vring.started = False
             vring.enabled = False
             self._reconcile(vring)
-            vring.vq = None
+            self._release_vq(vring)
             self._close_vring_fds(vring)
         try:
             self.device.reset()
@@ -775,7 +775,7 @@ class BackendSession:
         self._reconcile(vring)
         if vring.vq is not None:
             vring.base = vring.vq.get_base()
-        vring.vq = None
+        self._release_vq(vring)
         for attr in ("kick_fd", "call_fd"):
             fd = getattr(vring, attr)
             if fd is not None:
@@ -814,6 +814,8 @@ class BackendSession:
     def _on_set_vring_call(self, body: VringFd, msg: Message) -> None:
         fd = self._take_vring_fd(body, msg, FrontendReq.SET_VRING_CALL)
         vring = self.vrings[body.index]
+        if vring.vq is not None:
+            vring.vq.call_fd = fd  # before the old fd closes: nothing may signal it after
         if vring.call_fd is not None:
             close_fds([vring.call_fd])
         vring.call_fd = fd
@@ -874,6 +876,7 @@ class BackendSession:
             )
             vq.configure(desc, driver, device)
             vq.set_base(vring.base)
+            vq.call_fd = vring.call_fd
         except (RingError, ValueError) as exc:
             raise _Refused(f"queue {vring.index}: cannot set up the ring: {exc}") from exc
         return vq
@@ -883,15 +886,20 @@ class BackendSession:
         live. Spec: vhost-user "Ring states"."""
         want = vring.started and vring.enabled and vring.vq is not None
         if want and not vring.live:
-            vring.handle = QueueHandle(
-                vring.index, vring.vq, lambda v=vring: v.call_fd, self._signal
-            )
+            vring.handle = QueueHandle(vring.index, vring.vq, self._signal)
             self.log.debug("queue %d live", vring.index)
             self.device.queue_started(vring.handle)
         elif not want and vring.live:
             vring.handle = None
             self.log.debug("queue %d stopped", vring.index)
             self.device.queue_stopped(vring.index)
+
+    @staticmethod
+    def _release_vq(vring: _Vring) -> None:
+        """Drop the ring (its call fd is about to close: nothing may signal it)."""
+        if vring.vq is not None:
+            vring.vq.call_fd = None
+        vring.vq = None
 
     @staticmethod
     def _close_vring_fds(vring: _Vring) -> None:
@@ -988,7 +996,7 @@ class BackendSession:
             vring.started = False
             vring.enabled = False
             self._reconcile(vring)
-            vring.vq = None
+            self._release_vq(vring)
             vring.base = 0
             vring.num = None
             vring.addr = None
