@@ -53,6 +53,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ring.pump import PumpFlag, stream_pump_for
 from virtio.config import ConsoleConfig, Endpoint
 
 from .config import EmergencyWrite
@@ -115,6 +116,7 @@ class _PortIO:
     emergency: bytearray = field(default_factory=bytearray)
     retry_timer: Any = None
     removed: bool = False
+    pump: Any = None  # ring.pump stream pump over the port's live queues and host fds
 
 
 class ConsoleDevice:
@@ -142,6 +144,7 @@ class ConsoleDevice:
         self.notify_config: Callable[[], Any] | None = None
         self._handles: dict[int, Any] = {}
         self._io: dict[int, _PortIO] = {}
+        self._tx_ports: dict[int, _PortIO] = {}  # transmitq index -> its port (kick fast path)
         self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         self.emergency_dropped = 0
         self.closed = False
@@ -190,6 +193,7 @@ class ConsoleDevice:
         io = self._port_io(index)
         if io is None:
             return
+        self._sync_pump(io)
         rx_q, tx_q = port_queues(io.port.id)
         if index == tx_q:
             self._pump_tx(io)
@@ -201,9 +205,17 @@ class ConsoleDevice:
         self._handles.pop(index, None)
         io = self._port_io(index)
         if io is not None:
-            self._reconcile(io)
+            self._reconcile(io)  # (and the pump lets go of the queue)
 
     def kick(self, index: int) -> None:
+        io = self._tx_ports.get(index)
+        if io is not None and io.pump is not None and not io.emergency:
+            # The fast path of a port's transmitq: one pump call (ring.pump), Python only
+            # when it reports something to do.
+            flags = io.pump.pump_tx()
+            if flags or io.tx_fd is not None:
+                self._after_pump_tx(io, flags)
+            return
         if index == CONTROL_TX_QUEUE:
             self._serve_control_tx()
         elif index == CONTROL_RX_QUEUE:
@@ -295,6 +307,7 @@ class ConsoleDevice:
         open (it sees the port vanish, as with QEMU's device_del)."""
         port = self.control.ports.by_name(name)
         io = self._io.pop(port.id)
+        self._tx_ports.pop(port_queues(port.id)[1], None)
         io.removed = True
         self._unwatch(io)
         if io.retry_timer is not None:
@@ -330,8 +343,10 @@ class ConsoleDevice:
                 "guest-ready": port.guest_ready,
                 "host-connected": port.host_connected,
                 "host": str(io.endpoint_config) if io else "",
-                "bytes-to-guest": port.bytes_to_guest,
-                "bytes-from-guest": port.bytes_from_guest,
+                "bytes-to-guest": port.bytes_to_guest + (io.pump.bytes_to_guest
+                                                         if io and io.pump else 0),
+                "bytes-from-guest": port.bytes_from_guest + (io.pump.bytes_from_guest
+                                                             if io and io.pump else 0),
                 "device": self.name,
             })
         return out
@@ -354,6 +369,7 @@ class ConsoleDevice:
                 io.retry_timer.cancel()
             io.endpoint.close()
         self._io.clear()
+        self._tx_ports.clear()
         os.close(self._devnull)
 
     # ================================================================ control queues
@@ -458,14 +474,17 @@ class ConsoleDevice:
         io = _PortIO(port, host, endpoint)
         holder.append(io)
         self._io[port.id] = io
+        self._tx_ports[port_queues(port.id)[1]] = io
         endpoint.start()
 
     def _on_host_state(self, io: _PortIO, connected: bool) -> None:
         if io.removed:
             return
         if not connected:
-            self._unwatch(io)  # before the endpoint closes the fds
+            self._unwatch(io)  # before the endpoint closes the fds (the pump lets go too)
             io.host_has_data = False
+        else:
+            self._sync_pump(io)
         self._event(ConsoleEvent.PORT_HOST_CONNECTED if connected
                     else ConsoleEvent.PORT_HOST_DISCONNECTED, {"id": io.port.name})
         self._sync_host(io)
@@ -517,6 +536,7 @@ class ConsoleDevice:
             io.probe_fd = probe
             if probe is not None:
                 self.loop.add_reader(probe, lambda: self._probe_host(io))
+        self._sync_pump(io)
 
     def _unwatch(self, io: _PortIO) -> None:
         for fd in {io.rx_fd, io.probe_fd} - {None}:
@@ -524,6 +544,7 @@ class ConsoleDevice:
         if io.tx_fd is not None:
             self.loop.remove_writer(io.tx_fd)
         io.rx_fd = io.probe_fd = io.tx_fd = None
+        self._sync_pump(io)
 
     def _probe_host(self, io: _PortIO) -> None:
         """The host socket is readable while nobody in the guest reads: EOF → the peer left;
@@ -545,28 +566,63 @@ class ConsoleDevice:
         io.host_has_data = True
         self._reconcile(io)
 
+    def _sync_pump(self, io: _PortIO) -> None:
+        """Hand the port's pump its live queues and current host fds. Runs wherever one of
+        them changes, before an fd can close: the pump must never hold a closed fd."""
+        rx_q, tx_q = port_queues(io.port.id)
+        rx, tx = self._handles.get(rx_q), self._handles.get(tx_q)
+        tx_vq = None if tx is None or io.removed else tx.vq
+        rx_vq = None if rx is None or io.removed else rx.vq
+        pump = io.pump
+        if pump is None:
+            if tx_vq is None and rx_vq is None:
+                return
+            pump = io.pump = stream_pump_for(tx_vq if tx_vq is not None else rx_vq)
+            pump.tx_budget = TX_BUDGET_BYTES
+            pump.rx_budget = RX_BUDGET_BYTES
+            pump.follow_rx_max = OPPORTUNISTIC_RX_BYTES
+        if pump.tx is not tx_vq or pump.rx is not rx_vq:
+            pump.tx = pump.rx = None
+            try:
+                pump.tx, pump.rx = tx_vq, rx_vq
+            except TypeError:  # another ring implementation (a new session): a new pump
+                io.port.bytes_from_guest += pump.bytes_from_guest
+                io.port.bytes_to_guest += pump.bytes_to_guest
+                pump.tx = pump.rx = None
+                io.pump = None
+                self._sync_pump(io)
+                return
+        write_fd = io.endpoint.write_fd
+        write_fd = -1 if write_fd is None or io.removed else write_fd
+        if pump.write_fd != write_fd:
+            pump.write_fd = write_fd
+        read_fd = -1 if io.rx_fd is None else io.rx_fd
+        if pump.read_fd != read_fd:
+            pump.read_fd = read_fd
+
     def _pump_rx(self, io: _PortIO) -> None:
-        """Host → guest: ``readv`` the host socket into the port's posted receive buffers."""
+        """Host → guest: ``readv`` the host socket into the port's posted receive buffers
+        (the reader of ``io.rx_fd``, which _reconcile sets only while the receiveq is live)."""
         if io.removed or io.rx_fd is None:
             return
-        handle = self._handles.get(port_queues(io.port.id)[0])
-        if handle is None:
-            self._reconcile(io)
-            return
-        result = handle.vq.rx_from_fd(io.rx_fd, RX_BUDGET_BYTES)
-        io.port.bytes_to_guest += result.bytes
-        if result.notify:
-            handle.notify()
-        if result.broken is not None:
+        flags = io.pump.pump_rx()
+        if flags:
+            self._after_pump_rx(io, flags)
+
+    def _after_pump_rx(self, io: _PortIO, flags: int) -> None:
+        if flags & PumpFlag.CALL_ERROR:
+            self._log.warning("port %r call eventfd: %s", io.port.name,
+                              os.strerror(io.pump.call_errno))
+        if flags & PumpFlag.RX_BROKEN:
             self._log.error("port %r receiveq broken by the guest: %s", io.port.name,
-                            result.broken.name)
-        if result.eof or result.error is not None:
-            if result.error is not None:
+                            io.pump.rx_result.broken.name)
+        if flags & (PumpFlag.RX_EOF | PumpFlag.RX_ERROR):
+            if flags & PumpFlag.RX_ERROR:
                 self._log.info("port %r host read failed: %s", io.port.name,
-                               os.strerror(result.error))
+                               os.strerror(io.pump.rx_result.error))
             io.endpoint.disconnect()
             return
-        if result.starved:
+        if flags & PumpFlag.RX_STARVED:
             io.rx_starved = True
             self._reconcile(io)
 
@@ -582,31 +638,37 @@ class ConsoleDevice:
         if io.emergency and (handle is None or handle.vq.pending is None):
             if not self._write_emergency(io, fd):
                 return
-        if handle is None:
+        if handle is None or io.pump is None:
             self._watch_writable(io, None)  # the queue stopped: nothing to wait for
             return
-        result = handle.vq.tx_to_fd(fd, TX_BUDGET_BYTES)
-        io.port.bytes_from_guest += result.bytes
-        if result.notify:
-            handle.notify()
-        if result.broken is not None:
+        flags = io.pump.pump_tx()
+        if flags or io.tx_fd is not None:
+            self._after_pump_tx(io, flags)
+
+    def _after_pump_tx(self, io: _PortIO, flags: int) -> None:
+        """What a tx pump call left to do: log, watch writability, go on later, or hand the
+        opportunistic read's outcome on (virtio/console/device.py module docstring)."""
+        pump = io.pump
+        if flags & PumpFlag.CALL_ERROR:
+            self._log.warning("port %r call eventfd: %s", io.port.name,
+                              os.strerror(pump.call_errno))
+            flags &= ~PumpFlag.CALL_ERROR
+        if flags & PumpFlag.TX_BROKEN:
             self._log.error("port %r transmitq broken by the guest: %s", io.port.name,
-                            result.broken.name)
-        if result.error is not None:
-            if result.error not in (errno.EPIPE, errno.ECONNRESET):
+                            pump.tx_result.broken.name)
+        if flags & PumpFlag.TX_ERROR:
+            error = pump.tx_result.error
+            if error not in (errno.EPIPE, errno.ECONNRESET):
                 self._log.warning("port %r host write failed: %s", io.port.name,
-                                  os.strerror(result.error))
+                                  os.strerror(error))
             self._watch_writable(io, None)
             io.endpoint.disconnect()
             return
-        self._watch_writable(io, fd if result.blocked else None)
-        if not result.blocked and result.bytes >= TX_BUDGET_BYTES:
+        self._watch_writable(io, io.endpoint.write_fd if flags & PumpFlag.TX_BLOCKED else None)
+        if flags & PumpFlag.TX_MORE:
             self.loop.call_soon(lambda: self._pump_tx(io))  # more may wait: yield first
-        elif 0 < result.bytes <= OPPORTUNISTIC_RX_BYTES and io.rx_fd is not None:
-            # A small write is likely a request: if the host peer already answered (it ran
-            # while we wrote), hand the answer to the guest now instead of one epoll round
-            # later. Nothing there costs one readv returning EAGAIN.
-            self._pump_rx(io)
+        elif pump.ran_rx and flags:
+            self._after_pump_rx(io, flags)
 
     def _watch_writable(self, io: _PortIO, fd: int | None) -> None:
         if io.tx_fd == fd:
