@@ -255,14 +255,19 @@ def _u32(x: int) -> int:
     return x & U32_MASK
 
 
-class _Pending(enum.IntFlag):
-    """Control packets waiting for an RX buffer."""
+class _Pending:
+    """Control packets waiting for an RX buffer: bits of ``Connection._pending``, plain
+    ints (``enum.IntFlag`` arithmetic costs ~1 µs per operation on the data path)."""
 
     RST = 1
     RESPONSE = 2
     REQUEST = 4
     SHUTDOWN = 8
     CREDIT_UPDATE = 16
+
+
+#: ShutdownFlag bits as plain ints (see `_Pending`); ``peer_shut``/``local_shut`` hold ints.
+_RCV, _SEND, _BOTH = int(ShutdownFlag.RCV), int(ShutdownFlag.SEND), int(ShutdownFlag.BOTH)
 
 
 class Connection:
@@ -302,14 +307,14 @@ class Connection:
         self._h2g_off = 0
         self.host_readable = False  # the host socket has data (cleared by EAGAIN)
         # shutdown / life cycle
-        self.peer_shut = ShutdownFlag(0)  # flags the guest sent
-        self.local_shut = ShutdownFlag(0)  # flags we sent / queued
-        self._shut_queued = ShutdownFlag(0)
+        self.peer_shut = 0  # flags the guest sent
+        self.local_shut = 0  # flags we sent / queued
+        self._shut_queued = 0
         self.host_eof = False
         self.host_hup = False
         self.host_open = local_init  # an accepted socket exists already for local_init
         self._host_wr_shut = False
-        self._pending = _Pending(0)
+        self._pending = 0
         self._credit_requested = False
         self.leftover_for_guest = 0
         # statistics
@@ -355,14 +360,14 @@ class Connection:
         return max(0, self.peer_buf_alloc - in_flight)
 
     def _h2g_open(self) -> bool:
-        return (self.state is ConnState.ESTABLISHED and not self.peer_shut & ShutdownFlag.RCV
+        return (self.state is ConnState.ESTABLISHED and not self.peer_shut & _RCV
                 and not (self._pending & (_Pending.RESPONSE | _Pending.REQUEST)))
 
     def _g2h_done(self) -> bool:
-        return bool(self.peer_shut & ShutdownFlag.SEND) or self.host_hup
+        return bool(self.peer_shut & _SEND) or self.host_hup
 
     def _h2g_done(self) -> bool:
-        return bool(self.peer_shut & ShutdownFlag.RCV) or self.host_eof
+        return bool(self.peer_shut & _RCV) or self.host_eof
 
     @property
     def wants_read(self) -> bool:
@@ -497,7 +502,7 @@ class Connection:
         if hangup:
             actions += self._host_hung_up(now)
         else:
-            self._queue_shutdown(ShutdownFlag.SEND)
+            self._queue_shutdown(_SEND)
         actions += self._maybe_finish(now)
         # The device already spent a chain on this read: fill it with the next control
         # packet (normally the SHUTDOWN just queued), if any.
@@ -542,7 +547,7 @@ class Connection:
             self.log.warning("%s: host message over %d bytes: reset", self.key,
                              self.cfg.max_message_bytes)
             return self.kill(now)
-        if self.peer_shut & ShutdownFlag.RCV:
+        if self.peer_shut & _RCV:
             return []
         self._h2g.append((bytes(data), True, eor))
         return []
@@ -579,7 +584,7 @@ class Connection:
         if op == Op.RW:
             return self._guest_data(hdr, payload, now)
         if op == Op.SHUTDOWN:
-            return self._guest_shutdown(ShutdownFlag(hdr.flags & ShutdownFlag.BOTH), now)
+            return self._guest_shutdown(hdr.flags & _BOTH, now)
         # REQUEST / RESPONSE on a live connection: ignore (as Firecracker does).
         self.log.debug("%s: ignoring %s in state %s", self.key, Op(op).name, st.value)
         return []
@@ -594,7 +599,7 @@ class Connection:
 
         Spec: virtio 1.2 §5.10.6.3 (credit), §5.10.6.4 (stream data)."""
         if (self.state is not ConnState.ESTABLISHED or self.type_ is not Type.STREAM
-                or not self.host_open or self.host_hup or self.peer_shut & ShutdownFlag.SEND):
+                or not self.host_open or self.host_hup or self.peer_shut & _SEND):
             return self._rw_one_by_one(packets, now)
         buf_alloc = self.buf_alloc
         base = self.recv_cnt - self.adv_fwd_cnt
@@ -618,6 +623,50 @@ class Connection:
             return [act]
         self._g2h_chunks.append(_join(views))
         return []
+
+    @property
+    def direct_tx_ok(self) -> bool:
+        """Whether guest RW packets may take the device's direct lane (`rw_direct`, then
+        `rw_written`): an established stream with an open host socket, no write in flight
+        and nothing buffered, so writing them now keeps the byte order. Exactly the case
+        in which `on_rw_batch` hands out one direct ``WriteHost``."""
+        return (self.state is ConnState.ESTABLISHED and self.type_ is Type.STREAM
+                and self.host_open and not self.host_hup and not self.peer_shut & _SEND
+                and self._inflight is None and not self._g2h_chunks and not self._g2h_msgs)
+
+    def rw_direct(self, packets: Sequence[RwPacket]) -> int | None:
+        """Take ``packets`` (the caller checked what `on_rw_batch` relies on, and
+        `direct_tx_ok`) for the caller to write to the host socket itself: returns their
+        payload byte total, or None, changing nothing, when one of them exceeds the credit
+        (then `on_rw_batch` must handle them: it resets the connection at that packet).
+        Report the write with `rw_written`.
+
+        Spec: virtio 1.2 §5.10.6.3.1 (credit is cumulative, as in `_guest_data`)."""
+        buf_alloc = self.buf_alloc
+        base = self.recv_cnt - self.adv_fwd_cnt
+        total = 0
+        for p in packets:
+            n = p[0]
+            total += n
+            if n > buf_alloc or _u32(base + total) > buf_alloc:
+                return None
+        ba, fc = self.peer_buf_alloc, self.peer_fwd_cnt
+        for p in packets:
+            if p[2] != ba or p[3] != fc:
+                self._credit_requested = False
+                ba, fc = p[2], p[3]
+        self.peer_buf_alloc, self.peer_fwd_cnt = ba, fc
+        self.recv_cnt = _u32(self.recv_cnt + total)
+        return total
+
+    def rw_written(self, data: Sequence[Buffer], total: int, written: int) -> None:
+        """The caller wrote ``written`` of the ``total`` bytes of ``data`` (the payloads
+        taken by `rw_direct`, in order) to the host socket; the unwritten tail is copied
+        (credit bounds it) and waits for the socket's writability (``wants_write``)."""
+        if written < total:
+            self._g2h_chunks.append(_tail(data, written))
+        self._forwarded(written)
+        self._credit_check()
 
     def _rw_one_by_one(self, packets: Sequence[RwPacket], now: float) -> list[Action]:
         actions: list[Action] = []
@@ -654,7 +703,7 @@ class Connection:
             self.log.warning("%s: guest exceeded its credit (%d bytes in flight, buf_alloc "
                              "%d): reset", self.key, in_flight, self.buf_alloc)
             return self.kill(now)
-        if self.peer_shut & ShutdownFlag.SEND:
+        if self.peer_shut & _SEND:
             self.log.info("%s: guest data after its SHUTDOWN SEND: reset", self.key)
             return self.kill(now)
         self.recv_cnt = _u32(self.recv_cnt + n)
@@ -692,10 +741,10 @@ class Connection:
             return self.host_writable(now)  # nothing queued before it: try to send now
         return []
 
-    def _guest_shutdown(self, flags: ShutdownFlag, now: float) -> list[Action]:
+    def _guest_shutdown(self, flags: int, now: float) -> list[Action]:
         new = flags & ~self.peer_shut
         self.peer_shut |= flags
-        if new & ShutdownFlag.RCV:
+        if new & _RCV:
             self._h2g.clear()
             self._h2g_off = 0
             self.host_readable = False
@@ -711,7 +760,7 @@ class Connection:
         self._drop_buffers()
         self.state = ConnState.CLOSED
         self.deadline = None
-        self._pending = _Pending(0)
+        self._pending = 0
         return actions
 
     # -- drain / finish -------------------------------------------------------------------
@@ -738,7 +787,7 @@ class Connection:
     def _after_drain(self, now: float) -> list[Action]:
         actions = self._credit_check()
         drained = not self._g2h_has_data() and self._inflight is None
-        if (drained and self.peer_shut & ShutdownFlag.SEND and self.host_open
+        if (drained and self.peer_shut & _SEND and self.host_open
                 and not self._host_wr_shut and self.state is ConnState.ESTABLISHED):
             self._host_wr_shut = True
             actions.append(ShutdownHost(self.key))
@@ -766,16 +815,16 @@ class Connection:
                 self.state = ConnState.CLOSING
                 self.deadline = now + self.cfg.shutdown_timeout_s
             return []
-        if self.peer_shut == ShutdownFlag.BOTH:
+        if self.peer_shut == _BOTH:
             # The guest closed: it waits for our RST.
             return self.kill(now)
-        if self.state is ConnState.CLOSING and self.local_shut == ShutdownFlag.BOTH:
+        if self.state is ConnState.CLOSING and self.local_shut == _BOTH:
             return []  # already awaiting the guest's RST
         actions: list[Action] = []
         if self.host_open:
             actions.append(CloseHost(self.key))
             self.host_open = False
-        self._queue_shutdown(ShutdownFlag.BOTH)
+        self._queue_shutdown(_BOTH)
         self.state = ConnState.CLOSING
         self.deadline = now + self.cfg.shutdown_timeout_s
         return actions
@@ -788,13 +837,13 @@ class Connection:
             self.host_open = False
         self._discarded(self.buffered_g2h)
         self._drop_g2h()
-        self._queue_shutdown(ShutdownFlag.BOTH)
+        self._queue_shutdown(_BOTH)
         if self.state is ConnState.ESTABLISHED:
             self.state = ConnState.CLOSING
             self.deadline = now + self.cfg.shutdown_timeout_s
         return actions
 
-    def _queue_shutdown(self, flags: ShutdownFlag) -> None:
+    def _queue_shutdown(self, flags: int) -> None:
         new = flags & ~self.local_shut
         if new:
             self.local_shut |= new
@@ -886,7 +935,7 @@ class Connection:
         if kind is None:
             return None
         if kind == "rst":
-            self._pending = _Pending(0)
+            self._pending = 0
             self.state = ConnState.CLOSED
             return RxPacket(self._header(Op.RST))
         if kind == "response":

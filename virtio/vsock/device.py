@@ -40,7 +40,7 @@ from ring.errors import DriverError
 from .conn import ConnConfig, RxPacket, RxRead
 from .errors import DuplicateCidError, UnknownCidError
 from .handshake import OkPortConvention
-from .host import VsockHost
+from .host import _SEND_FLAGS, IOV_MAX, VsockHost
 from .muxer import DEVICE_FEATURES, MuxerConfig, VsockMuxer
 from .wire import (HOST_CID, VIRTIO_ID_VSOCK, Op, Queue, Type, VsockConfig as VsockConfigSpace,
                    VsockEvent, VsockHeader)
@@ -213,6 +213,12 @@ class VsockDevice:
             self._schedule_tx()  # more to do: after other fds had their turn
         if completed:
             handle.notify_if_needed()
+        if self._rx_scheduled:
+            # The batch queued packets for the guest (normally a CREDIT_UPDATE): send them
+            # now rather than after another turn of the loop, so the guest, which may be
+            # waiting for credit, gets one interrupt at once. (The scheduled call then
+            # finds little or nothing to do.)
+            self._process_rx()
 
     def _tx_packets(self, chains: list) -> None:
         """Hand a batch of TX packets to the muxer, before their chains are completed.
@@ -225,7 +231,7 @@ class VsockDevice:
 
         Spec: virtio 1.2 §5.10.6 (packet = header + payload), §5.10.6.1 (TX buffers)."""
         cid = self.cid
-        muxer, run = self.muxer, self.host.run
+        muxer, run, flush = self.muxer, self.host.run, self._rw_group
         now = self.loop.time()
         group: list = []
         group_ports = None
@@ -240,17 +246,52 @@ class VsockDevice:
                     if views is not None:
                         ports = (dst_port, src_port)
                         if ports != group_ports and group:
-                            run(muxer.guest_rw_batch(cid, *group_ports, group, now))
+                            flush(group_ports, group, now)
                             group = []
                         group_ports = ports
                         group.append((len_, flags, buf_alloc, fwd_cnt, views))
                         continue
             if group:
-                run(muxer.guest_rw_batch(cid, *group_ports, group, now))
+                flush(group_ports, group, now)
                 group, group_ports = [], None
             run(muxer.guest_tx(cid, readable, now))
         if group:
-            run(muxer.guest_rw_batch(cid, *group_ports, group, now))
+            flush(group_ports, group, now)
+
+    def _rw_group(self, ports: tuple[int, int], group: list, now: float) -> None:
+        """Consecutive stream RW packets of one connection (``ports`` = host port, guest
+        port). The direct lane (`VsockMuxer.direct_tx_conn`): their payloads go to the
+        host socket with one ``sendmsg`` straight from guest memory, the connection's
+        counters are updated once and the muxer reconciles once; the outcome is that of
+        ``muxer.guest_rw_batch`` + ``host_write_done`` (tests/property/
+        test_vsock_direct_lane.py). Anything else takes ``guest_rw_batch``.
+
+        Spec: virtio 1.2 §5.10.6.3 (credit), §5.10.6.4 (stream data)."""
+        muxer = self.muxer
+        conn = muxer.direct_tx_conn(self.cid, *ports)
+        sock = None if conn is None else self.host.sock(conn.key)
+        if sock is not None:
+            before = muxer.snapshot(conn)
+            total = conn.rw_direct(group)
+            if total is not None:
+                data = [v for p in group for v in p[4]]
+                written, failed = 0, None
+                if total:
+                    try:
+                        written = sock.sendmsg(data if len(data) <= IOV_MAX else
+                                               data[:IOV_MAX], (), _SEND_FLAGS)
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                    except OSError as exc:
+                        failed = exc
+                conn.rw_written(data, total, written)
+                run = self.host.run
+                run(muxer.settle(conn, before, len(group)))
+                if failed is not None:
+                    self.log.info("%s: host write failed: %s", conn.key, failed)
+                    run(muxer.host_error(conn.key, now, failed.errno))
+                return
+        self.host.run(muxer.guest_rw_batch(self.cid, *ports, group, now))
 
     # -- RX: host -> guest -----------------------------------------------------------------
     def _process_rx(self) -> None:
@@ -271,9 +312,31 @@ class VsockDevice:
         used: list[tuple[int, int, int]] = []
         notify_broken = False
         burst_notify = False
+        burst_first = True
         for _ in range(RX_BUDGET):
             if not self.muxer.has_rx(self.cid):
                 break
+            if burst_first:
+                # The next packet is stream data from a host socket: read it straight into
+                # as many chains as the guest's credit allows (one C call), without first
+                # filling one chain on its own. Once per call: a burst that moved nothing
+                # (EOF, an error, no buffers) leaves the rest to the packet-at-a-time path.
+                burst_first = False
+                nxt = self.muxer.rx_burst_next(self.cid)
+                if nxt is not None:
+                    if used:
+                        vq.push_batch(used)
+                        used = []
+                    res = self._rx_burst(vq, nxt[0], self.loop.time(), nxt[1:])
+                    if res is not None:
+                        burst_notify |= res.notify
+                        if res.broken is not None:
+                            break
+                        if res.chains and not res.starved:
+                            burst_first = True
+                        if res.starved:
+                            break
+                        continue
             try:
                 chain = vq.pop()
             except DriverError as exc:
@@ -309,8 +372,6 @@ class VsockDevice:
                 if res is not None:
                     burst_notify |= res.notify
                     if res.broken is not None:
-                        self.log.error("RX queue broken (%s): it stays stopped until the "
-                                       "device is reset", res.broken)
                         break
         else:
             self._schedule_rx()
@@ -320,11 +381,13 @@ class VsockDevice:
             if not handle.notify_if_needed() and burst_notify:
                 handle.notify()
 
-    def _rx_burst(self, vq: Any, key: Any, now: float) -> Any:
+    def _rx_burst(self, vq: Any, key: Any, now: float, burst: Any = None) -> Any:
         """Stream data of connection ``key`` into many RX chains with one
         ``rx_from_fd``: the packet header is the prefix of each chain, its ``len`` patched
-        with the chain's payload (Spec: virtio 1.2 §5.10.6: one packet per buffer)."""
-        burst = self.muxer.rx_burst(key)
+        with the chain's payload (Spec: virtio 1.2 §5.10.6: one packet per buffer).
+        ``burst``: ``muxer.rx_burst(key)`` if the caller has it."""
+        if burst is None:
+            burst = self.muxer.rx_burst(key)
         sock = self.host.sock(key)
         if burst is None or sock is None:
             return None
@@ -334,6 +397,9 @@ class VsockDevice:
         res = vq.rx_from_fd(sock.fileno(), max_bytes, prefix=template,
                             prefix_len_offset=_LEN_OFFSET)
         self.host.run(self.muxer.rx_burst_done(key, res.bytes, res.chains, res.drained, now))
+        if res.broken is not None:
+            self.log.error("RX queue broken (%s): it stays stopped until the device is "
+                           "reset", res.broken)
         return res
 
     def _deliver(self, vq: Any, chain: Any, item: Any, now: float) -> int | None:

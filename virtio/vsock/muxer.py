@@ -89,15 +89,10 @@ class VsockStats:
     warnings_suppressed: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class _Snap:
-    read: bool
-    write: bool
-    deadline: float | None
-    has_rx: bool
-
-
-_NO_SNAP = _Snap(False, False, None, False)
+#: What ``_reconcile`` compares before/after a mutation: ``(wants_read, wants_write,
+#: deadline, has_rx)``, a plain tuple (built twice per mutation on the data path).
+_Snap = tuple
+_NO_SNAP = (False, False, None, False)
 
 
 @dataclass(slots=True)
@@ -301,6 +296,30 @@ class VsockMuxer:
         before = self._snap(conn)
         actions = conn.on_rw_batch(packets, now)
         return actions + self._reconcile(key, before)
+
+    def direct_tx_conn(self, cid: int, dst_port: int, src_port: int) -> Connection | None:
+        """The stream connection of VM ``cid`` (guest port ``src_port`` to host port
+        ``dst_port``) when its RW packets may take the device's direct lane
+        (`Connection.direct_tx_ok`), else None (use `guest_rw_batch`). The lane:
+        ``before = snapshot(conn)``, ``conn.rw_direct(packets)``, the device's own write,
+        ``conn.rw_written(...)``, then ``settle(conn, before, len(packets))``; the outcome
+        is that of `guest_rw_batch` plus ``host_write_done``."""
+        vm = self._vms.get(cid)
+        conn = None if vm is None else vm.conns.get(ConnKey(cid, dst_port, src_port))
+        return conn if conn is not None and conn.direct_tx_ok else None
+
+    @staticmethod
+    def snapshot(conn: Connection) -> _Snap:
+        """What `settle` (``_reconcile``) compares after a mutation of ``conn``."""
+        return (conn.wants_read, conn.wants_write, conn.deadline, conn.has_rx)
+
+    _snap = snapshot
+
+    def settle(self, conn: Connection, before: _Snap, packets: int = 0) -> list[Action]:
+        """After a direct-lane mutation of ``conn`` (see `direct_tx_conn`): count
+        ``packets`` TX packets and reconcile (interest, timer, RX scheduling)."""
+        self._vms[conn.key.cid].stats.tx_packets += packets
+        return self._reconcile(conn.key, before)
 
     def _route(self, vm: _Vm, hdr: VsockHeader, payload: list[memoryview], now: float
                ) -> list[Action]:
@@ -523,8 +542,7 @@ class VsockMuxer:
             conn = vm.conns.get(key)
             if conn is None:
                 continue
-            before = self._snap(conn)
-            before = _Snap(before.read, before.write, before.deadline, False)  # popped
+            before = self._snap(conn)[:3] + (False,)  # popped
             item = conn.next_rx(max_payload)
             actions += self._reconcile(key, before, requeue=True)
             if item is not None:
@@ -545,6 +563,21 @@ class VsockMuxer:
         conn = self._lookup(key)
         return None if conn is None else conn.rx_burst()
 
+    def rx_burst_next(self, cid: int) -> tuple[ConnKey, bytes, int] | None:
+        """When VM ``cid``'s next RX packet (in `poll_rx` order: control packets, sibling
+        packets, then connections round-robin) would be a stream read from a host socket:
+        ``(key, header template, max payload bytes)`` as `rx_burst` gives, so the device
+        can read it straight into many RX chains; None otherwise. Changes nothing; report
+        with `rx_burst_done`, which also moves the connection to the back of the
+        round-robin."""
+        vm = self._vm(cid)
+        if vm.ctrl or vm.sib_q or not vm.rxq:
+            return None
+        key = next(iter(vm.rxq))
+        conn = vm.conns.get(key)
+        burst = None if conn is None else conn.rx_burst()
+        return None if burst is None else (key, *burst)
+
     def rx_burst_done(self, key: ConnKey, nbytes: int, packets: int, drained: bool,
                       now: float) -> list[Action]:
         """After a burst read of ``packets`` packets, ``nbytes`` payload bytes, for ``key``
@@ -552,7 +585,10 @@ class VsockMuxer:
         conn = self._lookup(key)
         if conn is None:
             return []
-        self._vms[key.cid].stats.rx_packets += packets
+        vm = self._vms[key.cid]
+        vm.stats.rx_packets += packets
+        if key in vm.rxq:
+            vm.rxq.move_to_end(key)  # served: round-robin, as _poll_conns
         return self._mutate(conn, now, lambda: conn.rx_burst_done(nbytes, drained))
 
     def rx_message(self, key: ConnKey, data: bytes, now: float, *, truncated: bool = False,
@@ -673,10 +709,6 @@ class VsockMuxer:
         else:
             vm.stats.warnings_suppressed += 1
 
-    @staticmethod
-    def _snap(conn: Connection) -> _Snap:
-        return _Snap(conn.wants_read, conn.wants_write, conn.deadline, conn.has_rx)
-
     def _mutate(self, conn: Connection, now: float, fn) -> list[Action]:
         before = self._snap(conn)
         actions = fn()
@@ -693,8 +725,9 @@ class VsockMuxer:
         conn = vm.conns.get(key)
         if conn is None:
             return actions
+        before_read, before_write, before_deadline, _had_rx = before
         if conn.state is ConnState.CLOSED:
-            if before.deadline is not None:
+            if before_deadline is not None:
                 actions.append(SetTimer(key, None))
             del vm.conns[key]
             vm.rxq.pop(key, None)
@@ -705,12 +738,12 @@ class VsockMuxer:
                 del vm.used_ports[key.local_port]
             self._nconns -= 1
             return actions
-        after = self._snap(conn)
-        if conn.host_open and (after.read, after.write) != (before.read, before.write):
-            actions.append(SetHostInterest(key, after.read, after.write))
-        if after.deadline != before.deadline:
-            actions.append(SetTimer(key, after.deadline))
-        if after.has_rx:
+        read, write, deadline, has_rx = self._snap(conn)
+        if conn.host_open and (read != before_read or write != before_write):
+            actions.append(SetHostInterest(key, read, write))
+        if deadline != before_deadline:
+            actions.append(SetTimer(key, deadline))
+        if has_rx:
             if key not in vm.rxq:
                 was = vm.has_rx()
                 vm.rxq[key] = None
