@@ -1395,7 +1395,9 @@ int vr_rx_from_fd_prefix(struct vr_queue *q, struct vr_scratch *s, int fd, uint6
             }
             e->reserved = npre;
             gathered += ch.writable_bytes - plen;
-            if (nent == 1) /* only as many chains as the waiting bytes need */
+            /* only as many chains as the waiting bytes need (no need to ask when this one
+             * chain already holds the whole budget) */
+            if (nent == 1 && gathered < budget - read_total)
                 want = rx_wanted(fd, &known);
         }
         if (nent == 0) {
@@ -1513,13 +1515,11 @@ static int signal_call(struct vr_pump *p, const struct vr_queue *q)
     return 0;
 }
 
-int vr_pump_rx(struct vr_pump *p)
+static int rx_step(struct vr_pump *p, uint64_t budget)
 {
     struct vr_rx_result *out = &p->rx_out;
     int flags = 0, rc;
-    if (p->rx == NULL || p->read_fd < 0)
-        return 0;
-    rc = vr_rx_from_fd(p->rx, p->rx_scratch, p->read_fd, p->rx_budget, out);
+    rc = vr_rx_from_fd(p->rx, p->rx_scratch, p->read_fd, budget, out);
     p->bytes_to_guest += out->bytes;
     if (rc < 0)
         return rc;
@@ -1534,6 +1534,13 @@ int vr_pump_rx(struct vr_pump *p)
     else if (out->starved)
         flags |= VR_PUMP_RX_STARVED;
     return flags;
+}
+
+int vr_pump_rx(struct vr_pump *p)
+{
+    if (p->rx == NULL || p->read_fd < 0)
+        return 0;
+    return rx_step(p, p->rx_budget);
 }
 
 /* Spec: virtio 1.2 §5.3.6 (console port data: transmitq to the host, receiveq from it). */
@@ -1560,7 +1567,7 @@ int vr_pump_tx(struct vr_pump *p)
         return flags | VR_PUMP_TX_MORE;
     if (out->bytes > 0 && out->bytes <= p->follow_rx_max && p->rx != NULL && p->read_fd >= 0) {
         p->ran_rx = 1;
-        rc = vr_pump_rx(p);
+        rc = rx_step(p, p->follow_rx_max); /* the answer, up to as many bytes */
         if (rc < 0)
             return rc;
         flags |= rc;

@@ -268,8 +268,9 @@ struct vr_pump {
     uint64_t tx_budget;
     uint64_t rx_budget;
     uint64_t follow_rx_max;       /* after a tx step that wrote 1 .. this many bytes, also
-                                   * run the rx step (a small write is likely a request whose
-                                   * answer is already there); 0: never */
+                                   * read up to this many bytes for the guest (a small write
+                                   * is likely a request whose answer is already there);
+                                   * 0: never */
     uint64_t bytes_from_guest;    /* running totals of both directions */
     uint64_t bytes_to_guest;
     int32_t call_errno;
@@ -279,7 +280,8 @@ struct vr_pump {
 };
 
 /* Guest → host: vr_tx_to_fd(tx, write_fd, tx_budget), signal tx->call_fd if the ring asks,
- * then (follow_rx_max) the rx step. Nothing when tx is NULL or write_fd < 0. */
+ * then (follow_rx_max) the rx step with follow_rx_max as its budget. Nothing when tx is NULL
+ * or write_fd < 0. */
 int vr_pump_tx(struct vr_pump *p);
 
 /* Host → guest: vr_rx_from_fd(rx, read_fd, rx_budget), signal rx->call_fd if the ring asks.

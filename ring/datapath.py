@@ -265,7 +265,9 @@ def rx_from_fd(vq: "Virtqueue", fd: int, max_bytes: int | None = None, *, prefix
             iov.extend(rest)
             pieces += npieces
             gathered += chain.writable_bytes - plen
-            if len(entries) == 1:  # only as many chains as the waiting bytes need
+            if len(entries) == 1 and gathered < budget - read_total:
+                # only as many chains as the waiting bytes need (no need to ask when this
+                # one chain already holds the whole budget)
                 want, known = _wanted(fd)
         if not entries:
             starved = broken is None

@@ -60,8 +60,8 @@ class StreamPump:
 
     Attributes the owner sets: ``tx`` / ``rx`` (queues or None), ``write_fd`` / ``read_fd``
     (non-blocking fds or -1), ``tx_budget`` / ``rx_budget`` (bytes per call),
-    ``follow_rx_max`` (after a tx step that wrote 1 .. this many bytes, run the rx step too;
-    0: never).
+    ``follow_rx_max`` (after a tx step that wrote 1 .. this many bytes, also read up to this
+    many bytes for the guest; 0: never).
     """
 
     def __init__(self) -> None:
@@ -96,7 +96,10 @@ class StreamPump:
         """Host → guest: one ``rx_from_fd`` into ``rx``, the call if the ring asks."""
         if self.rx is None or self.read_fd < 0:
             return 0
-        result = self.rx.rx_from_fd(self.read_fd, self.rx_budget)
+        return self._rx_step(self.rx_budget)
+
+    def _rx_step(self, budget: int) -> int:
+        result = self.rx.rx_from_fd(self.read_fd, budget)
         self.rx_result = result
         self.bytes_to_guest += result.bytes
         flags = self._signal(self.rx) if result.notify else 0
@@ -131,7 +134,7 @@ class StreamPump:
         if (0 < result.bytes <= self.follow_rx_max and self.rx is not None
                 and self.read_fd >= 0):
             self.ran_rx = True
-            flags |= self.pump_rx()
+            flags |= self._rx_step(self.follow_rx_max)  # the answer, up to as many bytes
         return flags
 
 
