@@ -230,8 +230,12 @@ class ConsoleDevice:
             if index == tx_q:
                 self._pump_tx(io)
             else:
-                io.rx_starved = False
+                was_starved, io.rx_starved = io.rx_starved, False
                 self._reconcile(io)
+                if was_starved and io.rx_fd is not None:
+                    # The host bytes that waited for these buffers go now, not one loop
+                    # round later.
+                    self._pump_rx(io)
 
     def reset(self) -> None:
         """The front-end went away or reset the device: forget the guest, keep the ports and
