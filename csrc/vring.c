@@ -1543,14 +1543,32 @@ int vr_pump_rx(struct vr_pump *p)
     return rx_step(p, p->rx_budget);
 }
 
+/* Consume the guest's notifications (vhost-user "Ring states": the back-end reads the kick
+ * eventfd). Its counter is not needed: the ring itself says what is available. */
+static int drain_kick(struct vr_pump *p, int fd)
+{
+    uint64_t count;
+    ssize_t r;
+    do
+        r = read(fd, &count, sizeof count);
+    while (r < 0 && errno == EINTR);
+    if (r < 0 && !is_again(errno)) {
+        p->kick_errno = errno;
+        return VR_PUMP_KICK_ERROR;
+    }
+    return 0;
+}
+
 /* Spec: virtio 1.2 §5.3.6 (console port data: transmitq to the host, receiveq from it). */
-int vr_pump_tx(struct vr_pump *p)
+int vr_pump_tx(struct vr_pump *p, int kick_fd)
 {
     struct vr_tx_result *out = &p->tx_out;
     int flags = 0, rc;
     p->ran_rx = 0;
+    if (kick_fd >= 0)
+        flags = drain_kick(p, kick_fd);
     if (p->tx == NULL || p->write_fd < 0)
-        return 0;
+        return flags;
     rc = vr_tx_to_fd(p->tx, p->tx_scratch, p->write_fd, p->tx_budget, out);
     p->bytes_from_guest += out->bytes;
     if (rc < 0)

@@ -257,6 +257,7 @@ int vr_rx_from_fd_prefix(struct vr_queue *q, struct vr_scratch *scratch, int fd,
 #define VR_PUMP_RX_ERROR 64      /* rx_out.error */
 #define VR_PUMP_RX_BROKEN 128    /* rx_out.broken */
 #define VR_PUMP_CALL_ERROR 256   /* a call eventfd write failed (not EAGAIN): call_errno */
+#define VR_PUMP_KICK_ERROR 512   /* draining the kick eventfd failed (not EAGAIN): kick_errno */
 
 struct vr_pump {
     struct vr_queue *tx;          /* guest → host queue, NULL: not live */
@@ -274,15 +275,18 @@ struct vr_pump {
     uint64_t bytes_from_guest;    /* running totals of both directions */
     uint64_t bytes_to_guest;
     int32_t call_errno;
+    int32_t kick_errno;
     int32_t ran_rx;               /* the last vr_pump_tx ran the rx step */
+    int32_t reserved;
     struct vr_tx_result tx_out;   /* of the last tx step */
     struct vr_rx_result rx_out;   /* of the last rx step */
 };
 
-/* Guest → host: vr_tx_to_fd(tx, write_fd, tx_budget), signal tx->call_fd if the ring asks,
- * then (follow_rx_max) the rx step with follow_rx_max as its budget. Nothing when tx is NULL
+/* Guest → host: drain kick_fd (the transmitq's kick eventfd that woke the caller; -1: none),
+ * vr_tx_to_fd(tx, write_fd, tx_budget), signal tx->call_fd if the ring asks, then
+ * (follow_rx_max) the rx step with follow_rx_max as its budget. No ring work when tx is NULL
  * or write_fd < 0. */
-int vr_pump_tx(struct vr_pump *p);
+int vr_pump_tx(struct vr_pump *p, int kick_fd);
 
 /* Host → guest: vr_rx_from_fd(rx, read_fd, rx_budget), signal rx->call_fd if the ring asks.
  * Nothing when rx is NULL or read_fd < 0. */

@@ -103,6 +103,7 @@ class StreamPump:
     bytes_from_guest = _field("bytes_from_guest", "running total, guest → host")
     bytes_to_guest = _field("bytes_to_guest", "running total, host → guest")
     call_errno = _field("call_errno", "errno of the last failed call eventfd write")
+    kick_errno = _field("kick_errno", "errno of the last failed kick eventfd read")
     del _field
 
     @property
@@ -123,11 +124,12 @@ class StreamPump:
                         _BROKEN[out.broken] if out.broken else None)
 
     # -- the events -----------------------------------------------------------------------
-    def pump_tx(self) -> int:
-        """Guest → host (then the rx step after a small write); :class:`PumpFlag` bits."""
+    def pump_tx(self, kick_fd: int = -1) -> int:
+        """Drain ``kick_fd`` (-1: none), guest → host, then the rx step after a small write;
+        :class:`PumpFlag` bits."""
         memory = self._memory
         if memory is None:
-            return 0
+            return _vr_pump_tx(self._p, kick_fd) if kick_fd >= 0 else 0
         if memory.generation != self._generation or memory.log is not self._log:
             self._resync()
         tx, rx = self._tx, self._rx
@@ -135,7 +137,7 @@ class StreamPump:
             tx._unpop_mark = None  # a pop before this call can no longer be given back
         if rx is not None:
             rx._unpop_mark = None
-        rc = _vr_pump_tx(self._p)
+        rc = _vr_pump_tx(self._p, kick_fd)
         if rc < 0:
             raise _raise_for(rc, tx.index if self._p.ran_rx == 0 or rx is None else rx.index)
         return rc

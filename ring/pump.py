@@ -49,10 +49,11 @@ class PumpFlag(enum.IntFlag):
     RX_ERROR = 64     # a read failed (rx_result.error)
     RX_BROKEN = 128   # a hostile chain broke the receiveq (rx_result.broken)
     CALL_ERROR = 256  # a call eventfd write failed, not with EAGAIN (call_errno)
+    KICK_ERROR = 512  # draining the kick eventfd failed, not with EAGAIN (kick_errno)
 
 
 _TX_BLOCKED, _TX_MORE, _TX_ERROR, _TX_BROKEN = 1, 2, 4, 8
-_RX_STARVED, _RX_EOF, _RX_ERROR, _RX_BROKEN, _CALL_ERROR = 16, 32, 64, 128, 256
+_RX_STARVED, _RX_EOF, _RX_ERROR, _RX_BROKEN, _CALL_ERROR, _KICK_ERROR = 16, 32, 64, 128, 256, 512
 
 
 class StreamPump:
@@ -75,6 +76,7 @@ class StreamPump:
         self.bytes_from_guest = 0
         self.bytes_to_guest = 0
         self.call_errno = 0
+        self.kick_errno = 0
         self.ran_rx = False
         self.tx_result = None
         self.rx_result = None
@@ -113,16 +115,27 @@ class StreamPump:
             flags |= _RX_STARVED
         return flags
 
-    def pump_tx(self) -> int:
-        """Guest → host: one ``tx_to_fd`` from ``tx``, the call if the ring asks, then the
-        rx step after a small write (``follow_rx_max``)."""
+    def pump_tx(self, kick_fd: int = -1) -> int:
+        """Guest → host: drain ``kick_fd`` (the kick eventfd that woke the caller, -1:
+        none), one ``tx_to_fd`` from ``tx``, the call if the ring asks, then the rx step
+        after a small write (``follow_rx_max``)."""
         self.ran_rx = False
+        flags = 0
+        if kick_fd >= 0:
+            try:
+                os.read(kick_fd, 8)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                self.kick_errno = exc.errno or errno.EIO
+                flags = _KICK_ERROR
         if self.tx is None or self.write_fd < 0:
-            return 0
+            return flags
         result = self.tx.tx_to_fd(self.write_fd, self.tx_budget)
         self.tx_result = result
         self.bytes_from_guest += result.bytes
-        flags = self._signal(self.tx) if result.notify else 0
+        if result.notify:
+            flags |= self._signal(self.tx)
         if result.broken is not None:
             flags |= _TX_BROKEN
         if result.error is not None:

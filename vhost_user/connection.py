@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import array
 import errno
+import functools
 import logging
 import os
 import socket
@@ -72,13 +73,19 @@ class _KickWatch:
     Spec: vhost-user "Ring states" (a kick on a started ring means "process it").
     """
 
-    __slots__ = ("fd", "_index", "_on_kick", "_read")
+    __slots__ = ("fd", "_index", "_on_kick", "_read", "device_reader", "reader")
 
-    def __init__(self, session: BackendSession, index: int, fd: int) -> None:
+    def __init__(self, session: BackendSession, index: int, fd: int,
+                 device_reader: Callable[[int], None] | None = None) -> None:
         self.fd = fd
         self._index = index
         self._on_kick = session.on_kick
         self._read = os.read
+        self.device_reader = device_reader
+        # What the loop calls: the device's own reader (QueueHandle.kick_reader), bound to
+        # the fd, or ours.
+        self.reader = (self.on_readable if device_reader is None
+                       else functools.partial(device_reader, fd))
 
     def stop(self) -> None:
         """The watch was dropped: a call already queued (call_soon) does nothing."""
@@ -87,6 +94,9 @@ class _KickWatch:
     def on_readable(self) -> None:
         on_kick = self._on_kick
         if on_kick is None:
+            return
+        if self.device_reader is not None:
+            self.device_reader(self.fd)
             return
         try:
             self._read(self.fd, 8)
@@ -216,8 +226,9 @@ class Connection:
     def _after_message(self) -> None:
         """Reconcile kick watches and poll timers with the session's started queues."""
         wanted = self.session.kick_fds()
+        reader_of = self.session.kick_reader
         for index, watch in list(self._kick_watch.items()):
-            if wanted.get(index) != watch.fd:
+            if wanted.get(index) != watch.fd or watch.device_reader is not reader_of(index):
                 watch.stop()
                 self.loop.remove_reader(watch.fd)
                 del self._kick_watch[index]
@@ -225,8 +236,8 @@ class Connection:
             if index not in self._kick_watch:
                 # The front-end may pass a blocking eventfd; our read of it must never wait.
                 _set_nonblocking(fd)
-                watch = _KickWatch(self.session, index, fd)
-                self.loop.add_reader(fd, watch.on_readable)
+                watch = _KickWatch(self.session, index, fd, reader_of(index))
+                self.loop.add_reader(fd, watch.reader)
                 self._kick_watch[index] = watch
                 # A kick may have arrived before we watched the fd: look once now.
                 self.loop.call_soon(watch.on_readable)

@@ -53,15 +53,23 @@ class QueueHandle:
     interrupts; the session keeps it current), or does nothing when there is none (polling,
     SET_VRING_CALL with the no-fd flag).
 
-    Spec: vhost-user VHOST_USER_SET_VRING_CALL.
+    ``kick_reader`` (settable by the device in ``queue_started``): when set, the loop calls
+    ``kick_reader(kick_fd)`` directly whenever the queue's kick eventfd is readable, instead
+    of draining it and calling ``device.kick(index)``; the device then drains the eventfd
+    itself (one ``read`` of 8 bytes, EAGAIN meaning nothing to drain) and serves the queue.
+    It is called only while the queue is live, always with the current kick fd; polled
+    queues (no kick fd) still go through ``device.kick``.
+
+    Spec: vhost-user VHOST_USER_SET_VRING_CALL, VHOST_USER_SET_VRING_KICK.
     """
 
-    __slots__ = ("index", "vq", "_signal")
+    __slots__ = ("index", "vq", "_signal", "kick_reader")
 
     def __init__(self, index: int, vq: Any, signal: Callable[[int], None]) -> None:
         self.index = index
         self.vq = vq
         self._signal = signal
+        self.kick_reader: Callable[[int], None] | None = None
 
     def notify(self) -> None:
         """Interrupt the guest for this queue (write the call eventfd)."""

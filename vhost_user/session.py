@@ -368,6 +368,12 @@ class BackendSession:
         """Queue index → kick eventfd, for every started queue that has one (watch these)."""
         return {v.index: v.kick_fd for v in self.vrings if v.started and v.kick_fd is not None}
 
+    def kick_reader(self, index: int) -> Callable[[int], None] | None:
+        """The device's own reader of queue ``index``'s kick fd (``QueueHandle.kick_reader``)
+        while the queue is live, else None (drain and :meth:`on_kick`)."""
+        handle = self.vrings[index].handle
+        return None if handle is None else handle.kick_reader
+
     def polled_queues(self) -> list[int]:
         """Started queues without a kick fd (SET_VRING_KICK with the no-fd flag): poll them."""
         return [v.index for v in self.vrings if v.started and v.polling]

@@ -327,3 +327,29 @@ def test_c_and_python_pumps_agree(seed, packed):
     finally:
         for p in ports:
             p.close()
+
+
+def test_pump_tx_drains_the_kick_eventfd(port):
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        os.write(kick, (3).to_bytes(8, "little"))
+        port.txd.add_buf(out=[b"kicked"])
+        assert port.pump.pump_tx(kick) == 0
+        assert port.host_read() == b"kicked"
+        with pytest.raises(BlockingIOError):
+            os.read(kick, 8)  # drained
+        assert port.pump.pump_tx(kick) == 0  # nothing to drain: EAGAIN is not an error
+    finally:
+        os.close(kick)
+
+
+def test_a_bad_kick_fd_is_reported_and_the_ring_still_served(port):
+    r, w = os.pipe()
+    try:
+        port.txd.add_buf(out=[b"served"])
+        flags = port.pump.pump_tx(w)  # reading a pipe's write end fails with EBADF
+        assert flags == PumpFlag.KICK_ERROR and port.pump.kick_errno == 9
+        assert port.host_read() == b"served"
+    finally:
+        os.close(r)
+        os.close(w)

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import logging
 import os
 import socket
@@ -196,6 +197,7 @@ class ConsoleDevice:
         self._sync_pump(io)
         rx_q, tx_q = port_queues(io.port.id)
         if index == tx_q:
+            handle.kick_reader = functools.partial(self._on_tx_kick, io)
             self._pump_tx(io)
         else:
             io.rx_starved = False
@@ -206,6 +208,23 @@ class ConsoleDevice:
         io = self._port_io(index)
         if io is not None:
             self._reconcile(io)  # (and the pump lets go of the queue)
+
+    def _on_tx_kick(self, io: _PortIO, kick_fd: int) -> None:
+        """A port transmitq's kick eventfd is readable (``QueueHandle.kick_reader``): one
+        pump call drains it and moves the bytes; Python runs only when it reports something
+        to do. Anything unusual (a removed port, emergency bytes first) takes
+        :meth:`kick`."""
+        pump = io.pump
+        if pump is None or io.removed or io.emergency:
+            try:
+                os.read(kick_fd, 8)
+            except (BlockingIOError, InterruptedError):
+                pass
+            self.kick(port_queues(io.port.id)[1])
+            return
+        flags = pump.pump_tx(kick_fd)
+        if flags or io.tx_fd is not None:
+            self._after_pump_tx(io, flags)
 
     def kick(self, index: int) -> None:
         io = self._tx_ports.get(index)
@@ -653,10 +672,13 @@ class ConsoleDevice:
         """What a tx pump call left to do: log, watch writability, go on later, or hand the
         opportunistic read's outcome on (virtio/console/device.py module docstring)."""
         pump = io.pump
+        if flags & PumpFlag.KICK_ERROR:
+            self._log.warning("port %r kick eventfd: %s", io.port.name,
+                              os.strerror(pump.kick_errno))
         if flags & PumpFlag.CALL_ERROR:
             self._log.warning("port %r call eventfd: %s", io.port.name,
                               os.strerror(pump.call_errno))
-            flags &= ~PumpFlag.CALL_ERROR
+        flags &= ~(PumpFlag.CALL_ERROR | PumpFlag.KICK_ERROR)
         if flags & PumpFlag.TX_BROKEN:
             self._log.error("port %r transmitq broken by the guest: %s", io.port.name,
                             pump.tx_result.broken.name)
