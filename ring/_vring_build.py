@@ -41,10 +41,11 @@ def make_builder(absolute: bool = False) -> cffi.FFI:
     where = (lambda p: str(p)) if absolute else _relative
     builder = cffi.FFI()
     builder.cdef((CSRC / "vring.h").read_text())
+    builder.cdef((CSRC / "vsock_path.h").read_text())  # the vsock TX lane (uses vring.h)
     builder.set_source(
         "ring._vring_c",
-        '#include "vring.h"',
-        sources=[where(CSRC / "vring.c")],
+        '#include "vring.h"\n#include "vsock_path.h"',
+        sources=[where(CSRC / "vring.c"), where(CSRC / "vsock_path.c")],
         include_dirs=[where(CSRC)],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
     )

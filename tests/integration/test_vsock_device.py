@@ -446,6 +446,43 @@ def test_hostile_packets_are_dropped_or_reset_and_device_keeps_serving(setup):
     assert conn2.state == "established"
 
 
+def test_hostile_packets_on_the_tx_lane_connection_give_the_usual_outcome(setup):
+    """Once a connection's RW packets took the device's TX lane (virtio/vsock/lane.py), its
+    hostile packets still get the general path's outcome: len beyond the buffer is dropped
+    (dropped_bad_len), a good packet after it still arrives in order, an unknown op resets
+    that connection (Spec: virtio 1.2 §5.10.6: packet = header + payload in one chain)."""
+    g = setup.guest
+    cid = g.cid
+    server = setup.host_listen(7410)
+    conn = g.connect(7410)
+    peer, _ = server.accept()
+    peer.settimeout(5)
+    conn.send(b"a" * 70000)  # two RW packets: the second one takes the lane
+    g.run_until(lambda: not conn.txq, 5)
+    got = b""
+    while len(got) < 70000:
+        got += peer.recv(1 << 20)
+    lane = setup.backend.call(lambda: setup.backend.backend.device(cid)._lane_key)
+    assert lane is not None and lane.peer_port == conn.local_port
+    ports = (conn.local_port, 7410)
+    g.send_packet(VsockHeader(cid, 2, *ports, 1 << 20, Type.STREAM, Op.RW, 0, 262144,
+                              0).pack(), b"x" * 10)
+    g.send_packet(VsockHeader(cid, 2, *ports, 0, Type.STREAM, Op.RW, 0, 262144, 0).pack()
+                  + b"tiny")  # len 0 with four stray bytes: nothing is written
+    g.send_packet(VsockHeader(cid, 2, *ports, 5, Type.STREAM, Op.RW, 0, 262144, 0).pack(),
+                  b"hello")
+    while len(got) < 70005:
+        got += peer.recv(1 << 20)
+    assert got == b"a" * 70000 + b"hello"
+    stats = setup.backend.call(lambda: setup.backend.backend.muxer.stats(cid))
+    assert stats.dropped_bad_len == 1
+    g.send_packet(VsockHeader(cid, 2, *ports, 0, Type.STREAM, 99, 0, 262144, 0).pack())
+    g.run_until(lambda: conn.rst_received, 5)
+    assert peer.recv(10) == b""  # the host side was closed
+    stats = setup.backend.call(lambda: setup.backend.backend.muxer.stats(cid))
+    assert stats.rst_bad_op == 1
+
+
 def test_no_rx_buffers_no_busy_loop_then_data_flows(short_dir):
     """A guest that posts no RX buffers: the host socket is not polled (no read interest),
     the back-end thread stays idle, and data flows once the guest posts buffers."""

@@ -668,6 +668,29 @@ class Connection:
         self._forwarded(written)
         self._credit_check()
 
+    def rw_lane(self, total: int, written: int, tail: bytes, peer_buf_alloc: int,
+                peer_fwd_cnt: int, credit_changed: bool) -> None:
+        """The device's TX lane (virtio/vsock/lane.py) took packets of ``total`` payload
+        bytes within the credit it was given (``lane_credit``) and wrote ``written`` of
+        them to the host socket; ``tail`` is a copy of the rest. The same state as
+        `rw_direct` + `rw_written` for those packets (the caller checked `direct_tx_ok`).
+
+        Spec: virtio 1.2 §5.10.6.3 (every packet carries the sender's credit fields)."""
+        if credit_changed:
+            self._credit_requested = False
+        self.peer_buf_alloc, self.peer_fwd_cnt = peer_buf_alloc, peer_fwd_cnt
+        self.recv_cnt = _u32(self.recv_cnt + total)
+        if tail:
+            self._g2h_chunks.append(tail)
+        self._forwarded(written)
+        self._credit_check()
+
+    @property
+    def lane_credit(self) -> int:
+        """Payload bytes the guest may still send (Spec: virtio 1.2 §5.10.6.3.1, as
+        `rw_direct` checks them: ``buf_alloc - (recv_cnt - adv_fwd_cnt)``), at least 0."""
+        return max(0, self.buf_alloc - _u32(self.recv_cnt - self.adv_fwd_cnt))
+
     def _rw_one_by_one(self, packets: Sequence[RwPacket], now: float) -> list[Action]:
         actions: list[Action] = []
         k = self.key

@@ -41,6 +41,7 @@ from .conn import ConnConfig, RxPacket, RxRead
 from .errors import DuplicateCidError, UnknownCidError
 from .handshake import OkPortConvention
 from .host import _SEND_FLAGS, IOV_MAX, VsockHost
+from .lane import LANE_CHAINS, Stop, make_tx_lane, payload_views as _payload
 from .muxer import DEVICE_FEATURES, MuxerConfig, VsockMuxer
 from .wire import (HOST_CID, VIRTIO_ID_VSOCK, Op, Queue, Type, VsockConfig as VsockConfigSpace,
                    VsockEvent, VsockHeader)
@@ -93,6 +94,10 @@ class VsockDevice:
         self._in_rx = False
         self._ever_started = False
         self.event_pending = False  # TRANSPORT_RESET owed to the guest
+        #: the TX lane (lane.py) and the connection it serves: the last one whose RW
+        #: packets took the direct lane (None: none yet, or it left the lane)
+        self._lane = None
+        self._lane_key = None
         self.features = 0
         self.events_sent = 0
         self.resets = 0
@@ -128,6 +133,8 @@ class VsockDevice:
 
     def queue_stopped(self, index: int) -> None:
         self._queues.pop(index, None)
+        if index == Queue.TX:
+            self._lane = None
 
     def kick(self, index: int) -> None:
         if index == Queue.TX:
@@ -141,6 +148,7 @@ class VsockDevice:
         """Device reset or front-end gone: every connection of this VM is dropped, so the
         guest is owed a TRANSPORT_RESET if it ever ran (Spec: virtio 1.2 §5.10.6.7)."""
         self._queues.clear()
+        self._lane = self._lane_key = None
         self.resets += 1
         self.host.run(self.muxer.reset(self.cid, self.loop.time()))
         self.host.close_cid(self.cid)
@@ -189,6 +197,18 @@ class VsockDevice:
             return
         vq = handle.vq
         completed = 0
+        if self._lane_key is not None:
+            res = self._tx_lane(vq)
+            if res is not None:
+                if res.broken is not None:
+                    self.log.error("TX queue broken (%s): the guest driver broke the ring; "
+                                   "it stays stopped until the device is reset", res.broken)
+                    handle.notify_if_needed()
+                    return
+                if res.stop == Stop.EMPTY:
+                    if self._rx_scheduled:
+                        self._process_rx()  # the credit update (see below)
+                    return
         for _ in range(TX_BUDGET_BATCHES):
             broken: DriverError | None = None
             try:
@@ -219,6 +239,37 @@ class VsockDevice:
             # waiting for credit, gets one interrupt at once. (The scheduled call then
             # finds little or nothing to do.)
             self._process_rx()
+
+    def _tx_lane(self, vq: Any) -> Any:
+        """Run the TX lane (lane.py) for the connection that last took the direct lane,
+        then apply its outcome as `_rw_group` does (counters, one reconcile). None when
+        that connection cannot take it now (the general path then runs alone).
+
+        Spec: virtio 1.2 §5.10.6.3.1 (the lane never takes a packet beyond the credit)."""
+        key = self._lane_key
+        muxer = self.muxer
+        conn = muxer.direct_tx_conn(self.cid, key.local_port, key.peer_port)
+        sock = None if conn is None else self.host.sock(key)
+        if sock is None:
+            self._lane_key = None
+            return None
+        lane = self._lane
+        if lane is None or lane.tail_cap < conn.buf_alloc:
+            lane = self._lane = make_tx_lane(vq, conn.buf_alloc)
+        res = lane.run(vq, sock, self.cid, key.local_port, key.peer_port, conn.lane_credit,
+                       conn.peer_buf_alloc, conn.peer_fwd_cnt, LANE_CHAINS)
+        if res.call_errno is not None:
+            self.log.warning("TX call eventfd: %s", os.strerror(res.call_errno))
+        if res.chains:
+            before = muxer.snapshot(conn)
+            conn.rw_lane(res.bytes, res.written, res.tail, res.peer_buf_alloc,
+                         res.peer_fwd_cnt, res.credit_changed)
+            run = self.host.run
+            run(muxer.settle(conn, before, res.chains))
+            if res.error is not None:
+                self.log.info("%s: host write failed: %s", key, os.strerror(res.error))
+                run(muxer.host_error(key, self.loop.time(), res.error))
+        return res
 
     def _tx_packets(self, chains: list) -> None:
         """Hand a batch of TX packets to the muxer, before their chains are completed.
@@ -271,6 +322,7 @@ class VsockDevice:
         conn = muxer.direct_tx_conn(self.cid, *ports)
         sock = None if conn is None else self.host.sock(conn.key)
         if sock is not None:
+            self._lane_key = conn.key  # its next packets can take the TX lane
             before = muxer.snapshot(conn)
             total = conn.rw_direct(group)
             if total is not None:
@@ -568,21 +620,6 @@ class VsockBackend:
 _unpack_hdr = VsockHeader.FMT.unpack_from
 _LEN_OFFSET = 24  # of le32 len in struct virtio_vsock_hdr (Spec: virtio 1.2 §5.10.6)
 _RW, _STREAM, _HOST = int(Op.RW), int(Type.STREAM), int(HOST_CID)
-
-
-def _payload(readable: Sequence[memoryview], len_: int) -> list[memoryview] | None:
-    """The ``len_`` payload bytes after the header (no copy), or None if the chain holds
-    fewer (the full check in ``muxer.guest_tx`` then drops the packet)."""
-    first = readable[0]
-    out = [first[HDR:HDR + len_]] if len(first) > HDR and len_ else []
-    need = len_ - (len(out[0]) if out else 0)
-    for view in readable[1:]:
-        if need <= 0:
-            break
-        piece = view if len(view) <= need else view[:need]
-        out.append(piece)
-        need -= len(piece)
-    return None if need > 0 else out
 
 
 def _slice_views(views: Sequence[memoryview], offset: int, limit: int) -> list[memoryview]:

@@ -1,0 +1,72 @@
+/* vsock_path.h — the vsock TX lane in C: the leading run of one connection's stream RW
+ * packets taken off the TX virtqueue, their payloads written to the host socket with one
+ * sendmsg straight from guest memory, the chains completed and the notify decision made, in
+ * one call. Python keeps every decision: it names the connection and its credit, and
+ * applies the counters afterwards (virtio/vsock/lane.py holds the pure-Python twin).
+ *
+ * Read by the C compiler and by cffi's cdef parser (ring/_vring_build.py, after vring.h):
+ * plain declarations and "#define NAME <integer>" only, like vring.h. Caller-owned state,
+ * no malloc, no static state, no logging.
+ *
+ * Spec: virtio 1.2 §5.10.6 (packet = 44-byte header + payload in one chain), §5.10.6.1 (TX
+ * buffers are used without being written), §5.10.6.3.1 (credit), §5.10.6.4 (stream data).
+ */
+
+#define VS_HDR_SIZE 44
+#define VS_LANE_CHAINS 256
+#define VS_LANE_IOV 1024
+
+/* Why the run ended (struct vs_tx_lane.stop). */
+#define VS_STOP_EMPTY 0    /* the ring has no more available chains */
+#define VS_STOP_OTHER 1    /* the next chain is not this connection's stream RW packet, or
+                            * its header is not whole in the first readable buffer, or its
+                            * len exceeds the chain: given back for the general path */
+#define VS_STOP_CREDIT 2   /* the next packet would exceed the credit: given back */
+#define VS_STOP_FULL 3     /* max_chains taken, or the iovec room is used up */
+#define VS_STOP_BROKEN 4   /* the pop failed: `broken` holds the VR_E_* code */
+
+/* One gather element, laid out as struct iovec (checked at compile time). */
+struct vs_iov {
+    uint8_t *base;
+    uint64_t len;
+};
+
+struct vs_tx_lane {
+    /* inputs */
+    uint64_t cid;              /* the VM's CID: src_cid of every packet of the run */
+    uint32_t host_port;        /* dst_port of the run's packets */
+    uint32_t guest_port;       /* src_port of the run's packets */
+    uint64_t credit;           /* payload bytes the guest may still send (<= tail_cap) */
+    int32_t fd;                /* the host socket (non-blocking) */
+    uint32_t max_chains;       /* <= VS_LANE_CHAINS */
+    uint8_t *tail;             /* room for the unwritten tail of the payloads */
+    uint64_t tail_cap;
+    /* in: the connection's view of the guest's credit fields; out: the last packet's */
+    uint32_t peer_buf_alloc;
+    uint32_t peer_fwd_cnt;
+    /* outputs */
+    uint32_t chains;           /* packets taken and completed (used length 0) */
+    uint32_t stop;             /* VS_STOP_* */
+    uint64_t bytes;            /* their payload bytes */
+    uint64_t written;          /* of those, taken by the socket */
+    uint64_t tail_len;         /* bytes - written, copied to tail */
+    int32_t error;             /* errno of a failed send (not EAGAIN), else 0 */
+    int32_t broken;            /* VR_E_* of a failed pop (stop = VS_STOP_BROKEN), else 0 */
+    int32_t credit_changed;    /* a packet's buf_alloc/fwd_cnt differed from the one before */
+    int32_t notify;            /* vr_should_notify after publication, 0 if nothing done */
+    int32_t call_errno;        /* errno of a failed call eventfd write, else 0 */
+    int32_t reserved;
+    /* working room */
+    struct vr_chain chain;
+    struct vr_segment seg[1024];
+    struct vs_iov iov[1024];
+    uint32_t heads[256];
+    uint32_t lens[256];
+    uint32_t slots[256];
+};
+
+/* Take the leading run (see the header comment): 0, or a negative VR_E_* when publication or
+ * the notify decision failed (a ring area unmapped). Signals q->call_fd when the ring asks.
+ * Chains that do not belong to the run are given back untouched (the ring's position is
+ * rewound over them), so the caller's general path sees them next. */
+int vs_tx_lane(struct vr_queue *q, struct vs_tx_lane *lane);

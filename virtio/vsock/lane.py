@@ -1,0 +1,246 @@
+"""The vsock TX lane: one connection's stream RW packets, ring to host socket, in one call.
+
+The device's fast path for a guest streaming to the host: the leading run of available TX
+chains that are stream RW packets of one connection (src_cid = the VM, dst_cid = the host,
+the given ports, the header whole in the first readable buffer, ``len`` within the chain,
+cumulative ``len`` within the credit) is taken off the ring, their payloads go to the host
+socket with one ``sendmsg`` straight from guest memory, the chains are completed (used
+length 0) and the notify decision is made (signalling the queue's call eventfd). The first
+chain that does not belong to the run is given back untouched, so the device's general path
+(``VsockDevice._tx_packets``, which validates in full and gives the usual errors) sees it
+next. What the socket did not take is returned as a copy (``tail``): credit bounds it.
+
+Python keeps every decision: the caller names the connection and its credit before the call
+and applies the outcome afterwards (``Connection.rw_lane``, ``VsockMuxer.settle``).
+
+Two implementations with one behaviour (STYLE R9): :class:`PyTxLane` over any ring (the
+reference, used with ``VMCHANNEL_RING=py``) and :class:`CTxLane`, ``vs_tx_lane`` in
+csrc/vsock_path.c over ``ring.cring`` queues; tests/property/test_vsock_tx_lane.py checks
+them against each other, hostile rings included.
+
+Spec: virtio 1.2 §5.10.6 (packet = 44-byte header + payload in one chain), §5.10.6.1 (TX
+buffers are used without being written), §5.10.6.3.1 (credit), §5.10.6.4 (stream data).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno as _errno
+import os
+import socket
+import sys
+from typing import Any, NamedTuple, Sequence
+
+from ring.errors import DriverError
+
+from .conn import _tail
+from .wire import HOST_CID, Op, Type, VsockHeader
+
+__all__ = ["Stop", "LaneResult", "PyTxLane", "CTxLane", "make_tx_lane", "LANE_CHAINS"]
+
+HDR = VsockHeader.SIZE
+#: Most chains one call takes, and most payload pieces one ``sendmsg`` gathers (IOV_MAX).
+LANE_CHAINS = 256
+LANE_IOV = 1024
+_SEND_FLAGS = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT
+_ONE = (1).to_bytes(8, sys.byteorder)
+_unpack = VsockHeader.FMT.unpack_from
+_RW, _STREAM, _HOST = int(Op.RW), int(Type.STREAM), int(HOST_CID)
+
+
+class Stop(enum.IntEnum):
+    """Why the run ended (csrc/vsock_path.h ``VS_STOP_*``)."""
+
+    EMPTY = 0  # no more available chains
+    OTHER = 1  # the next chain is not in the run: given back for the general path
+    CREDIT = 2  # the next packet would exceed the credit: given back
+    FULL = 3  # max_chains taken, or the gather list is full
+    BROKEN = 4  # the pop failed: ``broken`` holds the DriverError
+
+
+class LaneResult(NamedTuple):
+    """Outcome of one lane call. ``peer_buf_alloc`` / ``peer_fwd_cnt``: the last taken
+    packet's (else the ones given); ``credit_changed``: some packet's pair differed from
+    the one before it; ``notify``: the ring asked for (and got) a used buffer notification;
+    ``error`` / ``call_errno``: errno of a failed ``sendmsg`` / call eventfd write."""
+
+    chains: int
+    stop: Stop
+    bytes: int
+    written: int
+    tail: bytes
+    error: int | None
+    broken: DriverError | None
+    peer_buf_alloc: int
+    peer_fwd_cnt: int
+    credit_changed: bool
+    notify: bool
+    call_errno: int | None
+
+
+def _signal(fd: int | None) -> int | None:
+    """Add 1 to the call eventfd (EAGAIN: already signalled); the errno of a failure."""
+    if fd is None:
+        return None
+    try:
+        os.write(fd, _ONE)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as exc:
+        return exc.errno
+    return None
+
+
+class PyTxLane:
+    """The reference lane over any ring (see module docstring). ``tail_cap``: most bytes the
+    tail may hold; the credit is clamped to it."""
+
+    def __init__(self, tail_cap: int) -> None:
+        self.tail_cap = tail_cap
+
+    def run(self, vq: Any, sock: socket.socket, cid: int, host_port: int, guest_port: int,
+            credit: int, peer_buf_alloc: int, peer_fwd_cnt: int,
+            max_chains: int = LANE_CHAINS) -> LaneResult:
+        credit = min(credit, self.tail_cap)
+        max_chains = min(max_chains, LANE_CHAINS)
+        ba, fc = peer_buf_alloc, peer_fwd_cnt
+        if vq.pending is not None:
+            return LaneResult(0, Stop.OTHER, 0, 0, b"", None, None, ba, fc, False, False,
+                              None)
+        taken: list[tuple[int, int, int]] = []
+        views: list[memoryview] = []
+        total = 0
+        changed = False
+        stop, broken = Stop.EMPTY, None
+        while True:
+            if len(taken) >= max_chains:
+                stop = Stop.FULL
+                break
+            try:
+                chain = vq.pop()
+            except DriverError as exc:
+                stop, broken = Stop.BROKEN, exc
+                break
+            if chain is None:
+                break
+            readable = chain.readable
+            if not readable or len(readable[0]) < HDR:
+                why = Stop.OTHER
+            else:
+                why, len_, pieces, h = _classify(chain, cid, host_port, guest_port,
+                                                 credit - total, LANE_IOV - len(views))
+            if why is not None:
+                vq.unpop(chain)
+                stop = why
+                break
+            if h[8] != ba or h[9] != fc:
+                changed = True
+            ba, fc = h[8], h[9]
+            total += len_
+            views += pieces
+            taken.append((chain.head, 0, chain.ring_slots))
+        if not taken:
+            return LaneResult(0, stop, 0, 0, b"", None, broken, ba, fc, False, False, None)
+        written, error = 0, None
+        if total:
+            try:
+                written = sock.sendmsg(views, (), _SEND_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                error = exc.errno or _errno.EIO
+        tail = _tail(views, written) if written < total else b""
+        vq.push_batch(taken)
+        notify = vq.should_notify()
+        call_errno = _signal(vq.call_fd) if notify else None
+        return LaneResult(len(taken), stop, total, written, tail, error, broken, ba, fc,
+                          changed, notify, call_errno)
+
+
+def _classify(chain: Any, cid: int, host_port: int, guest_port: int, credit_left: int,
+              iov_room: int) -> tuple[Stop | None, int, list, tuple]:
+    """``(None, len, payload views, header fields)`` if the chain belongs to the run, else
+    ``(Stop, ...)``. The header is unpacked once from guest memory (a copy)."""
+    readable = chain.readable
+    first = readable[0]
+    h = _unpack(first)
+    src_cid, dst_cid, src_port, dst_port, len_, type_, op = h[:7]
+    if (op != _RW or type_ != _STREAM or src_cid != cid or dst_cid != _HOST
+            or dst_port != host_port or src_port != guest_port):
+        return Stop.OTHER, 0, [], h
+    if len_ > chain.readable_bytes - HDR:
+        return Stop.OTHER, 0, [], h
+    if len_ > credit_left:
+        return Stop.CREDIT, 0, [], h
+    pieces = payload_views(readable, len_)
+    if len(pieces) > iov_room:
+        return Stop.FULL, 0, [], h
+    return None, len_, pieces, h
+
+
+def payload_views(readable: Sequence[memoryview], len_: int) -> list[memoryview] | None:
+    """The ``len_`` payload bytes after the header (no copy), or None if the chain's
+    readable buffers hold fewer (the full check in ``muxer.guest_tx`` then drops it)."""
+    first = readable[0]
+    out = [first[HDR:HDR + len_]] if len(first) > HDR and len_ else []
+    need = len_ - (len(out[0]) if out else 0)
+    for view in readable[1:]:
+        if need <= 0:
+            break
+        piece = view if len(view) <= need else view[:need]
+        out.append(piece)
+        need -= len(piece)
+    return None if need > 0 else out
+
+
+class CTxLane:
+    """The lane in C (``vs_tx_lane``, csrc/vsock_path.c) over ``ring.cring`` queues; same
+    contract and results as :class:`PyTxLane`. Before each call the queue's region table is
+    brought up to date when guest memory changed (as ``ring.cpump`` does), so C never walks
+    a stale table."""
+
+    def __init__(self, tail_cap: int) -> None:
+        from ring.cring import ffi, lib  # C only when it is used (VMCHANNEL_RING=py)
+
+        self.tail_cap = tail_cap
+        self._ffi, self._call = ffi, lib.vs_tx_lane
+        self._lane = lane = ffi.new("struct vs_tx_lane *")
+        self._tail = bytearray(max(1, tail_cap))
+        self._tail_c = ffi.from_buffer(self._tail)
+        lane.tail = self._tail_c
+        lane.tail_cap = tail_cap
+
+    def run(self, vq: Any, sock: socket.socket, cid: int, host_port: int, guest_port: int,
+            credit: int, peer_buf_alloc: int, peer_fwd_cnt: int,
+            max_chains: int = LANE_CHAINS) -> LaneResult:
+        vq._datapath_ready() or vq._datapath_slow()  # region table current (generation)
+        vq._unpop_mark = None  # a pop before this call can no longer be given back
+        lane = self._lane
+        lane.cid = cid
+        lane.host_port = host_port
+        lane.guest_port = guest_port
+        lane.credit = max(0, credit)
+        lane.fd = sock.fileno()
+        lane.max_chains = max(0, max_chains)
+        lane.peer_buf_alloc = peer_buf_alloc
+        lane.peer_fwd_cnt = peer_fwd_cnt
+        rc = self._call(vq._q, lane)
+        if rc < 0:
+            from ring.cring import _raise_for
+            raise _raise_for(rc, vq.index)
+        stop = lane.stop
+        broken = vq._error(lane.broken) if stop == 4 else None
+        tail_len = lane.tail_len
+        return LaneResult(lane.chains, Stop(stop), lane.bytes, lane.written,
+                          bytes(memoryview(self._tail)[:tail_len]) if tail_len else b"",
+                          lane.error or None, broken, lane.peer_buf_alloc, lane.peer_fwd_cnt,
+                          lane.credit_changed != 0, lane.notify != 0, lane.call_errno or None)
+
+
+def make_tx_lane(vq: Any, tail_cap: int) -> PyTxLane | CTxLane:
+    """The lane for ``vq``'s implementation: C for ``ring.cring`` queues, else Python."""
+    try:
+        from ring.cring import Virtqueue as CVirtqueue
+    except ImportError:
+        return PyTxLane(tail_cap)
+    return CTxLane(tail_cap) if isinstance(vq, CVirtqueue) else PyTxLane(tail_cap)
