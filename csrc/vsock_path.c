@@ -147,17 +147,44 @@ static void send_payloads(struct vs_tx_lane *lane, uint32_t niov)
     }
 }
 
-static void signal_call(struct vs_tx_lane *lane, const struct vr_queue *q)
+/* The used buffer notification: add 1 to the call eventfd (a full counter, EAGAIN, already
+ * means "signalled"); 0, or the errno of a failed write. Spec: virtio 1.2 §2.7.7. */
+static int signal_call(const struct vr_queue *q)
 {
     uint64_t one = 1;
     ssize_t r;
     if (q->call_fd < 0)
-        return;
+        return 0;
     do
         r = write(q->call_fd, &one, sizeof one);
     while (r < 0 && errno == EINTR);
-    if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
-        lane->call_errno = errno;
+    return r < 0 && errno != EAGAIN && errno != EWOULDBLOCK ? errno : 0;
+}
+
+/* Complete n chains with one publication, make the notify decision and signal the call
+ * eventfd if the ring asks: 0, or a negative VR_E_* (a ring area unmapped). */
+static int publish(struct vr_queue *q, const uint32_t *heads, const uint32_t *lens,
+                   const uint32_t *slots, uint32_t n, int32_t *notify, int32_t *call_errno)
+{
+    int rc = vr_push_batch(q, heads, lens, slots, n);
+    if (rc < 0)
+        return rc;
+    rc = vr_should_notify(q);
+    if (rc < 0)
+        return rc;
+    *notify = rc;
+    if (rc)
+        *call_errno = signal_call(q);
+    return 0;
+}
+
+/* Give back the chain just popped (the ring's position before the pop was last / wrap),
+ * as ring.cring.Virtqueue.unpop does. */
+static void give_back(struct vr_queue *q, uint16_t last, uint8_t wrap)
+{
+    q->last_avail_idx = last;
+    q->avail_wrap = wrap;
+    q->in_flight -= 1;
 }
 
 int vs_tx_lane(struct vr_queue *q, struct vs_tx_lane *lane)
@@ -194,10 +221,8 @@ int vs_tx_lane(struct vr_queue *q, struct vs_tx_lane *lane)
         if (rc == 0)
             break;
         why = take_packet(lane, &niov, credit - lane->bytes);
-        if (why >= 0) { /* give it back: as ring.cring.Virtqueue.unpop */
-            q->last_avail_idx = last;
-            q->avail_wrap = wrap;
-            q->in_flight -= 1;
+        if (why >= 0) {
+            give_back(q, last, wrap);
             lane->stop = (uint32_t)why;
             break;
         }
@@ -210,14 +235,57 @@ int vs_tx_lane(struct vr_queue *q, struct vs_tx_lane *lane)
         return 0;
     send_payloads(lane, niov);
     lane->chains = n;
-    rc = vr_push_batch(q, lane->heads, lane->lens, lane->slots, n);
-    if (rc < 0)
-        return rc;
-    rc = vr_should_notify(q);
-    if (rc < 0)
-        return rc;
-    lane->notify = rc;
-    if (rc)
-        signal_call(lane, q);
-    return 0;
+    rc = publish(q, lane->heads, lane->lens, lane->slots, n, &lane->notify,
+                 &lane->call_errno);
+    return rc < 0 ? rc : 0;
+}
+
+/* Mark the dirty log for `len` bytes written at guest-physical `gpa`, as ring.memory.
+ * GuestMemory.mark_dirty does. The same loop as vring.c's static log_write, which vring.h
+ * does not export (csrc/vring.* belong to the ring's owner: exporting it is proposed). */
+static void mark_dirty(const struct vr_queue *q, uint64_t gpa, uint64_t len)
+{
+    uint64_t page, last, limit;
+    if (!q->log || len == 0 || q->log_size == 0)
+        return;
+    limit = q->log_size * 8;
+    page = gpa >> 12;
+    last = (gpa + len - 1) >> 12;
+    if (page >= limit)
+        return;
+    if (last >= limit)
+        last = limit - 1;
+    for (; page <= last; page++)
+        __atomic_fetch_or(&q->log[page >> 3], (uint8_t)(1u << (page & 7)), __ATOMIC_RELAXED);
+}
+
+int vs_rx_put(struct vr_queue *q, struct vs_rx_put *put)
+{
+    uint16_t last = q->last_avail_idx;
+    uint8_t wrap = q->avail_wrap;
+    const struct vr_chain *c = &put->chain;
+    uint32_t k, done = 0, len = VS_HDR_SIZE;
+    int rc;
+
+    put->notify = put->call_errno = put->broken = 0;
+    rc = vr_pop(q, &put->chain, put->seg);
+    if (rc < 0) {
+        put->broken = rc;
+        return VS_PUT_BROKEN;
+    }
+    if (rc == 0)
+        return VS_PUT_EMPTY;
+    if (c->writable_bytes < VS_HDR_SIZE) {
+        give_back(q, last, wrap);
+        return VS_PUT_SMALL;
+    }
+    for (k = c->nreadable; k < c->nseg && done < VS_HDR_SIZE; k++) {
+        const struct vr_segment *s = &put->seg[k];
+        uint32_t take = s->len < VS_HDR_SIZE - done ? s->len : VS_HDR_SIZE - done;
+        memcpy(s->host, put->packet + done, take);
+        mark_dirty(q, q->regions[s->region].gpa + s->offset, take);
+        done += take;
+    }
+    rc = publish(q, &c->head, &len, &c->ring_slots, 1, &put->notify, &put->call_errno);
+    return rc < 0 ? rc : VS_PUT_DONE;
 }

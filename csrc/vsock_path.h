@@ -70,3 +70,29 @@ struct vs_tx_lane {
  * Chains that do not belong to the run are given back untouched (the ring's position is
  * rewound over them), so the caller's general path sees them next. */
 int vs_tx_lane(struct vr_queue *q, struct vs_tx_lane *lane);
+
+/* ---------------------------------------------------------------------------------------
+ * One control packet (a 44-byte header, no payload: the CREDIT_UPDATE the TX path owes the
+ * guest) into the next RX chain, published, the notify decision made and signalled, in one
+ * call. The reference twin is virtio/vsock/lane.py put_packet_py.
+ *
+ * Spec: virtio 1.2 §5.10.6 (one packet per RX buffer), §5.10.6.3 (CREDIT_UPDATE).
+ */
+
+#define VS_PUT_EMPTY 0     /* no RX buffer available: nothing done */
+#define VS_PUT_DONE 1      /* written, used length 44 */
+#define VS_PUT_SMALL 2     /* the next buffer cannot hold a header: given back untouched */
+#define VS_PUT_BROKEN 3    /* the pop failed: `broken` holds the VR_E_* code */
+
+struct vs_rx_put {
+    uint8_t packet[44];        /* in: the header to deliver */
+    int32_t notify;            /* out: the ring asked for (and got) a notification */
+    int32_t call_errno;        /* out: errno of a failed call eventfd write, else 0 */
+    int32_t broken;            /* out: VR_E_* of a failed pop, else 0 */
+    int32_t reserved;
+    struct vr_chain chain;     /* working room */
+    struct vr_segment seg[1024];
+};
+
+/* VS_PUT_*, or a negative VR_E_* when publication or the notify decision failed. */
+int vs_rx_put(struct vr_queue *q, struct vs_rx_put *put);

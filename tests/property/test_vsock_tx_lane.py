@@ -26,7 +26,7 @@ from ring.errors import ChainError
 from tests.property.ringpair import RingPair, exc_key, make_memory, require_pair
 from tests.property.rings import AVAIL_GPA, DESC_GPA, USED_GPA, RawRing, raw_rings
 from tests.support.driver import PackedDriver, SplitDriver, bytearray_memory
-from virtio.vsock.lane import CTxLane, PyTxLane, Stop
+from virtio.vsock.lane import CPut, CTxLane, Put, PyTxLane, Stop, put_packet_py
 from virtio.vsock.wire import VsockHeader
 
 CID, HOST_PORT, GUEST_PORT = 3, 80, 1000
@@ -253,3 +253,87 @@ def test_lane_on_hostile_rings_matches_reference(impls, raw: RawRing, credit):
     first, second = _run_both(pair, ["open"], [args, args])
     if first[1] == Stop.BROKEN:  # the queue stays broken: the next call says so
         assert second[1] == Stop.BROKEN and second[-1][1] == ChainError.BROKEN
+
+
+# -- the CREDIT_UPDATE put (vs_rx_put) ---------------------------------------------------------
+
+PACKET = VsockHeader.FMT.pack(2, CID, HOST_PORT, GUEST_PORT, 0, 1, 6, 0, 262144, 12345)
+
+
+def _put_both(pair: RingPair, times: int = 2) -> list:
+    puts = {"py": put_packet_py, "c": CPut()}
+    calls = {side.name: os.eventfd(0, os.EFD_NONBLOCK) for side in pair.sides}
+    try:
+        for side in pair.sides:
+            side.vq.call_fd = calls[side.name]
+        out = []
+        for _ in range(times):
+            keys = []
+            for side in pair.sides:
+                res = puts[side.name](side.vq, PACKET)
+                broken = None if res.broken is None else exc_key(res.broken, side.memory)
+                try:
+                    signalled = int.from_bytes(os.read(calls[side.name], 8), "little")
+                except BlockingIOError:
+                    signalled = 0
+                keys.append((tuple(res._replace(broken=None)), broken, signalled))
+            assert keys[1:] == keys[:1] * (len(keys) - 1), keys
+            pair.check("put")
+            out.append(keys[0])
+        return out
+    finally:
+        for fd in calls.values():
+            os.close(fd)
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=raw_rings())
+def test_put_on_hostile_rings_matches_reference(impls, raw: RawRing):
+    """Hostile rings: the same DriverError (code, queue, head), or the same buffer written
+    (guest memory and dirty log byte-identical), or the same small buffer given back."""
+    mem = make_memory(log=raw.log)
+    raw.lay(mem)
+    pair = RingPair(impls, mem)
+    pair.build(raw.size, packed=raw.packed, event_idx=raw.event_idx,
+               notify_on_empty=raw.notify_on_empty)
+    if pair.call("configure", DESC_GPA, AVAIL_GPA, USED_GPA)[0] != "ok":
+        return
+    if pair.call("set_base", raw.base)[0] != "ok":
+        return
+    _put_both(pair)
+
+
+@settings(max_examples=60, deadline=None)
+@given(packed=st.booleans(), event_idx=st.booleans(), log=st.booleans(),
+       sizes=st.lists(st.lists(st.sampled_from([1, 20, 24, 44, 4096]), min_size=1,
+                               max_size=3), max_size=4))
+def test_put_on_benign_rings_matches_reference(impls, packed, event_idx, log, sizes):
+    """RX chains of one to three writable buffers (a header may straddle them, or not
+    fit): the same outcome, bytes, dirty log, used ring and notifications."""
+    mem = make_memory(log=log)
+    driver = (PackedDriver if packed else SplitDriver)(mem, 16, event_idx=event_idx)
+    for in_sizes in sizes:
+        driver.add_buf(in_sizes=in_sizes)
+    pair = RingPair(impls, mem)
+    pair.build(16, packed=packed, event_idx=event_idx)
+    pair.call("configure", *driver.ring_addresses)
+    results = _put_both(pair, times=len(sizes) + 1)
+    for in_sizes, (res, _broken, _signalled) in zip(sizes, results):
+        if sum(in_sizes) < HDR:
+            assert res[0] == Put.SMALL
+            break
+        assert res[0] == Put.DONE
+    else:
+        assert results[-1][0][0] == Put.EMPTY
+
+
+def test_put_writes_the_header_and_uses_44_bytes(impls):
+    for name, put in (("py", put_packet_py), ("c", CPut())):
+        mem = bytearray_memory((0, 1 << 20))
+        driver = SplitDriver(mem, 8)
+        driver.add_buf(in_sizes=[20, 4096])
+        vq = driver.attach(impls[name])
+        assert put(vq, PACKET).status == Put.DONE
+        (used,) = driver.get_bufs()
+        assert used.len_ == HDR
+        assert used.data[:HDR] == PACKET

@@ -9,7 +9,7 @@ from test_vsock_support import Harness, pkt
 from virtio.vsock.conn import ConnectHost, ConnKey
 from virtio.vsock.errors import DuplicateCidError, TableFullError, UnknownCidError
 from virtio.vsock.muxer import MuxerConfig
-from virtio.vsock.wire import Op, Type
+from virtio.vsock.wire import Op, Type, VsockHeader
 
 
 def test_guest_initiated_connects_uds_path_port_and_responds():
@@ -202,3 +202,45 @@ def test_interest_follows_credit():
     assert h.rx_ready == {3}  # credit again: scheduled to try the read it had pending
     assert h.rx() == []  # the read finds EAGAIN ...
     assert h.socks[key].read  # ... so the host socket is polled again
+
+
+def _credit_update_due(h: Harness):
+    """A guest connection whose host drained 3/4 of buf_alloc: a CREDIT_UPDATE is due."""
+    key = h.open_guest_conn()
+    h.rx()  # the RESPONSE
+    conn = h.mux.connection(key)
+    h.send(pkt(Op.RW, payload=b"z" * (3 * conn.buf_alloc // 4 + 1)))
+    return key, conn
+
+
+def test_lone_credit_update_is_what_poll_rx_sends():
+    """Spec: virtio 1.2 §5.10.6.3: the TX path's shortcut sends the very CREDIT_UPDATE
+    (same header, same bookkeeping) the next poll_rx would have produced."""
+    h, ref = Harness(), Harness()
+    key, conn = _credit_update_due(h)
+    _, ref_conn = _credit_update_due(ref)
+    packet = h.mux.lone_credit_update(conn)
+    assert packet is not None and conn.has_rx  # nothing changed yet
+    (expected, _payload), = ref.rx()
+    assert VsockHeader.unpack(packet) == expected and expected.op == Op.CREDIT_UPDATE
+    h.mux.credit_update_sent(conn)
+    assert not conn.has_rx and conn.adv_fwd_cnt == ref_conn.adv_fwd_cnt
+    assert h.mux.stats(3).rx_packets == ref.mux.stats(3).rx_packets
+    assert h.mux.lone_credit_update(conn) is None  # sent: no longer due
+
+
+def test_lone_credit_update_only_when_nothing_comes_first():
+    """A queued control packet (RST for an unknown connection) or another connection
+    scheduled comes first in poll_rx order: no shortcut."""
+    h = Harness()
+    key, conn = _credit_update_due(h)
+    h.send(pkt(Op.RW, src_port=4242, payload=b"?"))  # unknown connection: RST queued
+    assert h.mux.lone_credit_update(conn) is None
+    h.rx()
+    assert h.mux.lone_credit_update(conn) is None  # the RST went out, then the update
+    h2 = Harness()
+    other = h2.open_guest_conn(src_port=1001)
+    key2, conn2 = _credit_update_due(h2)
+    assert h2.mux.lone_credit_update(conn2) is not None
+    h2.host_sends(other, b"data for the guest")  # the other connection is scheduled
+    assert other != key2 and h2.mux.lone_credit_update(conn2) is None

@@ -685,6 +685,19 @@ class Connection:
         self._forwarded(written)
         self._credit_check()
 
+    def credit_update_packet(self) -> bytes:
+        """The CREDIT_UPDATE header `next_rx` would produce now, packed, changing nothing;
+        `credit_update_sent` once it is in an RX buffer (Spec: virtio 1.2 §5.10.6.3)."""
+        k = self.key
+        return VsockHeader.FMT.pack(int(HOST_CID), k.cid, k.local_port, k.peer_port, 0,
+                                    int(self.type_), int(Op.CREDIT_UPDATE), 0, self.buf_alloc,
+                                    self.fwd_cnt)
+
+    def credit_update_sent(self) -> None:
+        """The `credit_update_packet` went to the guest (as `_header` records it)."""
+        self.adv_fwd_cnt = self.fwd_cnt
+        self._pending &= ~_Pending.CREDIT_UPDATE
+
     @property
     def lane_credit(self) -> int:
         """Payload bytes the guest may still send (Spec: virtio 1.2 §5.10.6.3.1, as

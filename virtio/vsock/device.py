@@ -41,7 +41,8 @@ from .conn import ConnConfig, RxPacket, RxRead
 from .errors import DuplicateCidError, UnknownCidError
 from .handshake import OkPortConvention
 from .host import _SEND_FLAGS, IOV_MAX, VsockHost
-from .lane import LANE_CHAINS, Stop, make_tx_lane, payload_views as _payload
+from .lane import (LANE_CHAINS, Put, Stop, make_put, make_tx_lane,
+                   payload_views as _payload)
 from .muxer import DEVICE_FEATURES, MuxerConfig, VsockMuxer
 from .wire import (HOST_CID, VIRTIO_ID_VSOCK, Op, Queue, Type, VsockConfig as VsockConfigSpace,
                    VsockEvent, VsockHeader)
@@ -98,6 +99,7 @@ class VsockDevice:
         #: packets took the direct lane (None: none yet, or it left the lane)
         self._lane = None
         self._lane_key = None
+        self._put = None  # (RX vq, its packet put): the lane's CREDIT_UPDATE
         self.features = 0
         self.events_sent = 0
         self.resets = 0
@@ -264,12 +266,38 @@ class VsockDevice:
             before = muxer.snapshot(conn)
             conn.rw_lane(res.bytes, res.written, res.tail, res.peer_buf_alloc,
                          res.peer_fwd_cnt, res.credit_changed)
+            self._credit_update_now(conn)
             run = self.host.run
             run(muxer.settle(conn, before, res.chains))
             if res.error is not None:
                 self.log.info("%s: host write failed: %s", key, os.strerror(res.error))
                 run(muxer.host_error(key, self.loop.time(), res.error))
         return res
+
+    def _credit_update_now(self, conn: Any) -> None:
+        """The CREDIT_UPDATE the TX lane just made due, straight into one RX buffer when it
+        is the only packet this VM has for the guest (`VsockMuxer.lone_credit_update`):
+        one call instead of a scheduled RX pass (the guest may be waiting for it).
+
+        Spec: virtio 1.2 §5.10.6.3 (CREDIT_UPDATE), §5.10.6 (one packet per RX buffer)."""
+        handle = self._queues.get(Queue.RX)
+        if handle is None or self._in_rx:
+            return
+        packet = self.muxer.lone_credit_update(conn)
+        if packet is None:
+            return
+        put = self._put
+        if put is None or put[0] is not handle.vq:
+            put = self._put = (handle.vq, make_put(handle.vq))
+        res = put[1](handle.vq, packet)
+        if res.status == Put.DONE:
+            self.muxer.credit_update_sent(conn)
+            if res.call_errno is not None:
+                self.log.warning("RX call eventfd: %s", os.strerror(res.call_errno))
+        elif res.status == Put.BROKEN:
+            self.log.error("RX queue broken (%s): it stays stopped until the device is "
+                           "reset", res.broken)
+            handle.notify_if_needed()
 
     def _tx_packets(self, chains: list) -> None:
         """Hand a batch of TX packets to the muxer, before their chains are completed.

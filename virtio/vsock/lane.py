@@ -36,7 +36,8 @@ from ring.errors import DriverError
 from .conn import _tail
 from .wire import HOST_CID, Op, Type, VsockHeader
 
-__all__ = ["Stop", "LaneResult", "PyTxLane", "CTxLane", "make_tx_lane", "LANE_CHAINS"]
+__all__ = ["Stop", "LaneResult", "PyTxLane", "CTxLane", "make_tx_lane", "LANE_CHAINS", "Put",
+           "PutResult", "put_packet_py", "CPut", "make_put"]
 
 HDR = VsockHeader.SIZE
 #: Most chains one call takes, and most payload pieces one ``sendmsg`` gathers (IOV_MAX).
@@ -244,3 +245,76 @@ def make_tx_lane(vq: Any, tail_cap: int) -> PyTxLane | CTxLane:
     except ImportError:
         return PyTxLane(tail_cap)
     return CTxLane(tail_cap) if isinstance(vq, CVirtqueue) else PyTxLane(tail_cap)
+
+
+# -- one control packet into the RX queue -------------------------------------------------------
+
+class Put(enum.IntEnum):
+    """Outcome of a packet put (csrc/vsock_path.h ``VS_PUT_*``)."""
+
+    EMPTY = 0  # no RX buffer: nothing done
+    DONE = 1  # written, used length 44
+    SMALL = 2  # the next buffer cannot hold a header: given back for the general path
+    BROKEN = 3  # the pop failed: ``broken`` holds the DriverError
+
+
+class PutResult(NamedTuple):
+    status: Put
+    notify: bool
+    call_errno: int | None
+    broken: DriverError | None
+
+
+def put_packet_py(vq: Any, packet: bytes) -> PutResult:
+    """The reference: the 44-byte ``packet`` (a header without payload) into the next RX
+    chain, published with used length 44, the notify decision made and signalled.
+
+    Spec: virtio 1.2 §5.10.6 (one packet per RX buffer), §2.7.7 (used buffer notification)."""
+    try:
+        chain = vq.pop()
+    except DriverError as exc:
+        return PutResult(Put.BROKEN, False, None, exc)
+    if chain is None:
+        return PutResult(Put.EMPTY, False, None, None)
+    if chain.writable_bytes < HDR:
+        vq.unpop(chain)
+        return PutResult(Put.SMALL, False, None, None)
+    vq.fill(chain, packet)
+    vq.push_batch([(chain.head, HDR, chain.ring_slots)])
+    notify = vq.should_notify()
+    return PutResult(Put.DONE, notify, _signal(vq.call_fd) if notify else None, None)
+
+
+class CPut:
+    """``vs_rx_put`` (csrc/vsock_path.c) over ``ring.cring`` queues, the twin of
+    :func:`put_packet_py`."""
+
+    def __init__(self) -> None:
+        from ring.cring import ffi, lib
+
+        self._put = ffi.new("struct vs_rx_put *")
+        self._packet = ffi.buffer(self._put.packet)
+        self._call = lib.vs_rx_put
+
+    def __call__(self, vq: Any, packet: bytes) -> PutResult:
+        vq._datapath_ready() or vq._datapath_slow()  # region table current (generation)
+        vq._unpop_mark = None
+        put = self._put
+        self._packet[:] = packet
+        rc = self._call(vq._q, put)
+        if rc < 0:
+            from ring.cring import _raise_for
+            raise _raise_for(rc, vq.index)
+        if rc == Put.DONE:
+            return PutResult(Put.DONE, put.notify != 0, put.call_errno or None, None)
+        broken = vq._error(put.broken) if rc == Put.BROKEN else None
+        return PutResult(Put(rc), False, None, broken)
+
+
+def make_put(vq: Any):
+    """``put(vq, packet) -> PutResult`` for ``vq``'s implementation."""
+    try:
+        from ring.cring import Virtqueue as CVirtqueue
+    except ImportError:
+        return put_packet_py
+    return CPut() if isinstance(vq, CVirtqueue) else put_packet_py

@@ -321,6 +321,27 @@ class VsockMuxer:
         self._vms[conn.key.cid].stats.tx_packets += packets
         return self._reconcile(conn.key, before)
 
+    def lone_credit_update(self, conn: Connection) -> bytes | None:
+        """When ``conn``'s next packet for the guest is a CREDIT_UPDATE and nothing of its
+        VM comes before it in `poll_rx` order (no control or sibling packet, no other
+        connection scheduled): that header, packed, changing nothing. The device's TX path
+        then puts it straight into an RX buffer and reports with `credit_update_sent`; the
+        outcome is that of the next `poll_rx`."""
+        vm = self._vms.get(conn.key.cid)
+        if vm is None or vm.ctrl or vm.sib_q:
+            return None
+        rxq = vm.rxq
+        if rxq and (len(rxq) > 1 or conn.key not in rxq):
+            return None
+        if conn._peek_rx() != "credit_update":
+            return None
+        return conn.credit_update_packet()
+
+    def credit_update_sent(self, conn: Connection) -> None:
+        """The `lone_credit_update` header is in the guest's RX queue."""
+        conn.credit_update_sent()
+        self._vms[conn.key.cid].stats.rx_packets += 1
+
     def _route(self, vm: _Vm, hdr: VsockHeader, payload: list[memoryview], now: float
                ) -> list[Action]:
         """`guest_tx` after the header and its len were checked."""
