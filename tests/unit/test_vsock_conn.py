@@ -43,12 +43,49 @@ def test_spec_5_10_6_3_never_send_beyond_guest_credit():
     h.host_sends(key, b"x" * 10_000)
     got = h.rx(max_payload=4096)
     assert sum(p.len_ for p, _ in got if p.op == Op.RW) == 3000
-    assert got[-1][0].op == Op.CREDIT_REQUEST  # blocked on zero credit: ask once
+    assert got[-1][0].op == Op.RW  # blocked on zero credit: the guest may update first
+    delay = h.mux.connection(key).cfg.credit_request_delay_s
+    h.advance(delay)  # it stayed silent: ask once
+    assert [p.op for p, _ in h.rx()] == [Op.CREDIT_REQUEST]
+    h.advance(delay)
     assert h.rx() == []  # not again until the guest says something
     # the guest consumed 3000 bytes: the rest flows, within the new credit
     h.send(pkt(Op.CREDIT_UPDATE, buf_alloc=3000, fwd_cnt=3000))
     got = h.rx(max_payload=4096)
     assert sum(p.len_ for p, _ in got if p.op == Op.RW) == 3000
+
+
+def test_spec_5_10_6_3_no_credit_request_when_the_guest_updates_by_itself():
+    """A Linux guest sends CREDIT_UPDATE unprompted once its application has read enough
+    (free space under 64 KiB, so always at zero credit): when it does so within
+    credit_request_delay_s, no CREDIT_REQUEST is ever sent and the timer is dropped."""
+    h = Harness()
+    key = h.open_guest_conn(buf_alloc=3000)
+    conn = h.mux.connection(key)
+    h.host_sends(key, b"x" * 6000)
+    assert sum(p.len_ for p, _ in h.rx(max_payload=4096) if p.op == Op.RW) == 3000
+    assert conn.deadline is not None  # the request timer runs
+    h.advance(conn.cfg.credit_request_delay_s / 2)
+    h.send(pkt(Op.CREDIT_UPDATE, buf_alloc=3000, fwd_cnt=3000))
+    assert conn.deadline is None  # the guest spoke first: no request
+    got = h.rx(max_payload=4096)
+    assert [p.op for p, _ in got] == [Op.RW] and got[0][0].len_ == 3000
+    h.send(pkt(Op.CREDIT_UPDATE, buf_alloc=3000, fwd_cnt=6000))  # it read that too
+    assert h.rx() == []  # the host socket is empty
+    h.advance(1.0)
+    assert not any(p.op == Op.CREDIT_REQUEST for p, _ in h.rx())
+    assert conn.deadline is None
+
+
+def test_credit_request_delay_zero_asks_at_once():
+    """credit_request_delay_s = 0: the request goes out with the packet that used up the
+    credit (Spec: virtio 1.2 §5.10.6.3)."""
+    h = Harness(MuxerConfig(conn=ConnConfig(credit_request_delay_s=0)))
+    key = h.open_guest_conn(buf_alloc=3000)
+    h.host_sends(key, b"x" * 10_000)
+    got = h.rx(max_payload=4096)
+    assert [p.op for p, _ in got][-1] == Op.CREDIT_REQUEST
+    assert h.mux.connection(key).deadline is None
 
 
 def test_credit_wraparound_end_to_end():

@@ -37,7 +37,10 @@ Credit (§5.10.6.3), with all counters u32 and wrapping:
   (or everything) since we last told it — the guest blocks only at zero credit, so one of the
   two must become true while the host drains (Linux and Firecracker use the same idea with
   64 KiB and 4 KiB). Also sent in reply to CREDIT_REQUEST. CREDIT_REQUEST is sent once when
-  we have data for the guest and zero credit (re-armed when the guest's credit changes).
+  we have data for the guest and zero credit and the guest stayed silent for
+  ``credit_request_delay_s`` (a Linux guest updates unprompted before that: it sends
+  CREDIT_UPDATE whenever a read leaves its free space under 64 KiB); re-armed when the
+  guest's credit changes.
 
 Close semantics:
 
@@ -94,6 +97,12 @@ class ConnConfig:
 
     buf_alloc_bytes: int = 256 * 1024
     credit_update_threshold_bytes: int | None = None  # None: buf_alloc / 4
+    #: at zero credit, how long the guest may stay silent before we send CREDIT_REQUEST
+    #: (0: at once). A Linux guest sends CREDIT_UPDATE unprompted once its application has
+    #: read enough that its free space falls under 64 KiB, which at zero credit it always
+    #: has: the request would only cost a packet each way per credit window. It stays the
+    #: safety net for guests that wait to be asked (see `Connection.credit_request_wanted`).
+    credit_request_delay_s: float = 0.01
     request_timeout_s: float = 2.0
     shutdown_timeout_s: float = 2.0
     max_message_bytes: int = 64 * 1024  # host→guest seqpacket message limit
@@ -287,7 +296,9 @@ class Connection:
         self.local_init = local_init
         self.log = log_ or log
         self.state = ConnState.LOCAL_INIT if local_init else ConnState.PEER_INIT
-        self.deadline: float | None = None
+        self._credit_request_at: float | None = None  # CREDIT_REQUEST timer (see deadline)
+        self._credit_request_due = False  # that timer fired (or no delay): ask now
+        self._deadline: float | None = None  # handshake / shutdown timeout
         # our receive side (guest -> host)
         self.buf_alloc = cfg.buf_alloc_bytes
         self.recv_cnt = 0  # u32: RW payload bytes received from the guest
@@ -348,6 +359,45 @@ class Connection:
         return conn
 
     # -- derived state (read by the muxer's _reconcile) -----------------------------------
+
+    @property
+    def deadline(self) -> float | None:
+        """When `timer_fired` has something to do: the handshake or shutdown timeout (set
+        through this property) or the CREDIT_REQUEST delay, whichever comes first."""
+        d, c = self._deadline, self._credit_request_at
+        if c is None:
+            return d
+        return c if d is None or c < d else d
+
+    @deadline.setter
+    def deadline(self, value: float | None) -> None:
+        self._deadline = value
+
+    def credit_request_wanted(self) -> bool:
+        """We have stream data for the guest and it gave us zero credit, not yet asked.
+
+        Spec: virtio 1.2 §5.10.6.3 (CREDIT_REQUEST asks the peer for its credit)."""
+        return (not self._credit_requested and self._h2g_open()
+                and bool(self._h2g or (self.host_readable and not self.host_eof))
+                and self.peer_free == 0)
+
+    def arm_credit_request(self, now: float | None) -> None:
+        """Keep the CREDIT_REQUEST timer in line with `credit_request_wanted` (the muxer
+        calls this after every mutation): armed for ``credit_request_delay_s`` when a
+        request becomes wanted, dropped when it no longer is (the guest's own
+        CREDIT_UPDATE came first). ``now`` None (a caller without the time): due at once,
+        the pre-delay behaviour, so no path can stall."""
+        if not self.credit_request_wanted():
+            self._credit_request_at = None
+            self._credit_request_due = False
+            return
+        if self._credit_request_due or self._credit_request_at is not None:
+            return
+        delay = self.cfg.credit_request_delay_s
+        if now is None or delay <= 0:
+            self._credit_request_due = True
+        else:
+            self._credit_request_at = now + delay
 
     @property
     def buffered_g2h(self) -> int:
@@ -920,7 +970,11 @@ class Connection:
         return actions
 
     def timer_fired(self, now: float) -> list[Action]:
-        if self.deadline is None or now < self.deadline:
+        at = self._credit_request_at
+        if at is not None and now >= at:
+            self._credit_request_at = None
+            self._credit_request_due = True  # the guest stayed silent: ask (_peek_rx)
+        if self._deadline is None or now < self._deadline:
             return []
         if self.state is ConnState.LOCAL_INIT:
             self.log.info("%s: guest did not answer the connection request in time", self.key)
@@ -955,7 +1009,7 @@ class Connection:
             if self._h2g or (self.host_readable and not self.host_eof):
                 if credit > 0 and max_payload > 0:
                     return "data" if self._h2g else "read"
-                if credit == 0 and not self._credit_requested:
+                if credit == 0 and not self._credit_requested and self._credit_request_due:
                     return "credit_request"
         if p & _Pending.SHUTDOWN and not self._h2g:
             return "shutdown"
@@ -982,6 +1036,7 @@ class Connection:
             return RxPacket(self._header(Op.REQUEST))
         if kind == "credit_request":
             self._credit_requested = True
+            self._credit_request_due = False
             return RxPacket(self._header(Op.CREDIT_REQUEST))
         if kind == "shutdown":
             hdr = self._take_pending_shutdown()

@@ -268,7 +268,7 @@ class VsockDevice:
                          res.peer_fwd_cnt, res.credit_changed)
             self._credit_update_now(conn)
             run = self.host.run
-            run(muxer.settle(conn, before, res.chains))
+            run(muxer.settle(conn, before, res.chains, self.loop.time()))
             if res.error is not None:
                 self.log.info("%s: host write failed: %s", key, os.strerror(res.error))
                 run(muxer.host_error(key, self.loop.time(), res.error))
@@ -366,7 +366,7 @@ class VsockDevice:
                         failed = exc
                 conn.rw_written(data, total, written)
                 run = self.host.run
-                run(muxer.settle(conn, before, len(group)))
+                run(muxer.settle(conn, before, len(group), now))
                 if failed is not None:
                     self.log.info("%s: host write failed: %s", conn.key, failed)
                     run(muxer.host_error(conn.key, now, failed.errno))

@@ -295,7 +295,7 @@ class VsockMuxer:
         vm.stats.tx_packets += len(packets)
         before = self._snap(conn)
         actions = conn.on_rw_batch(packets, now)
-        return actions + self._reconcile(key, before)
+        return actions + self._reconcile(key, before, now=now)
 
     def direct_tx_conn(self, cid: int, dst_port: int, src_port: int) -> Connection | None:
         """The stream connection of VM ``cid`` (guest port ``src_port`` to host port
@@ -315,11 +315,12 @@ class VsockMuxer:
 
     _snap = snapshot
 
-    def settle(self, conn: Connection, before: _Snap, packets: int = 0) -> list[Action]:
+    def settle(self, conn: Connection, before: _Snap, packets: int = 0,
+               now: float | None = None) -> list[Action]:
         """After a direct-lane mutation of ``conn`` (see `direct_tx_conn`): count
         ``packets`` TX packets and reconcile (interest, timer, RX scheduling)."""
         self._vms[conn.key.cid].stats.tx_packets += packets
-        return self._reconcile(conn.key, before)
+        return self._reconcile(conn.key, before, now=now)
 
     def lone_credit_update(self, conn: Connection) -> bytes | None:
         """When ``conn``'s next packet for the guest is a CREDIT_UPDATE and nothing of its
@@ -452,7 +453,7 @@ class VsockMuxer:
                                                       vm.log)
         self._insert(vm, conn)
         vm.stats.connections_opened += 1
-        return actions + self._reconcile(key, _NO_SNAP)
+        return actions + self._reconcile(key, _NO_SNAP, now=now)
 
     # -- siblings ---------------------------------------------------------------------------------
 
@@ -529,14 +530,14 @@ class VsockMuxer:
             polls.reverse()
         vm.serve_sibling_first = not vm.serve_sibling_first
         for poll in polls:
-            item = poll(vm, max_payload, actions)
+            item = poll(vm, max_payload, actions, now)
             if item is not None:
                 vm.stats.rx_packets += 1
                 return item, actions
         return None, actions
 
-    def _poll_sibling(self, vm: _Vm, max_payload: int, actions: list[Action]
-                      ) -> RxItem | None:
+    def _poll_sibling(self, vm: _Vm, max_payload: int, actions: list[Action],
+                      now: float) -> RxItem | None:
         if not vm.sib_q:
             return None
         hdr, data = vm.sib_q[0]
@@ -556,8 +557,8 @@ class VsockMuxer:
             if hdr.type_ == Type.SEQPACKET else hdr.flags
         return RxPacket(hdr.with_(len_=len(chunk), flags=flags), chunk)
 
-    def _poll_conns(self, vm: _Vm, max_payload: int, actions: list[Action]
-                    ) -> RxItem | None:
+    def _poll_conns(self, vm: _Vm, max_payload: int, actions: list[Action],
+                    now: float) -> RxItem | None:
         for _ in range(len(vm.rxq)):
             key, _none = vm.rxq.popitem(last=False)
             conn = vm.conns.get(key)
@@ -565,7 +566,7 @@ class VsockMuxer:
                 continue
             before = self._snap(conn)[:3] + (False,)  # popped
             item = conn.next_rx(max_payload)
-            actions += self._reconcile(key, before, requeue=True)
+            actions += self._reconcile(key, before, requeue=True, now=now)
             if item is not None:
                 return item
         return None
@@ -577,7 +578,7 @@ class VsockMuxer:
             return None, []
         before = self._snap(conn)
         hdr, actions = conn.rx_read_done(nbytes, now, hangup=hangup)
-        return hdr, actions + self._reconcile(key, before)
+        return hdr, actions + self._reconcile(key, before, now=now)
 
     def rx_burst(self, key: ConnKey) -> tuple[bytes, int] | None:
         """`Connection.rx_burst` of ``key`` (None if it is gone or has no stream read)."""
@@ -637,7 +638,7 @@ class VsockMuxer:
                                             now, leftover, vm.log)
         self._insert(vm, conn)
         vm.stats.connections_opened += 1
-        return key, self._reconcile(key, _NO_SNAP)
+        return key, self._reconcile(key, _NO_SNAP, now=now)
 
     def host_connected(self, key: ConnKey, now: float, ok: bool = True) -> list[Action]:
         conn = self._lookup(key)
@@ -733,10 +734,10 @@ class VsockMuxer:
     def _mutate(self, conn: Connection, now: float, fn) -> list[Action]:
         before = self._snap(conn)
         actions = fn()
-        return actions + self._reconcile(conn.key, before)
+        return actions + self._reconcile(conn.key, before, now=now)
 
-    def _reconcile(self, key: ConnKey, before: _Snap, *, requeue: bool = False
-                   ) -> list[Action]:
+    def _reconcile(self, key: ConnKey, before: _Snap, *, requeue: bool = False,
+                   now: float | None = None) -> list[Action]:
         """Re-derive fd interest, timer and RX scheduling of ``key`` after a mutation.
 
         Removes a CLOSED connection from the table. Returns the actions (SetHostInterest,
@@ -759,6 +760,7 @@ class VsockMuxer:
                 del vm.used_ports[key.local_port]
             self._nconns -= 1
             return actions
+        conn.arm_credit_request(now)
         read, write, deadline, has_rx = self._snap(conn)
         if conn.host_open and (read != before_read or write != before_write):
             actions.append(SetHostInterest(key, read, write))
