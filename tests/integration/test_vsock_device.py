@@ -483,6 +483,26 @@ def test_hostile_packets_on_the_tx_lane_connection_give_the_usual_outcome(setup)
     assert stats.rst_bad_op == 1
 
 
+def test_credit_window_beyond_the_lane_tail_is_served_byte_for_byte(short_dir, ring):
+    """tx_buffer_size above the TX lane's 1 MiB tail buffer: the lane takes what fits and the
+    general path the rest, in order, and a guest within its credit is never reset
+    (Spec: virtio 1.2 §5.10.6.3.1)."""
+    s = Setup(short_dir, ring=ring, configs=[vm_config(short_dir, tx_buffer_size=4 << 20)])
+    try:
+        server = s.host_listen(7420)
+        conn = s.guest.connect(7420)
+        peer, _ = server.accept()
+        assert conn.peer_buf_alloc == 4 << 20
+        data = pattern(6 << 20, 11)
+        reader, got = read_exactly_in_thread(peer, len(data))
+        conn.send(data)
+        s.guest.run_until(lambda: not conn.txq, 30)
+        reader.join(30)
+        assert bytes(got) == data and conn.state == "established"
+    finally:
+        s.close()
+
+
 def test_no_rx_buffers_no_busy_loop_then_data_flows(short_dir):
     """A guest that posts no RX buffers: the host socket is not polled (no read interest),
     the back-end thread stays idle, and data flows once the guest posts buffers."""

@@ -55,6 +55,9 @@ RX_BUDGET = 256
 #: TX chains per pop_batch, and batches per turn.
 TX_BATCH = 64
 TX_BUDGET_BATCHES = 8
+#: Most bytes the TX lane takes per call (its tail buffer; a larger credit window is served
+#: by further calls or the general path, never refused).
+LANE_TAIL_MAX = 1 << 20
 #: Device-specific feature bits live in bits 0..23 (virtio 1.2 §6).
 _DEVICE_FEATURE_MASK = (1 << 24) - 1
 
@@ -256,8 +259,9 @@ class VsockDevice:
             self._lane_key = None
             return None
         lane = self._lane
-        if lane is None or lane.tail_cap < conn.buf_alloc:
-            lane = self._lane = make_tx_lane(vq, conn.buf_alloc)
+        tail_cap = min(conn.buf_alloc, LANE_TAIL_MAX)
+        if lane is None or lane.tail_cap < tail_cap:
+            lane = self._lane = make_tx_lane(vq, tail_cap)
         res = lane.run(vq, sock, self.cid, key.local_port, key.peer_port, conn.lane_credit,
                        conn.peer_buf_alloc, conn.peer_fwd_cnt, LANE_CHAINS)
         if res.call_errno is not None:
