@@ -5,7 +5,7 @@ Spec: virtio 1.2 §5.10.6 (Device Operation), §5.10.6.2 (Addressing), §5.10.6.
 
 import pytest
 
-from test_vsock_support import Harness, pkt
+from test_vsock_support import GUEST_BUF, Harness, pkt
 from virtio.vsock.conn import ConnectHost, ConnKey
 from virtio.vsock.errors import DuplicateCidError, TableFullError, UnknownCidError
 from virtio.vsock.muxer import MuxerConfig
@@ -244,3 +244,53 @@ def test_lone_credit_update_only_when_nothing_comes_first():
     assert h2.mux.lone_credit_update(conn2) is not None
     h2.host_sends(other, b"data for the guest")  # the other connection is scheduled
     assert other != key2 and h2.mux.lone_credit_update(conn2) is None
+
+
+@pytest.mark.parametrize("setup", ["established", "host_data", "killed", "no_conn",
+                                   "local_init", "requested"])
+@pytest.mark.parametrize("fields", [(GUEST_BUF, 0), (GUEST_BUF, 4096), (0, 0), (3000, 7)])
+def test_guest_credit_update_fast_path_matches_guest_tx(setup, fields):
+    """The device's CREDIT_UPDATE fast path (plain ints) has guest_tx's outcome: the same
+    actions, connection state, packets for the guest and counters; or declines (None)
+    where guest_tx answers something else (no such stream connection).
+    Spec: virtio 1.2 §5.10.6.3."""
+    def build():
+        h = Harness()
+        if setup == "local_init":
+            key, _ = h.mux.host_connect_request(3, 1000, h.now)
+            h.run(_)
+            return h, key
+        key = h.open_guest_conn()
+        if setup == "host_data":
+            h.host_sends(key, b"q" * 5000)
+        elif setup == "killed":
+            h.run(h.mux.host_error(key, h.now, 104))
+        elif setup == "no_conn":
+            key = ConnKey(3, 81, 1000)
+        elif setup == "requested":
+            h.host_sends(key, b"q" * (GUEST_BUF + 10))
+            h.rx(max_payload=1 << 20)
+            h.advance(1.0)  # the guest stays silent: CREDIT_REQUEST
+            assert [p.op for p, _ in h.rx()] == [Op.CREDIT_REQUEST]
+        return h, key
+
+    def state(h, key):
+        conn = h.mux._vms[3].conns.get(key)
+        c = None if conn is None else (conn.state, conn.peer_buf_alloc, conn.peer_fwd_cnt,
+                                      conn._credit_requested, conn.deadline, conn.has_rx)
+        return c, h.mux.stats(3), list(h.mux._vms[3].rxq), h.rx(max_payload=1 << 20)
+
+    ref, key = build()
+    fast, _ = build()
+    ba, fc = fields
+    expected = ref.mux.guest_tx(3, pkt(Op.CREDIT_UPDATE, src_port=key.peer_port,
+                                       dst_port=key.local_port, buf_alloc=ba, fwd_cnt=fc),
+                                ref.now)
+    got = fast.mux.guest_credit_update(3, key.local_port, key.peer_port, ba, fc, fast.now)
+    if got is None:
+        assert setup == "no_conn"
+        return
+    assert got == expected
+    ref.run(expected)
+    fast.run(got)
+    assert state(fast, key) == state(ref, key)

@@ -764,13 +764,18 @@ class Connection:
         return actions
 
     def _update_peer_credit(self, hdr: VsockHeader) -> None:
+        self.peer_credit(hdr.buf_alloc, hdr.fwd_cnt)
+
+    def peer_credit(self, buf_alloc: int, fwd_cnt: int) -> None:
+        """The credit fields of a guest packet (a CREDIT_UPDATE carries nothing else: this
+        is all `on_packet` does with one, in any state)."""
         # Re-arm CREDIT_REQUEST only when the guest's credit changed: a guest answering our
         # CREDIT_REQUEST with an unchanged CREDIT_UPDATE (Linux does, while its application
         # does not read) must not start a request/update ping-pong.
-        if hdr.buf_alloc != self.peer_buf_alloc or hdr.fwd_cnt != self.peer_fwd_cnt:
+        if buf_alloc != self.peer_buf_alloc or fwd_cnt != self.peer_fwd_cnt:
             self._credit_requested = False
-        self.peer_buf_alloc = hdr.buf_alloc
-        self.peer_fwd_cnt = hdr.fwd_cnt
+        self.peer_buf_alloc = buf_alloc
+        self.peer_fwd_cnt = fwd_cnt
 
     def _established_by_guest(self, now: float) -> list[Action]:
         self.state = ConnState.ESTABLISHED

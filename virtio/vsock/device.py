@@ -334,6 +334,16 @@ class VsockDevice:
                         group_ports = ports
                         group.append((len_, flags, buf_alloc, fwd_cnt, views))
                         continue
+                elif (op == _CREDIT_UPDATE and type_ == _STREAM and src_cid == cid
+                      and dst_cid == _HOST):
+                    if group:
+                        flush(group_ports, group, now)
+                        group, group_ports = [], None
+                    actions = muxer.guest_credit_update(cid, dst_port, src_port, buf_alloc,
+                                                        fwd_cnt, now)
+                    if actions is not None:
+                        run(actions)
+                        continue
             if group:
                 flush(group_ports, group, now)
                 group, group_ports = [], None
@@ -652,6 +662,7 @@ class VsockBackend:
 _unpack_hdr = VsockHeader.FMT.unpack_from
 _LEN_OFFSET = 24  # of le32 len in struct virtio_vsock_hdr (Spec: virtio 1.2 §5.10.6)
 _RW, _STREAM, _HOST = int(Op.RW), int(Type.STREAM), int(HOST_CID)
+_CREDIT_UPDATE = int(Op.CREDIT_UPDATE)
 
 
 def _slice_views(views: Sequence[memoryview], offset: int, limit: int) -> list[memoryview]:

@@ -297,6 +297,26 @@ class VsockMuxer:
         actions = conn.on_rw_batch(packets, now)
         return actions + self._reconcile(key, before, now=now)
 
+    def guest_credit_update(self, cid: int, dst_port: int, src_port: int, buf_alloc: int,
+                            fwd_cnt: int, now: float) -> list[Action] | None:
+        """A stream CREDIT_UPDATE from VM ``cid`` (guest port ``src_port``) to the host
+        (port ``dst_port``), header fields as plain ints: the device's TX fast path for the
+        packet a receiving guest sends every credit window. The caller checked what
+        `guest_tx` checks before routing (a whole header, src_cid = the VM, dst_cid = the
+        host, type STREAM, op CREDIT_UPDATE). Same outcome as `guest_tx`; None (nothing
+        done) when there is no stream connection of that key, for `guest_tx` to answer.
+
+        Spec: virtio 1.2 §5.10.6.3 (every packet carries the sender's credit)."""
+        vm = self._vms.get(cid)
+        key = ConnKey(cid, dst_port, src_port)
+        conn = None if vm is None else vm.conns.get(key)
+        if conn is None or conn.type_ is not Type.STREAM:
+            return None
+        vm.stats.tx_packets += 1
+        before = self._snap(conn)
+        conn.peer_credit(buf_alloc, fwd_cnt)
+        return self._reconcile(key, before, now=now)
+
     def direct_tx_conn(self, cid: int, dst_port: int, src_port: int) -> Connection | None:
         """The stream connection of VM ``cid`` (guest port ``src_port`` to host port
         ``dst_port``) when its RW packets may take the device's direct lane
