@@ -289,3 +289,39 @@ int vs_rx_put(struct vr_queue *q, struct vs_rx_put *put)
     rc = publish(q, &c->head, &len, &c->ring_slots, 1, &put->notify, &put->call_errno);
     return rc < 0 ? rc : VS_PUT_DONE;
 }
+
+/* The RX pump (vsock_path.h). The header is built here from the inputs, little-endian
+ * (Spec: virtio 1.2 §5.10.6: struct virtio_vsock_hdr), len left 0 for vr_rx_from_fd_prefix
+ * to patch per chain. */
+static void put_le(uint8_t *p, uint64_t v, int n)
+{
+    int k;
+    for (k = 0; k < n; k++, v >>= 8)
+        p[k] = (uint8_t)v;
+}
+
+int vs_rx_pump(struct vr_queue *q, struct vr_scratch *scratch, struct vs_rx_pump *p)
+{
+    uint8_t h[VS_HDR_SIZE];
+    int rc;
+
+    memset(&p->out, 0, sizeof p->out);
+    p->call_errno = 0;
+    if (p->credit == 0)
+        return 0;
+    memset(h, 0, sizeof h);
+    put_le(h + 0, VS_HOST_CID, 8);
+    put_le(h + 8, p->cid, 8);
+    put_le(h + 16, p->host_port, 4);
+    put_le(h + 20, p->guest_port, 4);
+    put_le(h + 28, VS_TYPE_STREAM, 2);
+    put_le(h + 30, VS_OP_RW, 2);
+    put_le(h + 36, p->buf_alloc, 4);
+    put_le(h + 40, p->fwd_cnt, 4);
+    rc = vr_rx_from_fd_prefix(q, scratch, p->fd, p->credit, h, VS_HDR_SIZE, 24, &p->out);
+    if (rc < 0)
+        return rc;
+    if (p->out.notify)
+        p->call_errno = signal_call(q);
+    return 0;
+}

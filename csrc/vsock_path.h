@@ -96,3 +96,34 @@ struct vs_rx_put {
 
 /* VS_PUT_*, or a negative VR_E_* when publication or the notify decision failed. */
 int vs_rx_put(struct vr_queue *q, struct vs_rx_put *put);
+
+/* ---------------------------------------------------------------------------------------
+ * The vsock RX pump: one host-readable event of an established stream connection served in
+ * one call. The host socket is read straight into as many RX chains as the guest's credit
+ * allows (vr_rx_from_fd_prefix: each chain gets the packet header built here in front, its
+ * len patched with the chain's payload), the chains are published, the notify decision is
+ * made and the queue's call eventfd signalled. Python decides (it names the connection and
+ * its credit) and applies the counters afterwards; virtio/vsock/rx_pump.py holds the twin.
+ *
+ * Spec: virtio 1.2 §5.10.6 (one packet per RX buffer, header then payload), §5.10.6.3
+ * (every header carries buf_alloc/fwd_cnt; RW within the guest's credit), §2.7.7 (used
+ * buffer notification).
+ */
+
+struct vs_rx_pump {
+    /* inputs: the header every packet carries, the credit, the host socket */
+    uint64_t cid;              /* the VM's CID: dst_cid of every packet */
+    uint32_t host_port;        /* src_port */
+    uint32_t guest_port;       /* dst_port */
+    uint32_t buf_alloc;        /* our receive window (Spec: virtio 1.2 §5.10.6.3) */
+    uint32_t fwd_cnt;
+    uint64_t credit;           /* payload bytes the guest can take now: the read budget */
+    int32_t fd;                /* the host socket (non-blocking) */
+    /* outputs */
+    int32_t call_errno;        /* errno of a failed call eventfd write, else 0 */
+    struct vr_rx_result out;   /* of the read (bytes, chains, notify, eof, drained, ...) */
+};
+
+/* 0 (out filled; nothing read when credit is 0), or a negative VR_E_* when publication or
+ * the notify decision failed (a ring area unmapped). */
+int vs_rx_pump(struct vr_queue *q, struct vr_scratch *scratch, struct vs_rx_pump *p);

@@ -294,3 +294,64 @@ def test_guest_credit_update_fast_path_matches_guest_tx(setup, fields):
     ref.run(expected)
     fast.run(got)
     assert state(fast, key) == state(ref, key)
+
+
+@pytest.mark.parametrize("outcome", ["drained", "more_than_credit", "credit_used_up",
+                                     "eof", "nothing"])
+def test_rx_lane_matches_host_readable_then_burst(outcome):
+    """The device's RX pump path (``rx_lane_conn`` + ``rx_lane_done``, no reconcile on the
+    common path) leaves the state the general path leaves (``host_readable``, then the
+    burst: ``rx_burst_next`` + ``rx_burst_done``): counters, interest, timers, RX
+    scheduling, statistics, and the same packets for the guest afterwards.
+    Spec: virtio 1.2 §5.10.6.3 (RW within the guest's credit; headers carry fwd_cnt)."""
+    credit = GUEST_BUF
+    sent, drained, clean = {"drained": (5000, True, True),
+                            "more_than_credit": (credit, False, False),
+                            "credit_used_up": (credit, True, True),
+                            "eof": (3000, False, False),
+                            "nothing": (0, True, True)}[outcome]
+
+    def build():
+        h = Harness()
+        key = h.open_guest_conn()
+        h.send(pkt(Op.RW, key.peer_port, key.local_port, payload=b"g" * 100))  # fwd_cnt
+        return h, key
+
+    def state(h, key):
+        conn = h.mux._vms[3].conns[key]
+        s = h.socks[key]
+        return ((conn.tx_cnt, conn.bytes_to_guest, conn.adv_fwd_cnt, conn.host_readable,
+                 conn.wants_read, conn.deadline, conn.has_rx, conn._pending),
+                (s.read, s.write), dict(h.timers), list(h.mux._vms[3].rxq), h.mux.stats(3))
+
+    ref, key = build()
+    ref.run(ref.mux.host_readable(key, ref.now))
+    nxt = ref.mux.rx_burst_next(3)
+    assert nxt is not None and nxt[0] == key and nxt[2] == credit
+    ref.run(ref.mux.rx_burst_done(key, sent, -(-sent // 4052), drained, ref.now))
+
+    fast, _ = build()
+    lane = fast.mux.rx_lane_conn(key)
+    assert lane is not None and lane[1] == credit
+    fast.run(fast.mux.rx_lane_done(lane[0], sent, -(-sent // 4052), clean, fast.now))
+    assert state(fast, key) == state(ref, key)
+    fast.socks[key].eof = ref.socks[key].eof = outcome == "eof"
+    assert fast.rx(max_payload=1 << 20) == ref.rx(max_payload=1 << 20)
+    assert state(fast, key) == state(ref, key)
+
+
+def test_rx_lane_declines_when_something_else_is_owed_to_the_guest():
+    """Control packets first (poll_rx order), no credit, data already queued: the general
+    path. Spec: virtio 1.2 §5.10.6.3."""
+    h = Harness()
+    key = h.open_guest_conn()
+    assert h.mux.rx_lane_conn(key) is not None
+    h.send(pkt(Op.CREDIT_REQUEST, key.peer_port, key.local_port))  # owes a CREDIT_UPDATE
+    assert h.mux.rx_lane_conn(key) is None
+    h.rx()
+    assert h.mux.rx_lane_conn(key) is not None
+    h.send(pkt(Op.CREDIT_UPDATE, key.peer_port, key.local_port, buf_alloc=0))
+    assert h.mux.rx_lane_conn(key) is None  # no credit
+    h.send(pkt(Op.CREDIT_UPDATE, key.peer_port, key.local_port))
+    h.host_sends(key, b"x")  # known readable: the general path reads it
+    assert h.mux.rx_lane_conn(key) is None

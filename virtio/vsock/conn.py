@@ -590,6 +590,38 @@ class Connection:
             self.host_readable = False
         return []
 
+    @property
+    def rx_lane_credit(self) -> int:
+        """For the device's RX pump (virtio/vsock/rx_pump.py) on a host-readable event:
+        the guest's credit when the event can go straight to the guest (a stream
+        connection, established and open towards the guest, nothing else owed to it:
+        no pending control packet, no queued data, not already known readable, no EOF),
+        else 0. In that state `wants_read` is True and `has_rx` False, which is what
+        `VsockMuxer.rx_lane_done` relies on.
+
+        Spec: virtio 1.2 §5.10.6.3 (RW within the guest's credit)."""
+        if (self._pending or self._h2g or self.host_readable or self.host_eof
+                or not self.host_open or self.type_ is not Type.STREAM
+                or not self._h2g_open()):
+            return 0
+        return self.peer_free
+
+    def rx_lane_done(self, nbytes: int, clean_drain: bool) -> bool:
+        """``nbytes`` payload bytes went to the guest through the RX pump, in packets
+        carrying our current buf_alloc/fwd_cnt; ``clean_drain``: the host socket had no
+        more data (EAGAIN) and no EOF, error or broken ring was seen. True when nothing the
+        muxer derives changed (the socket drained, credit left): no reconcile needed.
+        Otherwise the socket is marked readable (unless it drained), so the general path
+        (`rx_burst`, `rx_read_done`) reads on and finds EOF or the error itself."""
+        if nbytes:
+            self.tx_cnt = _u32(self.tx_cnt + nbytes)
+            self.bytes_to_guest += nbytes
+            self.adv_fwd_cnt = self.fwd_cnt  # every header carried fwd_cnt
+        if clean_drain:
+            return self.peer_free > 0
+        self.host_readable = True
+        return False
+
     def rx_message(self, data: bytes, now: float, *, truncated: bool = False,
                    eor: bool = False) -> list[Action]:
         """A whole seqpacket message read from the host socket."""

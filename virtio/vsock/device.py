@@ -44,6 +44,7 @@ from .host import _SEND_FLAGS, IOV_MAX, VsockHost
 from .lane import (LANE_CHAINS, Put, Stop, make_put, make_tx_lane,
                    payload_views as _payload)
 from .muxer import DEVICE_FEATURES, MuxerConfig, VsockMuxer
+from .rx_pump import make_rx_pump
 from .wire import (HOST_CID, VIRTIO_ID_VSOCK, Op, Queue, Type, VsockConfig as VsockConfigSpace,
                    VsockEvent, VsockHeader)
 
@@ -103,6 +104,7 @@ class VsockDevice:
         self._lane = None
         self._lane_key = None
         self._put = None  # (RX vq, its packet put): the lane's CREDIT_UPDATE
+        self._rx_pump = None  # (RX vq, its RX pump): host-readable events (rx_pump.py)
         self.features = 0
         self.events_sent = 0
         self.resets = 0
@@ -388,6 +390,45 @@ class VsockDevice:
         self.host.run(muxer.guest_rw_batch(self.cid, *ports, group, now))
 
     # -- RX: host -> guest -----------------------------------------------------------------
+    def host_readable(self, key: Any) -> bool:
+        """A host socket of this VM became readable: serve it with the RX pump
+        (rx_pump.py) when `VsockMuxer.rx_lane_conn` allows, one C call reading into as many
+        RX buffers as the guest's credit allows, publishing and signalling; the muxer then
+        applies only the counters unless the outcome was unusual (`rx_lane_done`). False:
+        the caller takes the general path (``muxer.host_readable``).
+
+        Spec: virtio 1.2 §5.10.6 (one packet per RX buffer), §5.10.6.3 (credit)."""
+        if self._in_rx:
+            return False
+        handle = self._queues.get(Queue.RX)
+        if handle is None:
+            return False
+        muxer = self.muxer
+        lane = muxer.rx_lane_conn(key)
+        if lane is None:
+            return False
+        sock = self.host.sock(key)
+        if sock is None:
+            return False
+        conn, credit = lane
+        vq = handle.vq
+        pump = self._rx_pump
+        if pump is None or pump[0] is not vq:
+            pump = self._rx_pump = (vq, make_rx_pump(vq))
+        res = pump[1](vq, sock.fileno(), self.cid, key.local_port, key.peer_port,
+                      conn.buf_alloc, conn.fwd_cnt, credit)
+        if res.call_errno is not None:
+            self.log.warning("RX call eventfd: %s", os.strerror(res.call_errno))
+        clean = res.drained and not (res.eof or res.error or res.broken is not None)
+        actions = muxer.rx_lane_done(conn, res.bytes, res.chains, clean, self.loop.time())
+        if actions:
+            self.host.run(actions)
+        if res.broken is not None:
+            self.log.error("RX queue broken (%s): it stays stopped until the device is "
+                           "reset", res.broken)
+            handle.notify_if_needed()
+        return True
+
     def _process_rx(self) -> None:
         if self._in_rx:
             self._schedule_rx()
@@ -603,7 +644,8 @@ class VsockBackend:
         self.muxer = VsockMuxer(muxer_config)
         kwargs = {} if handshake_timeout_s is None else {"handshake_timeout_s":
                                                           handshake_timeout_s}
-        self.host = VsockHost(loop, self.muxer, on_rx_ready=self._rx_ready, **kwargs)
+        self.host = VsockHost(loop, self.muxer, on_rx_ready=self._rx_ready,
+                              on_readable=self._host_readable, **kwargs)
         self._devices: dict[int, VsockDevice] = {}
         try:
             for config in configs:
@@ -641,6 +683,10 @@ class VsockBackend:
         from .mgmt import register_vsock_commands
 
         register_vsock_commands(registry, self)
+
+    def _host_readable(self, key: Any) -> bool:
+        device = self._devices.get(key.cid)
+        return device is not None and device.host_readable(key)
 
     def _rx_ready(self, cid: int) -> None:
         device = self._devices.get(cid)

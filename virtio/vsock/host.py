@@ -112,10 +112,14 @@ class VsockHost:
 
     def __init__(self, loop: Any, muxer: VsockMuxer, *, on_rx_ready: Callable[[int], None],
                  handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
-                 max_pending_handshakes: int = 128, connect_retry_s: float = 0.01) -> None:
+                 max_pending_handshakes: int = 128, connect_retry_s: float = 0.01,
+                 on_readable: Callable[[ConnKey], bool] | None = None) -> None:
         self.loop = loop
         self.muxer = muxer
         self.on_rx_ready = on_rx_ready
+        #: a host socket became readable: the device's RX pump may serve it at once
+        #: (True) instead of `muxer.host_readable` (the general path)
+        self.on_readable = on_readable
         self.handshake_timeout_s = handshake_timeout_s
         self.max_pending_handshakes = max_pending_handshakes
         self.connect_retry_s = connect_retry_s
@@ -355,6 +359,9 @@ class VsockHost:
             hs.write = write
 
     def _readable(self, key: ConnKey) -> None:
+        fast = self.on_readable
+        if fast is not None and fast(key):
+            return
         self.run(self.muxer.host_readable(key, self.loop.time()))
 
     def _writable(self, key: ConnKey) -> None:

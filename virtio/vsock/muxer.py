@@ -633,6 +633,36 @@ class VsockMuxer:
             vm.rxq.move_to_end(key)  # served: round-robin, as _poll_conns
         return self._mutate(conn, now, lambda: conn.rx_burst_done(nbytes, drained))
 
+    def rx_lane_conn(self, key: ConnKey) -> tuple[Connection, int] | None:
+        """``(connection, credit)`` when a host-readable event of ``key`` may go straight
+        into the guest's RX queue through the device's RX pump: nothing of its VM is
+        waiting for the RX queue (no control or sibling packet, no connection scheduled,
+        so `poll_rx` would serve this read next) and `Connection.rx_lane_credit` is
+        positive. None: take `host_readable` (the general path). Changes nothing; report
+        with `rx_lane_done`."""
+        vm = self._vms.get(key.cid)
+        if vm is None or vm.ctrl or vm.sib_q or vm.rxq:
+            return None
+        conn = vm.conns.get(key)
+        if conn is None:
+            return None
+        credit = conn.rx_lane_credit
+        return (conn, credit) if credit > 0 else None
+
+    def rx_lane_done(self, conn: Connection, nbytes: int, packets: int, clean_drain: bool,
+                     now: float) -> list[Action]:
+        """After the RX pump moved ``packets`` packets, ``nbytes`` payload bytes, of
+        ``conn`` (see `rx_lane_conn`, `Connection.rx_lane_done`): the counters, and a
+        reconcile only when the outcome changed what it derives. The state before the
+        pump is known from `rx_lane_conn`'s conditions (read interest on, nothing for the
+        guest) and the pump changes neither write interest nor deadline, so ``before`` is
+        built from the state after, without a snapshot on the common path."""
+        self._vms[conn.key.cid].stats.rx_packets += packets
+        if conn.rx_lane_done(nbytes, clean_drain):
+            return []
+        before = (True, conn.wants_write, conn.deadline, False)
+        return self._reconcile(conn.key, before, now=now)
+
     def rx_message(self, key: ConnKey, data: bytes, now: float, *, truncated: bool = False,
                    eor: bool = False) -> list[Action]:
         conn = self._lookup(key)

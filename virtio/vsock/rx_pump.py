@@ -1,0 +1,117 @@
+"""The vsock RX pump: one host-readable event of a stream connection, socket to RX ring, in
+one call.
+
+The device's fast path for a host streaming to the guest: when the host socket of an
+established stream connection becomes readable and nothing else is owed to the guest (see
+`VsockMuxer.rx_lane_conn`), the socket is read straight into as many RX chains as the
+guest's credit allows, each chain holding one RW packet (the 44-byte header, its ``len``
+patched with the chain's payload, then the payload), the chains are published, the notify
+decision is made and the queue's call eventfd is signalled. The connection's counters are
+applied afterwards (`VsockMuxer.rx_lane_done`), and the muxer reconciles only when the
+outcome changes what it derives (the socket not drained, the credit used up, EOF, an
+error, a broken ring).
+
+Two implementations with one behaviour (STYLE R9): :func:`rx_pump_py` over any ring (the
+reference, ``VMCHANNEL_RING=py``) and :class:`CRxPump`, ``vs_rx_pump`` in
+csrc/vsock_path.c over ``ring.cring`` queues; tests/property/test_vsock_rx_pump.py checks
+them against each other, hostile rings included.
+
+Spec: virtio 1.2 §5.10.6 (one packet per RX buffer, header then payload), §5.10.6.3 (every
+header carries buf_alloc/fwd_cnt; RW within the guest's credit), §2.7.7 (used buffer
+notification).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from .lane import _signal
+from .wire import HOST_CID, Op, Type, VsockHeader
+
+__all__ = ["RxPumpResult", "rx_pump_py", "CRxPump", "make_rx_pump", "LEN_OFFSET"]
+
+#: offset of le32 len in struct virtio_vsock_hdr (Spec: virtio 1.2 §5.10.6)
+LEN_OFFSET = 24
+_pack = VsockHeader.FMT.pack
+_HOST, _STREAM, _RW = int(HOST_CID), int(Type.STREAM), int(Op.RW)
+
+
+class RxPumpResult(NamedTuple):
+    """Outcome of one pump call: the ``rx_from_fd`` fields (payload ``bytes``, ``chains``
+    published, ``notify`` (the ring asked for and got a notification), ``eof``,
+    ``starved``, ``error``, ``drained``, ``broken``) and ``call_errno`` (errno of a failed
+    call eventfd write)."""
+
+    bytes: int
+    chains: int
+    notify: bool
+    eof: bool
+    starved: bool
+    error: int | None
+    drained: bool
+    broken: Any  # the ring's ChainError code, as RxResult.broken
+    call_errno: int | None
+
+
+_NOTHING = RxPumpResult(0, 0, False, False, False, None, False, None, None)
+
+
+def rx_pump_py(vq: Any, fd: int, cid: int, host_port: int, guest_port: int, buf_alloc: int,
+               fwd_cnt: int, credit: int) -> RxPumpResult:
+    """The reference pump (see module docstring): ``credit`` payload bytes at most, nothing
+    read when it is 0."""
+    if credit <= 0:
+        return _NOTHING
+    template = _pack(_HOST, cid, host_port, guest_port, 0, _STREAM, _RW, 0, buf_alloc,
+                     fwd_cnt)
+    res = vq.rx_from_fd(fd, credit, prefix=template, prefix_len_offset=LEN_OFFSET)
+    call_errno = _signal(vq.call_fd) if res.notify else None
+    return RxPumpResult(res.bytes, res.chains, res.notify, res.eof, res.starved, res.error,
+                        res.drained, res.broken, call_errno)
+
+
+class CRxPump:
+    """``vs_rx_pump`` (csrc/vsock_path.c) over ``ring.cring`` queues, the twin of
+    :func:`rx_pump_py`. Before each call the queue's region table is brought up to date
+    when guest memory changed (as ``ring.cring`` does for ``rx_from_fd``)."""
+
+    def __init__(self) -> None:
+        from ring.cring import _BROKEN, ffi, lib  # C only when it is used
+
+        self._p = ffi.new("struct vs_rx_pump *")
+        self._call = lib.vs_rx_pump
+        self._broken = _BROKEN
+
+    def __call__(self, vq: Any, fd: int, cid: int, host_port: int, guest_port: int,
+                 buf_alloc: int, fwd_cnt: int, credit: int) -> RxPumpResult:
+        if credit <= 0:
+            return _NOTHING
+        s = vq._datapath_ready() or vq._datapath_slow()
+        vq._unpop_mark = None  # a pop before this call can no longer be given back
+        p = self._p
+        p.cid = cid
+        p.host_port = host_port
+        p.guest_port = guest_port
+        p.buf_alloc = buf_alloc
+        p.fwd_cnt = fwd_cnt
+        p.credit = credit
+        p.fd = fd
+        rc = self._call(vq._q, s, p)
+        if rc < 0:
+            from ring.cring import _raise_for
+            raise _raise_for(rc, vq.index)
+        out = p.out
+        broken = out.broken
+        return RxPumpResult(out.bytes, out.chains, out.notify != 0, out.eof != 0,
+                            out.starved != 0, out.error or None, out.drained != 0,
+                            self._broken[broken] if broken else None, p.call_errno or None)
+
+
+def make_rx_pump(vq: Any):
+    """``pump(vq, fd, cid, host_port, guest_port, buf_alloc, fwd_cnt, credit)`` for
+    ``vq``'s implementation: C for ``ring.cring`` queues, else Python."""
+    try:
+        from ring.cring import Virtqueue as CVirtqueue
+    except ImportError:
+        return rx_pump_py
+    return CRxPump() if isinstance(vq, CVirtqueue) else rx_pump_py
