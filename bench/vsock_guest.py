@@ -24,9 +24,11 @@ Spec: virtio 1.2 §5.10.6 (Device Operation), §5.10.6.3 (Buffer Space Managemen
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import struct
+import subprocess
 import time
 
 import numpy as np
@@ -258,6 +260,55 @@ class FastVsockGuest(Guest):
         raise ValueError(f"unknown command {cmd}")
 
     def run(self, seconds: float) -> dict:
+        if self.spec.get("engine") == "c":
+            return self.run_c(seconds)
+        return self.run_py(seconds)
+
+    def run_c(self, seconds: float) -> dict:
+        """The timed stream by the C stand-in (bench/limits/vsock_guest.c): it is handed the
+        guest RAM memfd, the rings, the eventfds and the connection state, runs for
+        ``seconds``, and returns the state it ends in, which this model takes over (a later
+        run, either engine, resumes from there). While it runs this process does nothing."""
+        from bench.limits.build import helper_path
+
+        conn = self.accepted[0]
+        rxq, txq = self.rxq, self.txq
+        region = self.ram.regions[0]
+        fds = (self.ram.fd, rxq.kick_fd, rxq.call_fd, txq.kick_fd, txq.call_fd)
+        args = dict(
+            tx_workload=int(self.spec["workload"] == "vsock-tx"),
+            micros=int(seconds * 1e6), mem_fd=self.ram.fd, mem_offset=region.mmap_offset,
+            ram_size=region.memory_size, gpa_base=region.guest_phys_addr,
+            rx_desc=rxq.desc_gpa, rx_avail=rxq.avail_gpa, rx_used=rxq.used_gpa,
+            rx_size=rxq.size, tx_desc=txq.desc_gpa, tx_avail=txq.avail_gpa,
+            tx_used=txq.used_gpa, tx_size=txq.size, rx_avail_idx=rxq.avail_idx,
+            rx_last_used=rxq.last_used, tx_avail_idx=txq.avail_idx,
+            tx_last_used=txq.last_used, rx_kick=rxq.kick_fd, rx_call=rxq.call_fd,
+            tx_kick=txq.kick_fd, tx_call=txq.call_fd, cid=self.cid,
+            local_port=conn.local_port, peer_port=conn.peer_port, buf_alloc=conn.buf_alloc,
+            fwd_cnt=conn.fwd_cnt, rx_cnt=conn.rx_cnt, last_fwd_cnt=conn.last_fwd_cnt,
+            tx_cnt=conn.tx_cnt, peer_buf_alloc=conn.peer_buf_alloc,
+            peer_fwd_cnt=conn.peer_fwd_cnt, owe_credit_update=0)
+        proc = subprocess.run([str(helper_path("vsock_guest"))]
+                              + [f"{k}={v}" for k, v in args.items()],
+                              pass_fds=fds, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"C guest failed ({proc.returncode}): {proc.stderr.strip()}")
+        out = json.loads(proc.stdout)
+        rxq.avail_idx, rxq.last_used = out["rx_avail_idx"], out["rx_last_used"]
+        txq.avail_idx, txq.last_used = out["tx_avail_idx"], out["tx_last_used"]
+        for name in ("fwd_cnt", "rx_cnt", "last_fwd_cnt", "tx_cnt", "peer_buf_alloc",
+                     "peer_fwd_cnt"):
+            setattr(conn, name, out[name])
+        conn.rx_bytes += out["rx_bytes"]
+        conn.tx_bytes += out["tx_bytes"]
+        if out["owe_credit_update"]:
+            self._send([(conn, _CREDIT_UPDATE, 0, 0)])
+        return {"bytes": out["bytes"], "seconds": out["seconds"], "engine": "c",
+                "sleeps": out["sleeps"], "rx_kicks": out["rx_kicks"],
+                "tx_kicks": out["tx_kicks"]}
+
+    def run_py(self, seconds: float) -> dict:
         conn = self.accepted[0]
         tx = self.spec["workload"] == "vsock-tx"
         start = conn.tx_bytes if tx else conn.rx_bytes

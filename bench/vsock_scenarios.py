@@ -20,10 +20,13 @@ PORT = 1234
 WINDOW = int(os.environ.get("VSOCK_BENCH_WINDOW", 256 * KIB))
 #: Descriptors per vsock queue of the bench guest.
 QUEUE_SIZE = int(os.environ.get("VSOCK_BENCH_QUEUE", 256))
+#: The guest end of the streaming rows: "c" (bench/limits/vsock_guest.c) or "py".
+GUEST_ENGINE = os.environ.get("VSOCK_BENCH_GUEST", "c")
 
 
 class VsockSetup:
-    def __init__(self, ctx: Ctx, pin: str, workload: str, tag: str) -> None:
+    def __init__(self, ctx: Ctx, pin: str, workload: str, tag: str, engine: str = "py"
+                 ) -> None:
         cpus = PINNINGS[pin]
         d = ctx.workdir / f"{tag}-{pin}-{time.monotonic_ns()}"
         d.mkdir(parents=True)
@@ -36,7 +39,8 @@ class VsockSetup:
             self.backend = Backend(d, toml, [self.sock], ring=ctx.ring, cpu=cpus["backend"])
             self.guest = GuestProc(d, {"workload": workload, "socket": self.sock,
                                        "cpu": cpus["guest"], "port": PORT,
-                                       "buf_alloc": WINDOW, "queue_size": QUEUE_SIZE})
+                                       "buf_alloc": WINDOW, "queue_size": QUEUE_SIZE,
+                                       "engine": engine})
         except BaseException:
             self.close()
             raise
@@ -65,25 +69,51 @@ class VsockSetup:
 
 
 def stream(ctx: Ctx) -> list[Row]:
+    """One connection, 64 KiB writes, each direction, against raw AF_UNIX. The guest end of
+    the timed runs is ``GUEST_ENGINE``: "c", the C stand-in for the Linux driver
+    (bench/limits/vsock_guest.c: it checks every host->guest byte), or "py", the Python
+    model (bench/vsock_guest.py); the row label says which. Guest->host bytes are counted
+    at both ends: the sink must have received exactly what the guest sent."""
     rows = []
+    engine = GUEST_ENGINE
     for pin in ctx.pinnings:
         cpus = PINNINGS[pin]
         for direction, workload, mode in (("guest->host", "vsock-tx", "sink"),
                                           ("host->guest", "vsock-rx", "source")):
-            s = VsockSetup(ctx, pin, workload, workload)
+            s = VsockSetup(ctx, pin, workload, workload, engine=engine)
+            runs: list[dict] = []
             try:
                 s.connect(mode, 1)
-                b, l = alternate(ctx, lambda: _rate(s.guest.run(ctx.seconds)),
+                b, l = alternate(ctx, lambda: _rate(_keep(runs, s.guest.run(ctx.seconds))),
                                  lambda: limit_stream(64 * KIB, ctx.seconds, "read",
                                                       cpus["writer"], cpus["reader"])
                                  ["bytes_per_s"])
+                if mode == "sink":
+                    _check_sink(s, sum(r["bytes"] for r in runs))
             finally:
                 s.close()
-            rows.append(Row(f"vsock-{workload[6:]}", f"vsock {direction}, 64 KiB writes",
-                            pin, ctx.ring, "B/s", b, l, "raw AF_UNIX 64 KiB", 0.6,
-                            chunk=64 * KIB))
+            label = f"vsock {direction}, 64 KiB writes" + (", C guest stand-in"
+                                                            if engine == "c" else "")
+            rows.append(Row(f"vsock-{workload[6:]}", label, pin, ctx.ring, "B/s", b, l,
+                            "raw AF_UNIX 64 KiB", 0.6, chunk=64 * KIB))
             ctx.log(_fmt(rows[-1]))
     return rows
+
+
+def _keep(runs: list[dict], result: dict) -> dict:
+    runs.append(result)
+    return result
+
+
+def _check_sink(s: VsockSetup, sent: int) -> None:
+    """The host sink must have received every byte the guest sent (once the back-end's
+    buffers drained): a path that drops or invents bytes cannot look fast."""
+    time.sleep(0.2)
+    peer, s.peer = s.peer, None
+    got = sum(peer.close())
+    if got != sent:
+        raise RuntimeError(f"vsock guest->host: the guest sent {sent} bytes, the host sink "
+                           f"received {got}")
 
 
 def connections(ctx: Ctx, count: int = 1000) -> list[Row]:

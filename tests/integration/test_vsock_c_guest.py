@@ -1,0 +1,76 @@
+"""The C stand-in for the guest's vsock driver (bench/limits/vsock_guest.c) checks what it
+receives, so a broken back-end path cannot look fast: here a fake device puts one RX
+packet into its ring by hand (right, with a corrupted payload, with a used length that
+does not match the header) and the helper must accept exactly the right one.
+
+Spec: virtio 1.2 §5.10.6 (one packet per RX buffer: header, then ``len`` payload bytes),
+§2.7.8 (the used ring: id and written length).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from bench.guest import GuestLayout, StreamQueue
+from bench.limits.build import helper_path
+from vhost_user.frontend import GuestRam
+from virtio.vsock.wire import Op, Type, VsockHeader
+
+CID, GUEST_PORT, HOST_PORT = 3, 1234, 5000
+
+
+def _run(payload: bytes, used_len_delta: int = 0, len_field: int | None = None):
+    ram = GuestRam([(0, 4 << 20)])
+    try:
+        region = ram.regions[0]
+        layout = GuestLayout(ram.memory.regions[0].view, 0)
+        rxq = StreamQueue(layout, 0, 16, [44, 4096], writable=True)
+        txq = StreamQueue(layout, 1, 16, [44, 65536])
+        rxq.publish()
+        n = len(payload) if len_field is None else len_field
+        hdr = VsockHeader(src_cid=2, dst_cid=CID, src_port=HOST_PORT, dst_port=GUEST_PORT,
+                          len_=n, type_=int(Type.STREAM), op=int(Op.RW), flags=0,
+                          buf_alloc=262144, fwd_cnt=0).pack()
+        rxq.chain_buffer(0, 0)[:44] = hdr
+        rxq.chain_buffer(0, 1)[:len(payload)] = payload
+        rxq.used_ring[0] = (0, 44 + len(payload) + used_len_delta)
+        rxq._used_idx[0] = 1
+        fds = (ram.fd, rxq.kick_fd, rxq.call_fd, txq.kick_fd, txq.call_fd)
+        args = dict(tx_workload=0, micros=20000, mem_fd=ram.fd, mem_offset=0,
+                    ram_size=region.memory_size, gpa_base=0, rx_desc=rxq.desc_gpa,
+                    rx_avail=rxq.avail_gpa, rx_used=rxq.used_gpa, rx_size=16,
+                    tx_desc=txq.desc_gpa, tx_avail=txq.avail_gpa, tx_used=txq.used_gpa,
+                    tx_size=16, rx_avail_idx=rxq.avail_idx, rx_last_used=0, tx_avail_idx=0,
+                    tx_last_used=0, rx_kick=rxq.kick_fd, rx_call=rxq.call_fd,
+                    tx_kick=txq.kick_fd, tx_call=txq.call_fd, cid=CID,
+                    local_port=GUEST_PORT, peer_port=HOST_PORT, buf_alloc=262144,
+                    fwd_cnt=0, rx_cnt=0, last_fwd_cnt=0, tx_cnt=0, peer_buf_alloc=262144,
+                    peer_fwd_cnt=0, owe_credit_update=0)
+        proc = subprocess.run([str(helper_path("vsock_guest"))]
+                              + [f"{k}={v}" for k, v in args.items()], pass_fds=fds,
+                              capture_output=True, text=True, timeout=30)
+        rxq.close()
+        txq.close()
+        return proc
+    finally:
+        ram.close()
+
+
+def test_accepts_the_host_bytes_and_counts_them():
+    proc = _run(b"\x5a" * 3000)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert (out["rx_bytes"], out["fwd_cnt"], out["rx_last_used"]) == (3000, 3000, 1)
+
+
+@pytest.mark.parametrize("payload, delta, len_field, message", [
+    (b"\x5a" * 1000 + b"\x00" + b"\x5a" * 99, 0, None, "payload differs"),
+    (b"\x5a" * 100, 8, None, "does not match"),
+    (b"\x5a" * 100, 0, 5000, "does not match"),
+])
+def test_spec_5_10_6_rejects_a_wrong_packet(payload, delta, len_field, message):
+    proc = _run(payload, delta, len_field)
+    assert proc.returncode == 3 and message in proc.stderr
