@@ -355,3 +355,80 @@ def test_rx_lane_declines_when_something_else_is_owed_to_the_guest():
     h.send(pkt(Op.CREDIT_UPDATE, key.peer_port, key.local_port))
     h.host_sends(key, b"x")  # known readable: the general path reads it
     assert h.mux.rx_lane_conn(key) is None
+
+
+@pytest.mark.parametrize("outcome", ["drained", "credit_used_up", "eof", "nothing"])
+def test_credit_reopens_rx_matches_credit_update_then_burst(outcome):
+    """A guest CREDIT_UPDATE re-opening credit while the host socket is known readable
+    goes straight to the RX pump (``credit_reopens_rx`` + ``credit_reopen_done``, one
+    reconcile) and leaves the state the general path leaves (``guest_credit_update``, then
+    ``rx_burst_next`` + ``rx_burst_done``): counters, interest, timers, RX scheduling,
+    statistics, and the same packets for the guest afterwards.
+    Spec: virtio 1.2 §5.10.6.3 (a CREDIT_UPDATE re-opens the window)."""
+    credit = GUEST_BUF
+    sent, drained, clean = {"drained": (5000, True, True),
+                            "credit_used_up": (credit, False, False),
+                            "eof": (3000, False, False),
+                            "nothing": (0, True, True)}[outcome]
+
+    def build():
+        h = Harness()
+        key = h.open_guest_conn()
+        h.host_sends(key, b"q" * (GUEST_BUF + 10))
+        h.rx(max_payload=1 << 20)  # the guest's credit used up, the socket still readable
+        h.advance(0.001)  # a CREDIT_REQUEST timer armed, not yet due
+        conn = h.mux._vms[3].conns[key]
+        assert conn.host_readable and conn.peer_free == 0 and conn.deadline is not None
+        return h, key
+
+    def state(h, key):
+        conn = h.mux._vms[3].conns[key]
+        s = h.socks[key]
+        return ((conn.tx_cnt, conn.bytes_to_guest, conn.adv_fwd_cnt, conn.host_readable,
+                 conn.peer_buf_alloc, conn.peer_fwd_cnt, conn._credit_requested,
+                 conn.wants_read, conn.deadline, conn.has_rx, conn._pending),
+                (s.read, s.write), dict(h.timers), list(h.mux._vms[3].rxq), h.mux.stats(3))
+
+    ref, key = build()
+    fwd = ref.mux._vms[3].conns[key].tx_cnt  # the guest read everything
+    ref.run(ref.mux.guest_credit_update(3, key.local_port, key.peer_port, GUEST_BUF, fwd,
+                                        ref.now))
+    nxt = ref.mux.rx_burst_next(3)
+    assert nxt is not None and nxt[0] == key and nxt[2] == credit
+    ref.run(ref.mux.rx_burst_done(key, sent, -(-sent // 4052), drained, ref.now))
+
+    fast, _ = build()
+    lane = fast.mux.credit_reopens_rx(3, key.local_port, key.peer_port, GUEST_BUF, fwd,
+                                      fast.now)
+    assert lane is not None and lane[1] == credit
+    fast.run(fast.mux.credit_reopen_done(lane[0], lane[2], sent, -(-sent // 4052), clean,
+                                         fast.now))
+    assert state(fast, key) == state(ref, key)
+    fast.socks[key].eof = ref.socks[key].eof = outcome == "eof"
+    assert fast.rx(max_payload=1 << 20) == ref.rx(max_payload=1 << 20)
+    assert state(fast, key) == state(ref, key)
+
+
+def test_credit_reopens_rx_declines_and_changes_nothing():
+    """No credit re-opened, something else owed to the guest, socket not known readable:
+    None and nothing changed (the general path answers). Spec: virtio 1.2 §5.10.6.3."""
+    h = Harness()
+    key = h.open_guest_conn()
+    conn = h.mux._vms[3].conns[key]
+    assert h.mux.credit_reopens_rx(3, key.local_port, key.peer_port, GUEST_BUF, 0,
+                                   h.now) is None  # not known readable
+    h.host_sends(key, b"q" * (GUEST_BUF + 10))
+    h.rx(max_payload=1 << 20)
+    fwd = conn.tx_cnt
+    snap = (conn.peer_buf_alloc, conn.peer_fwd_cnt, h.mux.stats(3))
+    assert h.mux.credit_reopens_rx(3, key.local_port, key.peer_port, GUEST_BUF, 0,
+                                   h.now) is None  # still no credit
+    assert h.mux.credit_reopens_rx(3, key.local_port + 1, key.peer_port, GUEST_BUF, fwd,
+                                   h.now) is None  # no such connection
+    h.send(pkt(Op.RW, src_port=4242, payload=b"?"))  # unknown connection: RST queued
+    assert h.mux.credit_reopens_rx(3, key.local_port, key.peer_port, GUEST_BUF, fwd,
+                                   h.now) is None
+    assert (conn.peer_buf_alloc, conn.peer_fwd_cnt) == snap[:2]
+    h.rx()
+    assert h.mux.credit_reopens_rx(3, key.local_port, key.peer_port, GUEST_BUF, fwd,
+                                   h.now) is not None

@@ -622,6 +622,30 @@ class Connection:
         self.host_readable = True
         return False
 
+    def credit_reopens_read(self) -> bool:
+        """The state in which a guest CREDIT_UPDATE may send the RX pump straight back to
+        the host socket (`VsockMuxer.credit_reopens_rx`): a stream connection, established
+        and open towards the guest, its host socket known readable (the pump stopped at
+        zero credit, or left bytes unread), no EOF, nothing else owed to the guest (no
+        pending control packet, no queued data).
+
+        Spec: virtio 1.2 §5.10.6.3 (a CREDIT_UPDATE re-opens the window)."""
+        return (self.host_readable and not self._pending and not self._h2g
+                and not self.host_eof and self.host_open and self.type_ is Type.STREAM
+                and self._h2g_open())
+
+    def rx_reopen_done(self, nbytes: int, clean_drain: bool) -> None:
+        """``nbytes`` payload bytes went to the guest through the RX pump after a
+        `credit_reopens_read` CREDIT_UPDATE, in packets carrying our buf_alloc/fwd_cnt;
+        ``clean_drain``: the host socket had no more data (EAGAIN), no EOF, error or
+        broken ring. The socket stays marked readable unless it drained, so the general
+        path (`rx_burst`, `rx_read_done`) reads on and finds EOF or the error itself."""
+        if nbytes:
+            self.tx_cnt = _u32(self.tx_cnt + nbytes)
+            self.bytes_to_guest += nbytes
+            self.adv_fwd_cnt = self.fwd_cnt  # every header carried fwd_cnt
+        self.host_readable = not clean_drain
+
     def rx_message(self, data: bytes, now: float, *, truncated: bool = False,
                    eor: bool = False) -> list[Action]:
         """A whole seqpacket message read from the host socket."""

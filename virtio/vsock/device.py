@@ -341,6 +341,8 @@ class VsockDevice:
                     if group:
                         flush(group_ports, group, now)
                         group, group_ports = [], None
+                    if self._credit_reopens(dst_port, src_port, buf_alloc, fwd_cnt, now):
+                        continue
                     actions = muxer.guest_credit_update(cid, dst_port, src_port, buf_alloc,
                                                         fwd_cnt, now)
                     if actions is not None:
@@ -411,23 +413,63 @@ class VsockDevice:
         if sock is None:
             return False
         conn, credit = lane
-        vq = handle.vq
-        pump = self._rx_pump
-        if pump is None or pump[0] is not vq:
-            pump = self._rx_pump = (vq, make_rx_pump(vq))
-        res = pump[1](vq, sock.fileno(), self.cid, key.local_port, key.peer_port,
-                      conn.buf_alloc, conn.fwd_cnt, credit)
-        if res.call_errno is not None:
-            self.log.warning("RX call eventfd: %s", os.strerror(res.call_errno))
+        res = self._pump(handle.vq, sock, conn, credit)
         clean = res.drained and not (res.eof or res.error or res.broken is not None)
         actions = muxer.rx_lane_done(conn, res.bytes, res.chains, clean, self.loop.time())
         if actions:
             self.host.run(actions)
         if res.broken is not None:
-            self.log.error("RX queue broken (%s): it stays stopped until the device is "
-                           "reset", res.broken)
-            handle.notify_if_needed()
+            self._rx_broken(handle, res.broken)
         return True
+
+    def _credit_reopens(self, host_port: int, guest_port: int, buf_alloc: int, fwd_cnt: int,
+                        now: float) -> bool:
+        """A guest CREDIT_UPDATE (TX) that re-opens credit while the connection's host
+        socket is known readable (`VsockMuxer.credit_reopens_rx`): the RX pump reads into
+        the guest's buffers at once, one call, instead of an RX pass scheduled through
+        the muxer. False (nothing done): the caller answers the packet as usual.
+
+        Spec: virtio 1.2 §5.10.6.3 (credit), §5.10.6 (one packet per RX buffer)."""
+        if self._in_rx:
+            return False
+        handle = self._queues.get(Queue.RX)
+        if handle is None:
+            return False
+        muxer = self.muxer
+        lane = muxer.credit_reopens_rx(self.cid, host_port, guest_port, buf_alloc, fwd_cnt,
+                                       now)
+        if lane is None:
+            return False
+        conn, credit, before = lane
+        sock = self.host.sock(conn.key)
+        if sock is None:  # marked readable: the general path finds the socket gone
+            self.host.run(muxer.credit_reopen_done(conn, before, 0, 0, False, now))
+            return True
+        res = self._pump(handle.vq, sock, conn, credit)
+        clean = res.drained and not (res.eof or res.error or res.broken is not None)
+        actions = muxer.credit_reopen_done(conn, before, res.bytes, res.chains, clean, now)
+        if actions:
+            self.host.run(actions)
+        if res.broken is not None:
+            self._rx_broken(handle, res.broken)
+        return True
+
+    def _pump(self, vq: Any, sock: socket.socket, conn: Any, credit: int) -> Any:
+        """The RX pump (rx_pump.py) for ``conn``: up to ``credit`` bytes from ``sock``."""
+        pump = self._rx_pump
+        if pump is None or pump[0] is not vq:
+            pump = self._rx_pump = (vq, make_rx_pump(vq))
+        key = conn.key
+        res = pump[1](vq, sock.fileno(), self.cid, key.local_port, key.peer_port,
+                      conn.buf_alloc, conn.fwd_cnt, credit)
+        if res.call_errno is not None:
+            self.log.warning("RX call eventfd: %s", os.strerror(res.call_errno))
+        return res
+
+    def _rx_broken(self, handle: Any, broken: Any) -> None:
+        self.log.error("RX queue broken (%s): it stays stopped until the device is reset",
+                       broken)
+        handle.notify_if_needed()
 
     def _process_rx(self) -> None:
         if self._in_rx:

@@ -317,6 +317,42 @@ class VsockMuxer:
         conn.peer_credit(buf_alloc, fwd_cnt)
         return self._reconcile(key, before, now=now)
 
+    def credit_reopens_rx(self, cid: int, dst_port: int, src_port: int, buf_alloc: int,
+                          fwd_cnt: int, now: float
+                          ) -> tuple[Connection, int, _Snap] | None:
+        """A guest stream CREDIT_UPDATE (plain ints, checked as for `guest_credit_update`)
+        that re-opens credit for a connection whose host socket is known readable, while
+        nothing else of its VM is waiting for the RX queue (no control or sibling packet,
+        no connection scheduled: `poll_rx` would serve this read next): the credit fields
+        are applied and ``(connection, credit, before)`` returned for the device's RX pump,
+        which reads at once instead of a scheduled RX pass; report with
+        `credit_reopen_done`. None (nothing changed): `guest_credit_update` answers.
+
+        Spec: virtio 1.2 §5.10.6.3 (every packet carries the sender's credit)."""
+        vm = self._vms.get(cid)
+        if vm is None or vm.ctrl or vm.sib_q or vm.rxq:
+            return None
+        conn = vm.conns.get(ConnKey(cid, dst_port, src_port))
+        if conn is None or not conn.credit_reopens_read():
+            return None
+        credit = buf_alloc - ((conn.tx_cnt - fwd_cnt) & 0xFFFFFFFF)
+        if credit <= 0:
+            return None
+        before = self._snap(conn)
+        vm.stats.tx_packets += 1
+        conn.peer_credit(buf_alloc, fwd_cnt)
+        conn.arm_credit_request(now)  # the guest spoke: a CREDIT_REQUEST timer is dropped
+        return conn, credit, before
+
+    def credit_reopen_done(self, conn: Connection, before: _Snap, nbytes: int,
+                           packets: int, clean_drain: bool, now: float) -> list[Action]:
+        """After the RX pump moved ``packets`` packets, ``nbytes`` payload bytes, of a
+        `credit_reopens_rx` connection: the counters and one reconcile (the same state
+        as `guest_credit_update`, then `rx_burst_next` + `rx_burst_done`)."""
+        self._vms[conn.key.cid].stats.rx_packets += packets
+        conn.rx_reopen_done(nbytes, clean_drain)
+        return self._reconcile(conn.key, before, now=now)
+
     def direct_tx_conn(self, cid: int, dst_port: int, src_port: int) -> Connection | None:
         """The stream connection of VM ``cid`` (guest port ``src_port`` to host port
         ``dst_port``) when its RW packets may take the device's direct lane
