@@ -401,8 +401,8 @@ def test_credit_reopens_rx_matches_credit_update_then_burst(outcome):
     lane = fast.mux.credit_reopens_rx(3, key.local_port, key.peer_port, GUEST_BUF, fwd,
                                       fast.now)
     assert lane is not None and lane[1] == credit
-    fast.run(fast.mux.credit_reopen_done(lane[0], lane[2], sent, -(-sent // 4052), clean,
-                                         fast.now))
+    fast.run(fast.mux.credit_reopen_done(lane[0], sent, -(-sent // 4052), clean, fast.now,
+                                         lane[2]))
     assert state(fast, key) == state(ref, key)
     fast.socks[key].eof = ref.socks[key].eof = outcome == "eof"
     assert fast.rx(max_payload=1 << 20) == ref.rx(max_payload=1 << 20)

@@ -413,13 +413,7 @@ class VsockDevice:
         if sock is None:
             return False
         conn, credit = lane
-        res = self._pump(handle.vq, sock, conn, credit)
-        clean = res.drained and not (res.eof or res.error or res.broken is not None)
-        actions = muxer.rx_lane_done(conn, res.bytes, res.chains, clean, self.loop.time())
-        if actions:
-            self.host.run(actions)
-        if res.broken is not None:
-            self._rx_broken(handle, res.broken)
+        self._pump(handle, sock, conn, credit, muxer.rx_lane_done, self.loop.time())
         return True
 
     def _credit_reopens(self, host_port: int, guest_port: int, buf_alloc: int, fwd_cnt: int,
@@ -443,19 +437,17 @@ class VsockDevice:
         conn, credit, before = lane
         sock = self.host.sock(conn.key)
         if sock is None:  # marked readable: the general path finds the socket gone
-            self.host.run(muxer.credit_reopen_done(conn, before, 0, 0, False, now))
+            self.host.run(muxer.credit_reopen_done(conn, 0, 0, False, now, before))
             return True
-        res = self._pump(handle.vq, sock, conn, credit)
-        clean = res.drained and not (res.eof or res.error or res.broken is not None)
-        actions = muxer.credit_reopen_done(conn, before, res.bytes, res.chains, clean, now)
-        if actions:
-            self.host.run(actions)
-        if res.broken is not None:
-            self._rx_broken(handle, res.broken)
+        self._pump(handle, sock, conn, credit, muxer.credit_reopen_done, now, before)
         return True
 
-    def _pump(self, vq: Any, sock: socket.socket, conn: Any, credit: int) -> Any:
-        """The RX pump (rx_pump.py) for ``conn``: up to ``credit`` bytes from ``sock``."""
+    def _pump(self, handle: Any, sock: socket.socket, conn: Any, credit: int,
+              done: Callable[..., list], now: float, *extra: Any) -> None:
+        """The RX pump (rx_pump.py) for ``conn``: up to ``credit`` bytes from ``sock``;
+        then ``done(conn, bytes, chains, clean_drain, now, *extra)`` (the muxer's report)
+        and its actions."""
+        vq = handle.vq
         pump = self._rx_pump
         if pump is None or pump[0] is not vq:
             pump = self._rx_pump = (vq, make_rx_pump(vq))
@@ -464,12 +456,14 @@ class VsockDevice:
                       conn.buf_alloc, conn.fwd_cnt, credit)
         if res.call_errno is not None:
             self.log.warning("RX call eventfd: %s", os.strerror(res.call_errno))
-        return res
-
-    def _rx_broken(self, handle: Any, broken: Any) -> None:
-        self.log.error("RX queue broken (%s): it stays stopped until the device is reset",
-                       broken)
-        handle.notify_if_needed()
+        clean = res.drained and not (res.eof or res.error or res.broken is not None)
+        actions = done(conn, res.bytes, res.chains, clean, now, *extra)
+        if actions:
+            self.host.run(actions)
+        if res.broken is not None:
+            self.log.error("RX queue broken (%s): it stays stopped until the device is "
+                           "reset", res.broken)
+            handle.notify_if_needed()
 
     def _process_rx(self) -> None:
         if self._in_rx:

@@ -344,8 +344,8 @@ class VsockMuxer:
         conn.arm_credit_request(now)  # the guest spoke: a CREDIT_REQUEST timer is dropped
         return conn, credit, before
 
-    def credit_reopen_done(self, conn: Connection, before: _Snap, nbytes: int,
-                           packets: int, clean_drain: bool, now: float) -> list[Action]:
+    def credit_reopen_done(self, conn: Connection, nbytes: int, packets: int,
+                           clean_drain: bool, now: float, before: _Snap) -> list[Action]:
         """After the RX pump moved ``packets`` packets, ``nbytes`` payload bytes, of a
         `credit_reopens_rx` connection: the counters and one reconcile (the same state
         as `guest_credit_update`, then `rx_burst_next` + `rx_burst_done`)."""
