@@ -72,6 +72,9 @@ def _add_vsock_flags(p: argparse.ArgumentParser, required: bool) -> None:
                    help="'+'-separated groups; VMs sharing a group can reach each other by CID")
     p.add_argument("--connect-timeout", type=float, default=2.0,
                    help="seconds the guest has to accept a host CONNECT (default 2)")
+    p.add_argument("--credit-request-delay", type=float, default=0.01, metavar="SECONDS",
+                   help="how long a guest may stay silent at zero credit before the "
+                        "back-end sends CREDIT_REQUEST (default 0.01; 0 = at once)")
     p.add_argument("--reply-port", choices=("guest", "host"), default="guest",
                    help="port in the 'OK <port>' reply: the guest port (vhost-device-vsock, "
                         "default) or the host-side port assigned (Firecracker)")
@@ -141,7 +144,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                 guest_cid=args.guest_cid, socket=args.socket, uds_path=args.uds_path,
                 tx_buffer_size=args.tx_buffer_size, queue_size=args.queue_size,
                 groups=tuple(args.groups.split("+")), connect_timeout_s=args.connect_timeout,
-                reply_port=args.reply_port,
+                reply_port=args.reply_port, credit_request_delay_s=args.credit_request_delay,
             ))
         vms.extend(VsockConfig.parse_vm(v) for v in args.vm)
         vms = list(base.vsocks) + vms

@@ -26,6 +26,7 @@ TOML layout (every key optional unless marked)::
     groups = ["default"]
     tx_buffer_size = 262144
     queue_size = 256
+    credit_request_delay_s = 0.01              # silence at zero credit before CREDIT_REQUEST
 """
 
 from __future__ import annotations
@@ -174,6 +175,9 @@ class VsockConfig:
     connect_timeout_s: float = 2.0
     reply_port: str = "guest"  # "guest" (vhost-device-vsock) | "host" (Firecracker)
     max_connections: int = 4096
+    #: seconds a guest may stay silent at zero credit before we send CREDIT_REQUEST
+    #: (0: at once); see virtio.vsock.conn.ConnConfig
+    credit_request_delay_s: float = 0.01
 
     def __post_init__(self) -> None:
         if not 3 <= self.guest_cid < 0xFFFFFFFF:
@@ -186,6 +190,8 @@ class VsockConfig:
             raise ConfigError("vsock.tx_buffer_size", "must be 4 KiB..64 MiB")
         if self.queue_size & (self.queue_size - 1) or not 2 <= self.queue_size <= 32768:
             raise ConfigError("vsock.queue_size", "must be a power of two in 2..32768")
+        if not 0 <= self.credit_request_delay_s <= 60:
+            raise ConfigError("vsock.credit_request_delay_s", "must be 0..60 seconds")
 
     @classmethod
     def parse_vm(cls, text: str) -> "VsockConfig":
@@ -212,8 +218,9 @@ class VsockConfig:
             for name in ("guest_cid", "tx_buffer_size", "queue_size", "max_connections"):
                 if name in values:
                     values[name] = int(values[name])
-            if "connect_timeout_s" in values:
-                values["connect_timeout_s"] = float(values["connect_timeout_s"])
+            for name in ("connect_timeout_s", "credit_request_delay_s"):
+                if name in values:
+                    values[name] = float(values[name])
         except ValueError as exc:
             raise ConfigError(key, str(exc)) from None
         if isinstance(values.get("groups"), str):

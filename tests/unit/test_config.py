@@ -157,3 +157,29 @@ def test_port_id_0_is_reserved_for_the_console_port():
     with pytest.raises(ConfigError, match="at most one console port"):
         ConsoleConfig(socket="s", socket_dir="/d", max_ports=4, console=Endpoint("stdio"),
                       ports=(PortConfig("a", console=True),))
+
+
+def test_vsock_credit_request_delay_from_toml_cli_and_vm(tmp_path):
+    """``credit_request_delay_s`` (TOML), ``--credit-request-delay`` (CLI) and
+    ``credit-request-delay-s=`` (``--vm``) reach the connections' `ConnConfig`; out of range
+    is refused. Spec: virtio 1.2 §5.10.6.3 (CREDIT_REQUEST)."""
+    from virtio.vsock.device import conn_config_for
+
+    path = tmp_path / "v.toml"
+    path.write_text('[[vsock]]\nguest_cid = 3\nsocket = "/tmp/v.sock"\nuds_path = "/tmp/v"\n'
+                    "credit_request_delay_s = 0.25\n")
+    (vm,) = load_toml(path).vsocks
+    assert conn_config_for(vm).credit_request_delay_s == 0.25
+    args = build_parser().parse_args(
+        ["vsock", "--guest-cid", "3", "--socket", "/tmp/v.sock", "--uds-path", "/tmp/v",
+         "--credit-request-delay", "0", "--vm",
+         "guest-cid=5,socket=/tmp/v5.sock,uds-path=/tmp/v5,credit-request-delay-s=0.5"])
+    assert [conn_config_for(v).credit_request_delay_s
+            for v in config_from_args(args).vsocks] == [0.0, 0.5]
+    default = build_parser().parse_args(
+        ["vsock", "--guest-cid", "3", "--socket", "/tmp/v.sock", "--uds-path", "/tmp/v"])
+    assert config_from_args(default).vsocks[0].credit_request_delay_s == 0.01
+    path.write_text('[[vsock]]\nguest_cid = 3\nsocket = "/tmp/v.sock"\nuds_path = "/tmp/v"\n'
+                    "credit_request_delay_s = -1\n")
+    with pytest.raises(ConfigError, match="credit_request_delay_s"):
+        load_toml(path)

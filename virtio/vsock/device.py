@@ -64,14 +64,15 @@ _DEVICE_FEATURE_MASK = (1 << 24) - 1
 
 
 def conn_config_for(vm: Any) -> ConnConfig:
-    """A `ConnConfig` from a `virtio.config.VsockConfig`: buffer size, connect timeout and
-    the ``OK <port>`` convention (``reply_port`` "guest" = vhost-device-vsock, the default;
-    "host" = Firecracker)."""
+    """A `ConnConfig` from a `virtio.config.VsockConfig`: buffer size, connect timeout,
+    CREDIT_REQUEST delay and the ``OK <port>`` convention (``reply_port`` "guest" =
+    vhost-device-vsock, the default; "host" = Firecracker)."""
     convention = (OkPortConvention.HOST_PORT if getattr(vm, "reply_port", "guest") == "host"
                   else OkPortConvention.GUEST_PORT)
     return ConnConfig(buf_alloc_bytes=vm.tx_buffer_size,
                       request_timeout_s=vm.connect_timeout_s,
-                      ok_convention=convention)
+                      ok_convention=convention,
+                      credit_request_delay_s=getattr(vm, "credit_request_delay_s", 0.01))
 
 
 class VsockDevice:
