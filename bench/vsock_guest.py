@@ -56,11 +56,32 @@ _DST_PORT, _SRC_PORT, _LEN, _OP, _BUF_ALLOC, _FWD_CNT = 3, 2, 4, 6, 8, 9
 FEW = 8
 
 
+#: The guest->host stream pattern (the C stand-in bench/limits/vsock_guest.c writes the
+#: same, and the host sink bench/limits/peer.c checks every byte): byte o of a stream is
+#: byte o % PATTERN_PERIOD of an xorshift32 sequence (top bytes, from 0x9e3779b9).
+PATTERN_PERIOD = 4093
+
+
+def _stream_ref(length: int) -> bytes:
+    """The pattern from stream offset 0, ``length`` bytes (past the period it repeats)."""
+    x, out = 0x9E3779B9, bytearray(PATTERN_PERIOD)
+    for j in range(PATTERN_PERIOD):
+        x ^= (x << 13) & U32
+        x ^= x >> 17
+        x ^= (x << 5) & U32
+        out[j] = x >> 24
+    return (bytes(out) * (length // PATTERN_PERIOD + 1))[:length]
+
+
+STREAM_REF = _stream_ref(PATTERN_PERIOD + MAX_PKT)
+
+
 class _Conn:
     """The guest end of one stream connection (Linux ``struct virtio_vsock_sock``)."""
 
     __slots__ = ("local_port", "peer_port", "buf_alloc", "fwd_cnt", "rx_cnt", "last_fwd_cnt",
-                 "peer_buf_alloc", "peer_fwd_cnt", "tx_cnt", "closed", "rx_bytes", "tx_bytes")
+                 "peer_buf_alloc", "peer_fwd_cnt", "tx_cnt", "closed", "rx_bytes", "tx_bytes",
+                 "tx_phase")
 
     def __init__(self, local_port: int, peer_port: int, buf_alloc: int) -> None:
         self.local_port, self.peer_port, self.buf_alloc = local_port, peer_port, buf_alloc
@@ -68,6 +89,8 @@ class _Conn:
         #: payload bytes received / sent, not wrapped (the u32 counters above wrap every
         #: 4 GiB, i.e. within one second at the speeds the bench aims for)
         self.rx_bytes = self.tx_bytes = 0
+        #: stream offset of the next TX payload byte, mod PATTERN_PERIOD
+        self.tx_phase = 0
         self.peer_buf_alloc = self.peer_fwd_cnt = 0
         self.closed = False
 
@@ -94,6 +117,7 @@ class FastVsockGuest(Guest):
         self.rx_hdr_idx = (np.array([b[0] - base for b in self.rxq.buffers])[:, None]
                            + np.arange(HDR))
         self.tx_hdr = [self.txq.chain_buffer(k, 0)[:HDR] for k in range(self.txq.chains)]
+        self.tx_payload = [self.txq.chain_buffer(k, 1) for k in range(self.txq.chains)]
         #: every RX chain's header buffer, for the few-packets path of `_receive`
         self.rx_hdr = [self.layout.mv(b[0], HDR) for b in self.rxq.buffers]
         self.conns: dict[tuple[int, int], _Conn] = {}
@@ -124,6 +148,10 @@ class FastVsockGuest(Guest):
                     self.tx_hdr[pos % self.txq.chains], 0, self.cid, int(HOST_CID),
                     conn.local_port, conn.peer_port, len_, int(Type.STREAM), op, flags,
                     conn.buf_alloc, conn.fwd_cnt)
+                if op == _RW and len_:  # the application's bytes: the stream pattern
+                    ph = conn.tx_phase
+                    self.tx_payload[pos % self.txq.chains][:len_] = STREAM_REF[ph:ph + len_]
+                    conn.tx_phase = (ph + len_) % PATTERN_PERIOD
                 pos += 1
             self.txq.publish(len(batch))
             i += len(batch)
@@ -288,7 +316,7 @@ class FastVsockGuest(Guest):
             local_port=conn.local_port, peer_port=conn.peer_port, buf_alloc=conn.buf_alloc,
             fwd_cnt=conn.fwd_cnt, rx_cnt=conn.rx_cnt, last_fwd_cnt=conn.last_fwd_cnt,
             tx_cnt=conn.tx_cnt, peer_buf_alloc=conn.peer_buf_alloc,
-            peer_fwd_cnt=conn.peer_fwd_cnt, owe_credit_update=0)
+            peer_fwd_cnt=conn.peer_fwd_cnt, owe_credit_update=0, tx_phase=conn.tx_phase)
         proc = subprocess.run([str(helper_path("vsock_guest"))]
                               + [f"{k}={v}" for k, v in args.items()],
                               pass_fds=fds, capture_output=True, text=True)
@@ -298,7 +326,7 @@ class FastVsockGuest(Guest):
         rxq.avail_idx, rxq.last_used = out["rx_avail_idx"], out["rx_last_used"]
         txq.avail_idx, txq.last_used = out["tx_avail_idx"], out["tx_last_used"]
         for name in ("fwd_cnt", "rx_cnt", "last_fwd_cnt", "tx_cnt", "peer_buf_alloc",
-                     "peer_fwd_cnt"):
+                     "peer_fwd_cnt", "tx_phase"):
             setattr(conn, name, out[name])
         conn.rx_bytes += out["rx_bytes"]
         conn.tx_bytes += out["tx_bytes"]

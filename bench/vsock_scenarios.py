@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 from bench.procs import Backend, GuestProc, Peer, limit_stream
@@ -107,13 +108,33 @@ def _keep(runs: list[dict], result: dict) -> dict:
 
 def _check_sink(s: VsockSetup, sent: int) -> None:
     """The host sink must have received every byte the guest sent (once the back-end's
-    buffers drained): a path that drops or invents bytes cannot look fast."""
+    buffers drained), each the guest->host stream pattern's byte at its offset (the sink
+    checks them, bench/limits/peer.c): a path that drops, reorders or invents bytes cannot
+    look fast."""
     time.sleep(0.2)
     peer, s.peer = s.peer, None
-    got = sum(peer.close())
+    got, mismatch = _sink_result(peer)
+    if mismatch is not None:
+        conn, offset = mismatch
+        raise RuntimeError(f"vsock guest->host: the host sink got a wrong byte at stream "
+                           f"offset {offset} of connection {conn}")
     if got != sent:
         raise RuntimeError(f"vsock guest->host: the guest sent {sent} bytes, the host sink "
                            f"received {got}")
+
+
+def _sink_result(peer) -> tuple[int, list | None]:
+    """Stop the sink: the bytes it received in all, and its first pattern mismatch
+    (``[connection, stream offset]``) or None."""
+    if peer.proc.poll() is None:
+        peer.proc.send_signal(signal.SIGTERM)
+    out, err = peer.proc.communicate(timeout=10)
+    for line in out.splitlines():
+        if line.startswith("{"):
+            result = json.loads(line)
+            return sum(result["bytes"]), result.get("mismatch")
+    raise RuntimeError(f"the host sink gave no result (exit {peer.proc.returncode}): "
+                       f"{err.strip()}")
 
 
 def connections(ctx: Ctx, count: int = 1000) -> list[Row]:

@@ -8,13 +8,52 @@
  * After every connection is up it prints "READY\n"; on SIGTERM/SIGINT (or when every
  * connection closed) it prints one JSON line {"bytes": [per connection]} and exits.
  * sink reads into 256 KiB; source writes CHUNK-byte buffers (non-blocking, epoll);
- * echo reads up to CHUNK bytes and writes them back. */
+ * echo reads up to CHUNK bytes and writes them back.
+ * A sink checks every byte of its vsock: connections against the guest->host stream pattern
+ * (byte o = the xorshift32 sequence's byte o % 4093, as bench/limits/vsock_guest.c and
+ * bench/vsock_guest.py write it); the first mismatch is reported in the JSON line as
+ * "mismatch": [connection, stream offset] and the exit status is 4. */
 #include "common.h"
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+
+#define PATTERN_PERIOD 4093u
+#define SINK_BUF (256 * 1024)
+
+/* The guest->host stream pattern, long enough that any read's expected bytes are one
+ * contiguous run from offset o % PATTERN_PERIOD (bench/limits/vsock_guest.c writes it). */
+static uint8_t stream_ref[PATTERN_PERIOD + SINK_BUF];
+
+static void make_stream_ref(void)
+{
+    uint32_t x = 0x9e3779b9u, j = 0;
+    while (j < PATTERN_PERIOD) {
+        x ^= x << 13; x ^= x >> 17; x ^= x << 5;
+        stream_ref[j++] = (uint8_t)(x >> 24);
+    }
+    while (j < sizeof stream_ref) {
+        stream_ref[j] = stream_ref[j - PATTERN_PERIOD];
+        j++;
+    }
+}
+
+/* Offset of the first byte of buf[0..n) that is not the pattern at stream offset `at`, or
+ * -1. */
+static long long pattern_mismatch(const char *buf, size_t n, uint64_t at)
+{
+    for (size_t done = 0; done < n; done += SINK_BUF) {
+        size_t m = n - done < SINK_BUF ? n - done : SINK_BUF;
+        const uint8_t *want = stream_ref + (at + done) % PATTERN_PERIOD;
+        if (memcmp(buf + done, want, m) != 0)
+            for (size_t k = 0;; k++)
+                if ((uint8_t)buf[done + k] != want[k])
+                    return (long long)(at + done + k);
+    }
+    return -1;
+}
 
 static volatile sig_atomic_t stopping;
 static void on_signal(int sig) { (void)sig; stopping = 1; }
@@ -73,6 +112,9 @@ int main(int argc, char **argv)
     int nconn = argc - 4;
     int *fds = calloc((size_t)nconn, sizeof *fds);
     int *stalled = calloc((size_t)nconn, sizeof *stalled);
+    int *checked = calloc((size_t)nconn, sizeof *checked); /* vsock: guest->host pattern */
+    int bad_conn = -1;
+    long long bad_at = -1;
     uint64_t *bytes = calloc((size_t)nconn, sizeof *bytes);
     struct sigaction sa = {.sa_handler = on_signal};
     sigaction(SIGTERM, &sa, NULL);
@@ -91,6 +133,7 @@ int main(int argc, char **argv)
                 return 2;
             }
             *colon = 0;
+            checked[i] = strcmp(mode, "sink") == 0;
             fds[i] = connect_path(colon + 1);
             vsock_connect(fds[i], port);
         } else {
@@ -111,7 +154,8 @@ int main(int argc, char **argv)
     }
     printf("READY\n");
     fflush(stdout);
-    size_t bufsize = chunk > 256 * 1024 ? chunk : 256 * 1024;
+    size_t bufsize = chunk > SINK_BUF ? chunk : SINK_BUF;
+    make_stream_ref();
     char *buf = malloc(bufsize);
     memset(buf, 0x5a, bufsize);
     struct epoll_event events[256];
@@ -142,6 +186,11 @@ int main(int argc, char **argv)
                 }
                 if (r < 0)
                     break;
+                if (checked[i] && bad_conn < 0) {
+                    bad_at = pattern_mismatch(buf, (size_t)r, bytes[i]);
+                    if (bad_at >= 0)
+                        bad_conn = i;
+                }
                 bytes[i] += (uint64_t)r;
                 if (echo) { /* the back-end may push back: write it all, blocking briefly */
                     size_t off = 0;
@@ -161,6 +210,10 @@ int main(int argc, char **argv)
     printf("{\"bytes\": [");
     for (int i = 0; i < nconn; i++)
         printf("%s%llu", i ? ", " : "", (unsigned long long)bytes[i]);
+    if (bad_conn >= 0) {
+        printf("], \"mismatch\": [%d, %lld]}\n", bad_conn, bad_at);
+        return 4;
+    }
     printf("]}\n");
     return 0;
 }

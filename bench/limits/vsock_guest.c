@@ -20,8 +20,11 @@
  *     buffer (enable_cb: used_event = last used) and re-checks the ring.
  * Data is checked at the receiving end: host->guest payload must be the host source's bytes
  * (0x5a, bench/limits/peer.c), and each RX buffer is poisoned after use, so a used length
- * that claims bytes never written fails the run. Guest->host payload is the TX buffers'
- * pre-filled 0x5a (the sink counts it; the harness compares counts).
+ * that claims bytes never written fails the run. Guest->host payload is copied into each
+ * TX buffer as it is sent (as Linux copies the application's bytes into the packet): the
+ * stream pattern, byte o of the stream = stream_pattern[o % PATTERN_PERIOD] (an xorshift32
+ * byte sequence, also in bench/limits/peer.c, whose sink checks every byte, and
+ * bench/vsock_guest.py), so a lost, reordered or invented byte fails the run.
  *
  * usage: vsock_guest KEY=VALUE... (see parse(); fds are inherited). Prints one JSON line with
  * the bytes moved and the final ring and connection state (the Python guest resumes from it).
@@ -40,6 +43,8 @@
 #define OP_CREDIT_REQUEST 7
 #define TYPE_STREAM 1
 #define HOST_CID 2
+/* The guest->host stream pattern's period (a prime: no packet or buffer size divides it). */
+#define PATTERN_PERIOD 4093u
 
 struct ring {
     uint16_t size, segs, chains;
@@ -143,8 +148,24 @@ struct conn {
     uint32_t buf_alloc, fwd_cnt, rx_cnt, last_fwd_cnt, tx_cnt;
     uint32_t peer_buf_alloc, peer_fwd_cnt;
     uint64_t rx_bytes, tx_bytes;
+    uint32_t tx_phase; /* stream offset of the next TX payload byte, mod PATTERN_PERIOD */
     int owe_credit_update;
 };
+
+/* stream_ref[j] = byte j % PATTERN_PERIOD of the pattern, long enough that any packet's
+ * expected bytes are one contiguous run (xorshift32 from 0x9e3779b9, top byte). */
+static uint8_t stream_ref[PATTERN_PERIOD + MAX_PKT];
+
+static void make_stream_ref(void)
+{
+    uint32_t x = 0x9e3779b9u, j;
+    for (j = 0; j < PATTERN_PERIOD; j++) {
+        x ^= x << 13; x ^= x >> 17; x ^= x << 5;
+        stream_ref[j] = (uint8_t)(x >> 24);
+    }
+    for (; j < sizeof stream_ref; j++)
+        stream_ref[j] = stream_ref[j - PATTERN_PERIOD];
+}
 
 static uint32_t peer_credit(const struct conn *c)
 {
@@ -247,6 +268,13 @@ static void put_tx(struct ring *tx, struct conn *c, unsigned pos, uint16_t op, u
     memcpy(h + 36, &c->buf_alloc, 4);
     memcpy(h + 40, &c->fwd_cnt, 4);
     c->last_fwd_cnt = c->fwd_cnt;
+    if (op == OP_RW && len) { /* the application's bytes: the stream pattern */
+        uint8_t *b = chain_buf(tx, pos % tx->chains, 1, &hlen);
+        if (len > hlen)
+            fail("TX payload larger than its buffer");
+        memcpy(b, stream_ref + c->tx_phase, len);
+        c->tx_phase = (uint32_t)((c->tx_phase + len) % PATTERN_PERIOD);
+    }
 }
 
 /* Control packets owed, then (tx workload) RW packets within credit and free chains. */
@@ -295,6 +323,7 @@ int main(int argc, char **argv)
     uint64_t t0, end, moved0, wakeups = 0;
 
     memset(pattern, 0x5a, sizeof pattern);
+    make_stream_ref();
     ram_size = arg(argc, argv, "ram_size");
     gpa_base = arg(argc, argv, "gpa_base");
     ram = mmap(NULL, ram_size, PROT_READ | PROT_WRITE, MAP_SHARED,
@@ -324,6 +353,7 @@ int main(int argc, char **argv)
     c.peer_buf_alloc = (uint32_t)arg(argc, argv, "peer_buf_alloc");
     c.peer_fwd_cnt = (uint32_t)arg(argc, argv, "peer_fwd_cnt");
     c.owe_credit_update = (int)arg(argc, argv, "owe_credit_update");
+    c.tx_phase = (uint32_t)(arg(argc, argv, "tx_phase") % PATTERN_PERIOD);
 
     moved0 = 0;
     t0 = now_ns();
@@ -365,12 +395,12 @@ int main(int argc, char **argv)
            "\"tx_avail_idx\": %u, \"tx_last_used\": %u, \"fwd_cnt\": %u, \"rx_cnt\": %u, "
            "\"last_fwd_cnt\": %u, \"tx_cnt\": %u, \"peer_buf_alloc\": %u, "
            "\"peer_fwd_cnt\": %u, \"rx_bytes\": %llu, \"tx_bytes\": %llu, "
-           "\"owe_credit_update\": %d}\n",
+           "\"owe_credit_update\": %d, \"tx_phase\": %u}\n",
            (unsigned long long)moved0, (double)(now_ns() - t0) / 1e9,
            (unsigned long long)wakeups, (unsigned long long)rx.kicks,
            (unsigned long long)tx.kicks, rx.avail_idx, rx.last_used, tx.avail_idx,
            tx.last_used, c.fwd_cnt, c.rx_cnt, c.last_fwd_cnt, c.tx_cnt, c.peer_buf_alloc,
            c.peer_fwd_cnt, (unsigned long long)c.rx_bytes, (unsigned long long)c.tx_bytes,
-           c.owe_credit_update);
+           c.owe_credit_update, c.tx_phase);
     return 0;
 }

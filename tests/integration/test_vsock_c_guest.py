@@ -22,7 +22,11 @@ from virtio.vsock.wire import Op, Type, VsockHeader
 CID, GUEST_PORT, HOST_PORT = 3, 1234, 5000
 
 
-def _run(payload: bytes, used_len_delta: int = 0, len_field: int | None = None):
+def _run(payload: bytes, used_len_delta: int = 0, len_field: int | None = None,
+         tx: dict | None = None):
+    """Run the helper over a hand-made ring. ``tx``: a guest->host run instead (tx_workload
+    with that much peer credit and that ``tx_phase``); returns ``(proc, the payload bytes of
+    the TX chains it published, in order)``."""
     ram = GuestRam([(0, 4 << 20)])
     try:
         region = ram.regions[0]
@@ -33,7 +37,8 @@ def _run(payload: bytes, used_len_delta: int = 0, len_field: int | None = None):
         n = len(payload) if len_field is None else len_field
         hdr = VsockHeader(src_cid=2, dst_cid=CID, src_port=HOST_PORT, dst_port=GUEST_PORT,
                           len_=n, type_=int(Type.STREAM), op=int(Op.RW), flags=0,
-                          buf_alloc=262144, fwd_cnt=0).pack()
+                          buf_alloc=262144 if tx is None else tx["credit"],
+                          fwd_cnt=0).pack()
         rxq.chain_buffer(0, 0)[:44] = hdr
         rxq.chain_buffer(0, 1)[:len(payload)] = payload
         rxq.used_ring[0] = (0, 44 + len(payload) + used_len_delta)
@@ -48,13 +53,21 @@ def _run(payload: bytes, used_len_delta: int = 0, len_field: int | None = None):
                     tx_kick=txq.kick_fd, tx_call=txq.call_fd, cid=CID,
                     local_port=GUEST_PORT, peer_port=HOST_PORT, buf_alloc=262144,
                     fwd_cnt=0, rx_cnt=0, last_fwd_cnt=0, tx_cnt=0, peer_buf_alloc=262144,
-                    peer_fwd_cnt=0, owe_credit_update=0)
+                    peer_fwd_cnt=0, owe_credit_update=0, tx_phase=0)
+        if tx is not None:
+            args.update(tx_workload=1, tx_phase=tx["phase"])  # credit: the RX header's
         proc = subprocess.run([str(helper_path("vsock_guest"))]
                               + [f"{k}={v}" for k, v in args.items()], pass_fds=fds,
                               capture_output=True, text=True, timeout=30)
+        sent = b""
+        if tx is not None and proc.returncode == 0:
+            out = json.loads(proc.stdout)
+            for k in range(out["tx_avail_idx"]):
+                hdr = VsockHeader.unpack(bytes(txq.chain_buffer(k % txq.chains, 0)[:44]))
+                sent += bytes(txq.chain_buffer(k % txq.chains, 1)[:hdr.len_])
         rxq.close()
         txq.close()
-        return proc
+        return proc if tx is None else (proc, sent)
     finally:
         ram.close()
 
@@ -74,3 +87,18 @@ def test_accepts_the_host_bytes_and_counts_them():
 def test_spec_5_10_6_rejects_a_wrong_packet(payload, delta, len_field, message):
     proc = _run(payload, delta, len_field)
     assert proc.returncode == 3 and message in proc.stderr
+
+
+@pytest.mark.parametrize("phase", [0, 4092, 1000])
+def test_sends_the_guest_to_host_stream_pattern(phase):
+    """Guest->host payload is the stream pattern from the given phase on, the bytes the
+    host sink checks (bench/limits/peer.c; the Python model writes the same), and the
+    phase it ends at is reported. Spec: virtio 1.2 §5.10.6 (header, then ``len`` bytes)."""
+    from bench.vsock_guest import PATTERN_PERIOD, _stream_ref
+
+    credit = 3 * 65536 + 1234
+    proc, sent = _run(b"", tx={"credit": credit, "phase": phase})
+    assert proc.returncode == 0, proc.stderr
+    ref = _stream_ref(phase + credit)
+    assert sent == ref[phase:]
+    assert json.loads(proc.stdout)["tx_phase"] == (phase + credit) % PATTERN_PERIOD
