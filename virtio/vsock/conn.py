@@ -62,7 +62,7 @@ import enum
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
+from typing import Iterable, NamedTuple, Sequence, Union
 
 from .handshake import OkPortConvention, build_ok_reply
 from .wire import (MAX_PKT_PAYLOAD_BYTES, U32_MASK, HOST_CID, Op, SeqpacketFlag, ShutdownFlag,
@@ -79,9 +79,12 @@ MAX_WRITE_SEGMENTS = 64
 # --- identity, configuration ------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class ConnKey:
-    """A connection's identity: the guest's CID, the host-side port, the guest-side port."""
+class ConnKey(NamedTuple):
+    """A connection's identity: the guest's CID, the host-side port, the guest-side port.
+
+    A NamedTuple (immutable, ordered, hashed and compared in C): it keys every per-packet
+    dict lookup of the data path, where a dataclass's generated ``__hash__``/``__eq__``
+    cost a Python call each."""
 
     cid: int
     local_port: int

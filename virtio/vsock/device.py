@@ -133,6 +133,7 @@ class VsockDevice:
         self._queues[handle.index] = handle
         self._ever_started = True
         if handle.index == Queue.TX:
+            handle.kick_reader = self._on_tx_kick
             self._process_tx()
         elif handle.index == Queue.RX:
             self._schedule_rx()
@@ -143,6 +144,16 @@ class VsockDevice:
         self._queues.pop(index, None)
         if index == Queue.TX:
             self._lane = None
+
+    def _on_tx_kick(self, kick_fd: int) -> None:
+        """The TX queue's kick eventfd is readable (``QueueHandle.kick_reader``: called
+        only while the queue is live): drain it and serve the queue, without the session's
+        generic kick layers (a kick per credit window of a guest->host stream)."""
+        try:
+            os.read(kick_fd, 8)
+        except (BlockingIOError, InterruptedError):
+            pass
+        self._process_tx()
 
     def kick(self, index: int) -> None:
         if index == Queue.TX:
@@ -256,7 +267,7 @@ class VsockDevice:
         Spec: virtio 1.2 §5.10.6.3.1 (the lane never takes a packet beyond the credit)."""
         key = self._lane_key
         muxer = self.muxer
-        conn = muxer.direct_tx_conn(self.cid, key.local_port, key.peer_port)
+        conn = muxer.direct_tx_conn_of(key)
         sock = None if conn is None else self.host.sock(key)
         if sock is None:
             self._lane_key = None

@@ -59,6 +59,9 @@ class Stop(enum.IntEnum):
     BROKEN = 4  # the pop failed: ``broken`` holds the DriverError
 
 
+_STOPS = tuple(Stop)  # by value: no enum call per lane run
+
+
 class LaneResult(NamedTuple):
     """Outcome of one lane call. ``peer_buf_alloc`` / ``peer_fwd_cnt``: the last taken
     packet's (else the ones given); ``credit_changed``: some packet's pair differed from
@@ -232,7 +235,7 @@ class CTxLane:
         stop = lane.stop
         broken = vq._error(lane.broken) if stop == 4 else None
         tail_len = lane.tail_len
-        return LaneResult(lane.chains, Stop(stop), lane.bytes, lane.written,
+        return LaneResult(lane.chains, _STOPS[stop], lane.bytes, lane.written,
                           bytes(memoryview(self._tail)[:tail_len]) if tail_len else b"",
                           lane.error or None, broken, lane.peer_buf_alloc, lane.peer_fwd_cnt,
                           lane.credit_changed != 0, lane.notify != 0, lane.call_errno or None)

@@ -360,8 +360,12 @@ class VsockMuxer:
         ``before = snapshot(conn)``, ``conn.rw_direct(packets)``, the device's own write,
         ``conn.rw_written(...)``, then ``settle(conn, before, len(packets))``; the outcome
         is that of `guest_rw_batch` plus ``host_write_done``."""
-        vm = self._vms.get(cid)
-        conn = None if vm is None else vm.conns.get(ConnKey(cid, dst_port, src_port))
+        return self.direct_tx_conn_of(ConnKey(cid, dst_port, src_port))
+
+    def direct_tx_conn_of(self, key: ConnKey) -> Connection | None:
+        """`direct_tx_conn` by key."""
+        vm = self._vms.get(key.cid)
+        conn = None if vm is None else vm.conns.get(key)
         return conn if conn is not None and conn.direct_tx_ok else None
 
     @staticmethod
