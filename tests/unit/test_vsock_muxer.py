@@ -432,3 +432,46 @@ def test_credit_reopens_rx_declines_and_changes_nothing():
     h.rx()
     assert h.mux.credit_reopens_rx(3, key.local_port, key.peer_port, GUEST_BUF, fwd,
                                    h.now) is not None
+
+
+@pytest.mark.parametrize("window", [1000, GUEST_BUF - 1000, GUEST_BUF])
+@pytest.mark.parametrize("put", [True, False])
+@pytest.mark.parametrize("owed_before", [False, True])
+def test_settle_quiet_matches_settle(window, put, owed_before):
+    """After a TX lane run without tail, write error or credit-field change, the quiet
+    settle (no snapshot; a reconcile only when a CREDIT_UPDATE became owed or went out)
+    leaves what the full settle leaves: actions, interest, timers, RX scheduling,
+    statistics, the packets the guest gets next. ``put``: the device put the update
+    straight into an RX buffer (lone_credit_update); ``owed_before``: an update was
+    already owed before the run. Spec: virtio 1.2 §5.10.6.3 (credit)."""
+    def build():
+        h = Harness()
+        key = h.open_guest_conn()
+        conn = h.mux._vms[3].conns[key]
+        if owed_before:
+            h.send(pkt(Op.CREDIT_REQUEST, key.peer_port, key.local_port))
+        return h, key, conn
+
+    def lane(h, conn, settle):
+        conn.rw_lane(window, window, b"", conn.peer_buf_alloc, conn.peer_fwd_cnt, False)
+        if put and h.mux.lone_credit_update(conn) is not None:
+            h.mux.credit_update_sent(conn)
+        actions = settle()
+        h.run(actions)
+        return actions
+
+    def state(h, key, conn):
+        s = h.socks[key]
+        return ((conn.recv_cnt, conn.fwd_cnt, conn.adv_fwd_cnt, conn._pending,
+                 conn.wants_read, conn.wants_write, conn.deadline, conn.has_rx),
+                (s.read, s.write), dict(h.timers), list(h.mux._vms[3].rxq), h.mux.stats(3),
+                h.rx(max_payload=1 << 20))
+
+    ref, key, rconn = build()
+    before = ref.mux.snapshot(rconn)
+    want = lane(ref, rconn, lambda: ref.mux.settle(rconn, before, 4, ref.now))
+    fast, _, fconn = build()
+    pending = fconn._pending
+    got = lane(fast, fconn, lambda: fast.mux.settle_quiet(fconn, pending, 4, fast.now))
+    assert got == want
+    assert state(fast, key, fconn) == state(ref, key, rconn)

@@ -281,11 +281,22 @@ class VsockDevice:
         if res.call_errno is not None:
             self.log.warning("TX call eventfd: %s", os.strerror(res.call_errno))
         if res.chains:
+            run = self.host.run
+            if (not res.tail and res.error is None and not res.credit_changed
+                    and res.peer_buf_alloc == conn.peer_buf_alloc
+                    and res.peer_fwd_cnt == conn.peer_fwd_cnt):
+                pending = conn._pending
+                conn.rw_lane(res.bytes, res.written, res.tail, res.peer_buf_alloc,
+                             res.peer_fwd_cnt, res.credit_changed)
+                self._credit_update_now(conn)
+                actions = muxer.settle_quiet(conn, pending, res.chains, self.loop.time())
+                if actions:
+                    run(actions)
+                return res
             before = muxer.snapshot(conn)
             conn.rw_lane(res.bytes, res.written, res.tail, res.peer_buf_alloc,
                          res.peer_fwd_cnt, res.credit_changed)
             self._credit_update_now(conn)
-            run = self.host.run
             run(muxer.settle(conn, before, res.chains, self.loop.time()))
             if res.error is not None:
                 self.log.info("%s: host write failed: %s", key, os.strerror(res.error))

@@ -382,6 +382,26 @@ class VsockMuxer:
         self._vms[conn.key.cid].stats.tx_packets += packets
         return self._reconcile(conn.key, before, now=now)
 
+    def settle_quiet(self, conn: Connection, pending_before: int, packets: int,
+                     now: float | None = None) -> list[Action]:
+        """`settle` after a TX lane run that left no tail, saw no write error and carried
+        the guest's credit fields unchanged (``Connection.rw_lane`` then changes only
+        counters and, through ``_credit_check``, the CREDIT_UPDATE bit of ``_pending``;
+        ``pending_before``: ``conn._pending`` before it). Interest, deadline and the
+        write side are as before, so only ``has_rx`` can differ: the packets are counted
+        and, when ``_pending`` is unchanged (the update went straight out, or none was
+        due), nothing else is done; otherwise one reconcile against the state before,
+        rebuilt (``has_rx`` before = the key is scheduled, as every reconcile leaves it).
+
+        Spec: virtio 1.2 §5.10.6.3 (credit)."""
+        vm = self._vms[conn.key.cid]
+        vm.stats.tx_packets += packets
+        if conn._pending == pending_before:
+            return []
+        key = conn.key
+        before = (conn.wants_read, conn.wants_write, conn.deadline, key in vm.rxq)
+        return self._reconcile(key, before, now=now)
+
     def lone_credit_update(self, conn: Connection) -> bytes | None:
         """When ``conn``'s next packet for the guest is a CREDIT_UPDATE and nothing of its
         VM comes before it in `poll_rx` order (no control or sibling packet, no other
