@@ -398,9 +398,11 @@ def test_credit_reopens_rx_matches_credit_update_then_burst(outcome):
     ref.run(ref.mux.rx_burst_done(key, sent, -(-sent // 4052), drained, ref.now))
 
     fast, _ = build()
+    snap = fast.mux.snapshot(fast.mux._vms[3].conns[key])
     lane = fast.mux.credit_reopens_rx(3, key.local_port, key.peer_port, GUEST_BUF, fwd,
                                       fast.now)
     assert lane is not None and lane[1] == credit
+    assert lane[2] == snap  # the state before, derived from the conditions
     fast.run(fast.mux.credit_reopen_done(lane[0], sent, -(-sent // 4052), clean, fast.now,
                                          lane[2]))
     assert state(fast, key) == state(ref, key)
