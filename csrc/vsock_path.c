@@ -28,6 +28,7 @@ _Static_assert(offsetof(struct vs_iov, len) == offsetof(struct iovec, iov_len),
 #define VS_HOST_CID 2u
 #define VS_TYPE_STREAM 1u
 #define VS_OP_RW 5u
+#define VS_OP_CREDIT_UPDATE 6u
 
 static inline uint64_t le64(const uint8_t *p)
 {
@@ -62,7 +63,11 @@ static int take_packet(struct vs_tx_lane *lane, uint32_t *niov, uint64_t credit_
     if (c->nreadable == 0 || seg[0].len < VS_HDR_SIZE)
         return VS_STOP_OTHER;
     memcpy(h, seg[0].host, VS_HDR_SIZE);
-    if (le16(h + 30) != VS_OP_RW || le16(h + 28) != VS_TYPE_STREAM
+    /* a stream RW packet, or a CREDIT_UPDATE without payload (only its credit fields
+     * count: virtio 1.2 §5.10.6.3) */
+    if ((le16(h + 30) != VS_OP_RW && !(le16(h + 30) == VS_OP_CREDIT_UPDATE
+                                        && le32(h + 24) == 0))
+        || le16(h + 28) != VS_TYPE_STREAM
         || le64(h + 0) != lane->cid || le64(h + 8) != VS_HOST_CID
         || le32(h + 20) != lane->host_port || le32(h + 16) != lane->guest_port)
         return VS_STOP_OTHER;
@@ -108,6 +113,8 @@ static int take_packet(struct vs_tx_lane *lane, uint32_t *niov, uint64_t credit_
         lane->peer_fwd_cnt = fc;
     }
     lane->bytes += len;
+    if (le16(h + 30) == VS_OP_CREDIT_UPDATE)
+        lane->credit_updates++;
     return -1;
 }
 
@@ -198,6 +205,7 @@ int vs_tx_lane(struct vr_queue *q, struct vs_tx_lane *lane)
     lane->bytes = lane->written = lane->tail_len = 0;
     lane->error = lane->broken = lane->credit_changed = 0;
     lane->notify = lane->call_errno = 0;
+    lane->credit_updates = 0;
     if (max_chains > VS_LANE_CHAINS)
         max_chains = VS_LANE_CHAINS;
     if (q->pending_valid) { /* a partially written chain: not a vsock TX queue's state */

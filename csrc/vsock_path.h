@@ -1,5 +1,5 @@
 /* vsock_path.h — the vsock TX lane in C: the leading run of one connection's stream RW
- * packets taken off the TX virtqueue, their payloads written to the host socket with one
+ * packets (and CREDIT_UPDATEs without payload: credit fields only) taken off the TX virtqueue, their payloads written to the host socket with one
  * sendmsg straight from guest memory, the chains completed and the notify decision made, in
  * one call. Python keeps every decision: it names the connection and its credit, and
  * applies the counters afterwards (virtio/vsock/lane.py holds the pure-Python twin).
@@ -18,7 +18,8 @@
 
 /* Why the run ended (struct vs_tx_lane.stop). */
 #define VS_STOP_EMPTY 0    /* the ring has no more available chains */
-#define VS_STOP_OTHER 1    /* the next chain is not this connection's stream RW packet, or
+#define VS_STOP_OTHER 1    /* the next chain is not this connection's stream RW packet
+                            * (or CREDIT_UPDATE with len 0), or
                             * its header is not whole in the first readable buffer, or its
                             * len exceeds the chain: given back for the general path */
 #define VS_STOP_CREDIT 2   /* the next packet would exceed the credit: given back */
@@ -55,7 +56,7 @@ struct vs_tx_lane {
     int32_t credit_changed;    /* a packet's buf_alloc/fwd_cnt differed from the one before */
     int32_t notify;            /* vr_should_notify after publication, 0 if nothing done */
     int32_t call_errno;        /* errno of a failed call eventfd write, else 0 */
-    int32_t reserved;
+    uint32_t credit_updates;   /* of the chains, CREDIT_UPDATEs (len 0) */
     /* working room */
     struct vr_chain chain;
     struct vr_segment seg[1024];

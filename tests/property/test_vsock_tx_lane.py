@@ -124,8 +124,8 @@ def _run_both(pair: RingPair, modes: list[str], lane_args: list[tuple]) -> list:
 
 # -- benign rings of generated vsock packets -------------------------------------------------
 
-KINDS = ["rw", "rw", "rw", "rw", "other_port", "other_op", "other_cid", "seqpacket",
-         "split_header", "len_beyond", "no_payload_room"]
+KINDS = ["rw", "rw", "rw", "rw", "credit_update", "other_port", "other_op", "other_cid",
+         "seqpacket", "split_header", "len_beyond", "no_payload_room"]
 packet = st.tuples(
     st.sampled_from(KINDS),
     st.sampled_from([0, 1, 100, 4096, 20000]),  # len
@@ -140,7 +140,9 @@ def _chain_buffers(kind: str, len_: int, pieces: int, ba: int, fc: int, seq: int
     if kind == "other_port":
         src_port += 1
     elif kind == "other_op":
-        op = 6  # CREDIT_UPDATE
+        op = 6  # CREDIT_UPDATE: in the run only without payload
+    elif kind == "credit_update":
+        op, len_ = 6, 0
     elif kind == "other_cid":
         src_cid = CID + 1
     elif kind == "seqpacket":
@@ -186,6 +188,9 @@ def test_lane_c_matches_reference(impls, packed, event_idx, packets, mode, credi
         assert taken == len(packets)
     assert first[2] <= min(credit, TAIL_CAP)
     assert first[3] + len(first[4]) == first[2]  # written + tail = payload bytes
+    # CREDIT_UPDATEs without payload are in the run, and counted
+    assert first[12] == sum(1 for kind, len_, *_ in packets[:taken]
+                            if kind == "credit_update" or (kind == "other_op" and not len_))
 
 
 def test_lane_takes_the_run_and_gives_back_the_rest(impls):

@@ -282,6 +282,10 @@ class VsockDevice:
             self.log.warning("TX call eventfd: %s", os.strerror(res.call_errno))
         if res.chains:
             run = self.host.run
+            if res.chains == res.credit_updates == 1 and res.credit_changed and \
+                    self._credit_reopens(key.local_port, key.peer_port, res.peer_buf_alloc,
+                                         res.peer_fwd_cnt, self.loop.time()):
+                return res  # one CREDIT_UPDATE, and it re-opened a waiting read
             if (not res.tail and res.error is None and not res.credit_changed
                     and res.peer_buf_alloc == conn.peer_buf_alloc
                     and res.peer_fwd_cnt == conn.peer_fwd_cnt):
@@ -364,6 +368,10 @@ class VsockDevice:
                     if group:
                         flush(group_ports, group, now)
                         group, group_ports = [], None
+                    if not len_ and self._lane_key is None:
+                        conn = muxer.direct_tx_conn(cid, dst_port, src_port)
+                        if conn is not None:  # its next updates can take the TX lane
+                            self._lane_key = conn.key
                     if self._credit_reopens(dst_port, src_port, buf_alloc, fwd_cnt, now):
                         continue
                     actions = muxer.guest_credit_update(cid, dst_port, src_port, buf_alloc,

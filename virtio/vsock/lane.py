@@ -1,7 +1,9 @@
 """The vsock TX lane: one connection's stream RW packets, ring to host socket, in one call.
 
 The device's fast path for a guest streaming to the host: the leading run of available TX
-chains that are stream RW packets of one connection (src_cid = the VM, dst_cid = the host,
+chains that are stream RW packets of one connection, or its CREDIT_UPDATEs without payload
+(a receiving guest's one packet per credit window: only the credit fields count, as for
+every packet of the run) (src_cid = the VM, dst_cid = the host,
 the given ports, the header whole in the first readable buffer, ``len`` within the chain,
 cumulative ``len`` within the credit) is taken off the ring, their payloads go to the host
 socket with one ``sendmsg`` straight from guest memory, the chains are completed (used
@@ -47,6 +49,7 @@ _SEND_FLAGS = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT
 _ONE = (1).to_bytes(8, sys.byteorder)
 _unpack = VsockHeader.FMT.unpack_from
 _RW, _STREAM, _HOST = int(Op.RW), int(Type.STREAM), int(HOST_CID)
+_CREDIT_UPDATE = int(Op.CREDIT_UPDATE)
 
 
 class Stop(enum.IntEnum):
@@ -66,7 +69,8 @@ class LaneResult(NamedTuple):
     """Outcome of one lane call. ``peer_buf_alloc`` / ``peer_fwd_cnt``: the last taken
     packet's (else the ones given); ``credit_changed``: some packet's pair differed from
     the one before it; ``notify``: the ring asked for (and got) a used buffer notification;
-    ``error`` / ``call_errno``: errno of a failed ``sendmsg`` / call eventfd write."""
+    ``error`` / ``call_errno``: errno of a failed ``sendmsg`` / call eventfd write;
+    ``credit_updates``: how many of the chains were CREDIT_UPDATEs."""
 
     chains: int
     stop: Stop
@@ -80,6 +84,7 @@ class LaneResult(NamedTuple):
     credit_changed: bool
     notify: bool
     call_errno: int | None
+    credit_updates: int = 0  # of the chains, CREDIT_UPDATEs (len 0)
 
 
 def _signal(fd: int | None) -> int | None:
@@ -113,7 +118,7 @@ class PyTxLane:
                               None)
         taken: list[tuple[int, int, int]] = []
         views: list[memoryview] = []
-        total = 0
+        total = updates = 0
         changed = False
         stop, broken = Stop.EMPTY, None
         while True:
@@ -141,6 +146,7 @@ class PyTxLane:
                 changed = True
             ba, fc = h[8], h[9]
             total += len_
+            updates += h[6] == _CREDIT_UPDATE
             views += pieces
             taken.append((chain.head, 0, chain.ring_slots))
         if not taken:
@@ -158,7 +164,7 @@ class PyTxLane:
         notify = vq.should_notify()
         call_errno = _signal(vq.call_fd) if notify else None
         return LaneResult(len(taken), stop, total, written, tail, error, broken, ba, fc,
-                          changed, notify, call_errno)
+                          changed, notify, call_errno, updates)
 
 
 def _classify(chain: Any, cid: int, host_port: int, guest_port: int, credit_left: int,
@@ -169,8 +175,9 @@ def _classify(chain: Any, cid: int, host_port: int, guest_port: int, credit_left
     first = readable[0]
     h = _unpack(first)
     src_cid, dst_cid, src_port, dst_port, len_, type_, op = h[:7]
-    if (op != _RW or type_ != _STREAM or src_cid != cid or dst_cid != _HOST
-            or dst_port != host_port or src_port != guest_port):
+    if ((op != _RW and (op != _CREDIT_UPDATE or len_)) or type_ != _STREAM
+            or src_cid != cid or dst_cid != _HOST or dst_port != host_port
+            or src_port != guest_port):
         return Stop.OTHER, 0, [], h
     if len_ > chain.readable_bytes - HDR:
         return Stop.OTHER, 0, [], h
@@ -238,7 +245,8 @@ class CTxLane:
         return LaneResult(lane.chains, _STOPS[stop], lane.bytes, lane.written,
                           bytes(memoryview(self._tail)[:tail_len]) if tail_len else b"",
                           lane.error or None, broken, lane.peer_buf_alloc, lane.peer_fwd_cnt,
-                          lane.credit_changed != 0, lane.notify != 0, lane.call_errno or None)
+                          lane.credit_changed != 0, lane.notify != 0, lane.call_errno or None,
+                          lane.credit_updates)
 
 
 def make_tx_lane(vq: Any, tail_cap: int) -> PyTxLane | CTxLane:
