@@ -124,7 +124,7 @@ class VsockHost:
         self.max_pending_handshakes = max_pending_handshakes
         self.connect_retry_s = connect_retry_s
         self._socks: dict[ConnKey, _HostSock] = {}
-        self._timers: dict[ConnKey, Any] = {}
+        self._timers: dict[ConnKey, tuple[Any, float]] = {}  # loop timer, due at
         self._connecting: dict[ConnKey, _Connecting] = {}
         self._listeners: dict[int, _Listener] = {}
         self.stats: dict[int, HostStats] = {}
@@ -368,23 +368,46 @@ class VsockHost:
         self.run(self.muxer.host_writable(key, self.loop.time()))
 
     def _set_timer(self, action: SetTimer) -> None:
-        """Arm the connection's *current* deadline (a SetTimer can be stale, see
-        `_interest`)."""
-        old = self._timers.pop(action.key, None)
-        if old is not None:
-            old.cancel()
-        conn = self._current(action.key)
+        """Keep a loop timer armed no later than the connection's *current* deadline (a
+        SetTimer can be stale, see `_interest`).
+
+        One loop timer per connection is kept while it fires no later than the deadline:
+        a deadline that moves later (the CREDIT_REQUEST delay re-armed every credit
+        window of a host->guest stream) or goes away changes nothing here, and the timer,
+        firing early, re-arms for what is then due (`_timer_due`). Only an earlier
+        deadline, or a connection gone, cancels it."""
+        key = action.key
+        conn = self._current(key)
+        deadline = None if conn is None else conn.deadline
+        armed = self._timers.get(key)
+        if armed is not None:
+            if deadline is not None and armed[1] <= deadline:
+                return  # fires first; _timer_due re-arms for the rest
+            if deadline is None and conn is not None:
+                return  # fires and finds nothing due
+            del self._timers[key]
+            armed[0].cancel()
+        if deadline is not None:
+            self._arm_timer(key, deadline)
+
+    def _arm_timer(self, key: ConnKey, deadline: float) -> None:
+        at = deadline + 1e-6
+        self._timers[key] = (self.loop.call_later(max(0.0, at - self.loop.time()),
+                                                  lambda: self._timer_due(key)), at)
+
+    def _timer_due(self, key: ConnKey) -> None:
+        """The connection's loop timer fired: its deadline, if reached, goes to the
+        muxer; a later one is armed again; none (or no connection) ends it."""
+        self._timers.pop(key, None)
+        conn = self._current(key)
         deadline = None if conn is None else conn.deadline
         if deadline is None:
             return
-        key = action.key
-        delay = max(0.0, deadline - self.loop.time()) + 1e-6
-
-        def fire() -> None:
-            self._timers.pop(key, None)
-            self.run(self.muxer.timer_fired(key, self.loop.time()))
-
-        self._timers[key] = self.loop.call_later(delay, fire)
+        now = self.loop.time()
+        if now < deadline:
+            self._arm_timer(key, deadline)
+            return
+        self.run(self.muxer.timer_fired(key, now))
 
     def _connect(self, action: ConnectHost) -> None:
         kind = socket.SOCK_SEQPACKET if action.type_ == Type.SEQPACKET else socket.SOCK_STREAM
@@ -459,7 +482,7 @@ class VsockHost:
         for key in [k for k in self._connecting if k.cid == cid]:
             self._close(key)
         for key in [k for k in self._timers if k.cid == cid]:
-            self._timers.pop(key).cancel()
+            self._timers.pop(key)[0].cancel()
 
     def close(self) -> None:
         if self.closed:
@@ -469,6 +492,6 @@ class VsockHost:
             self.unlisten(cid)
         for key in list(self._socks) + list(self._connecting):
             self._close(key)
-        for timer in self._timers.values():
+        for timer, _at in self._timers.values():
             timer.cancel()
         self._timers.clear()
