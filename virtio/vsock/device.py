@@ -482,18 +482,19 @@ class VsockDevice:
         pump = self._rx_pump
         if pump is None or pump[0] is not vq:
             pump = self._rx_pump = (vq, make_rx_pump(vq))
-        key = conn.key
-        res = pump[1](vq, sock.fileno(), self.cid, key.local_port, key.peer_port,
-                      conn.buf_alloc, conn.fwd_cnt, credit)
-        if res.call_errno is not None:
-            self.log.warning("RX call eventfd: %s", os.strerror(res.call_errno))
-        clean = res.drained and not (res.eof or res.error or res.broken is not None)
-        actions = done(conn, res.bytes, res.chains, clean, now, *extra)
+        _cid, host_port, guest_port = conn.key
+        nbytes, chains, _notify, eof, _starved, error, drained, broken, call_errno = pump[1](
+            vq, sock.fileno(), self.cid, host_port, guest_port, conn.buf_alloc, conn.fwd_cnt,
+            credit)
+        if call_errno is not None:
+            self.log.warning("RX call eventfd: %s", os.strerror(call_errno))
+        clean = drained and not (eof or error or broken is not None)
+        actions = done(conn, nbytes, chains, clean, now, *extra)
         if actions:
             self.host.run(actions)
-        if res.broken is not None:
+        if broken is not None:
             self.log.error("RX queue broken (%s): it stays stopped until the device is "
-                           "reset", res.broken)
+                           "reset", broken)
             handle.notify_if_needed()
 
     def _process_rx(self) -> None:

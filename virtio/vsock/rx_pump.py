@@ -23,6 +23,7 @@ notification).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple
 
 from .lane import _signal
@@ -79,14 +80,22 @@ class CRxPump:
         from ring.cring import _BROKEN, ffi, lib  # C only when it is used
 
         self._p = ffi.new("struct vs_rx_pump *")
+        self._out = self._p.out
         self._call = lib.vs_rx_pump
         self._broken = _BROKEN
+        self._vq: Any = None  # the queue the bound methods below belong to
+        self._ready: Any = None
+        self._slow: Any = None
+        self._q: Any = None
 
     def __call__(self, vq: Any, fd: int, cid: int, host_port: int, guest_port: int,
                  buf_alloc: int, fwd_cnt: int, credit: int) -> RxPumpResult:
         if credit <= 0:
             return _NOTHING
-        s = vq._datapath_ready() or vq._datapath_slow()
+        if vq is not self._vq:  # bound once per queue: no attribute chains per call
+            self._vq, self._ready, self._slow, self._q = (vq, vq._datapath_ready,
+                                                          vq._datapath_slow, vq._q)
+        s = self._ready() or self._slow()
         vq._unpop_mark = None  # a pop before this call can no longer be given back
         p = self._p
         p.cid = cid
@@ -96,15 +105,21 @@ class CRxPump:
         p.fwd_cnt = fwd_cnt
         p.credit = credit
         p.fd = fd
-        rc = self._call(vq._q, s, p)
+        rc = self._call(self._q, s, p)
         if rc < 0:
             from ring.cring import _raise_for
             raise _raise_for(rc, vq.index)
-        out = p.out
-        broken = out.broken
-        return RxPumpResult(out.bytes, out.chains, out.notify != 0, out.eof != 0,
-                            out.starved != 0, out.error or None, out.drained != 0,
-                            self._broken[broken] if broken else None, p.call_errno or None)
+        out = self._out
+        broken, error, call_errno = out.broken, out.error, p.call_errno
+        if broken or error or call_errno:
+            return _result((out.bytes, out.chains, out.notify != 0, out.eof != 0,
+                            out.starved != 0, error or None, out.drained != 0,
+                            self._broken[broken] if broken else None, call_errno or None))
+        return _result((out.bytes, out.chains, out.notify != 0, out.eof != 0,
+                        out.starved != 0, None, out.drained != 0, None, None))
+
+
+_result = partial(tuple.__new__, RxPumpResult)  # a RxPumpResult without its Python __new__
 
 
 def make_rx_pump(vq: Any):
