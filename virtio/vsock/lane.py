@@ -31,6 +31,7 @@ import errno as _errno
 import os
 import socket
 import sys
+from functools import partial
 from typing import Any, NamedTuple, Sequence
 
 from ring.errors import DriverError
@@ -220,33 +221,48 @@ class CTxLane:
         self._tail_c = ffi.from_buffer(self._tail)
         lane.tail = self._tail_c
         lane.tail_cap = tail_cap
+        self._vq: Any = None  # the queue the bound methods below belong to
+        self._ready: Any = None
+        self._slow: Any = None
+        self._q: Any = None
 
     def run(self, vq: Any, sock: socket.socket, cid: int, host_port: int, guest_port: int,
             credit: int, peer_buf_alloc: int, peer_fwd_cnt: int,
             max_chains: int = LANE_CHAINS) -> LaneResult:
-        vq._datapath_ready() or vq._datapath_slow()  # region table current (generation)
+        if vq is not self._vq:  # bound once per queue: no attribute chains per call
+            self._vq, self._ready, self._slow, self._q = (vq, vq._datapath_ready,
+                                                          vq._datapath_slow, vq._q)
+        self._ready() or self._slow()  # region table current (generation)
         vq._unpop_mark = None  # a pop before this call can no longer be given back
         lane = self._lane
         lane.cid = cid
         lane.host_port = host_port
         lane.guest_port = guest_port
-        lane.credit = max(0, credit)
+        lane.credit = credit if credit > 0 else 0
         lane.fd = sock.fileno()
-        lane.max_chains = max(0, max_chains)
+        lane.max_chains = max_chains if max_chains > 0 else 0
         lane.peer_buf_alloc = peer_buf_alloc
         lane.peer_fwd_cnt = peer_fwd_cnt
-        rc = self._call(vq._q, lane)
+        rc = self._call(self._q, lane)
         if rc < 0:
             from ring.cring import _raise_for
             raise _raise_for(rc, vq.index)
-        stop = lane.stop
-        broken = vq._error(lane.broken) if stop == 4 else None
-        tail_len = lane.tail_len
-        return LaneResult(lane.chains, _STOPS[stop], lane.bytes, lane.written,
-                          bytes(memoryview(self._tail)[:tail_len]) if tail_len else b"",
-                          lane.error or None, broken, lane.peer_buf_alloc, lane.peer_fwd_cnt,
-                          lane.credit_changed != 0, lane.notify != 0, lane.call_errno or None,
-                          lane.credit_updates)
+        stop, tail_len, error, call_errno = lane.stop, lane.tail_len, lane.error, lane.call_errno
+        if stop == 4 or tail_len or error or call_errno:
+            return _lane_result((lane.chains, _STOPS[stop], lane.bytes, lane.written,
+                                 bytes(memoryview(self._tail)[:tail_len]) if tail_len else b"",
+                                 error or None, vq._error(lane.broken) if stop == 4 else None,
+                                 lane.peer_buf_alloc, lane.peer_fwd_cnt,
+                                 lane.credit_changed != 0, lane.notify != 0,
+                                 call_errno or None, lane.credit_updates))
+        return _lane_result((lane.chains, _STOPS[stop], lane.bytes, lane.written, b"", None,
+                             None, lane.peer_buf_alloc, lane.peer_fwd_cnt,
+                             lane.credit_changed != 0, lane.notify != 0, None,
+                             lane.credit_updates))
+
+
+#: a LaneResult from a tuple of all its fields, without the NamedTuple's Python __new__
+_lane_result = partial(tuple.__new__, LaneResult)
 
 
 def make_tx_lane(vq: Any, tail_cap: int) -> PyTxLane | CTxLane:
@@ -306,20 +322,31 @@ class CPut:
         self._put = ffi.new("struct vs_rx_put *")
         self._packet = ffi.buffer(self._put.packet)
         self._call = lib.vs_rx_put
+        self._vq: Any = None  # the queue the bound methods below belong to
+        self._ready: Any = None
+        self._slow: Any = None
+        self._q: Any = None
 
     def __call__(self, vq: Any, packet: bytes) -> PutResult:
-        vq._datapath_ready() or vq._datapath_slow()  # region table current (generation)
+        if vq is not self._vq:  # bound once per queue: no attribute chains per call
+            self._vq, self._ready, self._slow, self._q = (vq, vq._datapath_ready,
+                                                          vq._datapath_slow, vq._q)
+        self._ready() or self._slow()  # region table current (generation)
         vq._unpop_mark = None
         put = self._put
         self._packet[:] = packet
-        rc = self._call(vq._q, put)
+        rc = self._call(self._q, put)
         if rc < 0:
             from ring.cring import _raise_for
             raise _raise_for(rc, vq.index)
-        if rc == Put.DONE:
-            return PutResult(Put.DONE, put.notify != 0, put.call_errno or None, None)
+        if rc == 1:  # Put.DONE
+            return _put_result((Put.DONE, put.notify != 0, put.call_errno or None, None))
         broken = vq._error(put.broken) if rc == Put.BROKEN else None
         return PutResult(Put(rc), False, None, broken)
+
+
+#: a PutResult from a tuple of all its fields, without the NamedTuple's Python __new__
+_put_result = partial(tuple.__new__, PutResult)
 
 
 def make_put(vq: Any):
