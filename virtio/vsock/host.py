@@ -372,10 +372,10 @@ class VsockHost:
         SetTimer can be stale, see `_interest`).
 
         One loop timer per connection is kept while it fires no later than the deadline:
-        a deadline that moves later (the CREDIT_REQUEST delay re-armed every credit
-        window of a host->guest stream) or goes away changes nothing here, and the timer,
-        firing early, re-arms for what is then due (`_timer_due`). Only an earlier
-        deadline, or a connection gone, cancels it."""
+        a deadline that moves later changes nothing here, and the timer, firing early,
+        re-arms for what is then due (`_timer_due`). An earlier deadline, a deadline gone
+        (an idle connection must cost no wake-up: issue 5's idle target) or a connection
+        gone cancels it."""
         key = action.key
         conn = self._current(key)
         deadline = None if conn is None else conn.deadline
@@ -383,8 +383,6 @@ class VsockHost:
         if armed is not None:
             if deadline is not None and armed[1] <= deadline:
                 return  # fires first; _timer_due re-arms for the rest
-            if deadline is None and conn is not None:
-                return  # fires and finds nothing due
             del self._timers[key]
             armed[0].cancel()
         if deadline is not None:
