@@ -367,6 +367,10 @@ def stream(queues: list[StreamQueue], seconds: float, count_lens: bool,
                 used = used_idx[i][0]
                 old_used = last[i]
                 n = (used - old_used) & 0xFFFF
+                if n > size:
+                    raise RuntimeError(
+                        f"queue {queues[i].index}: used->idx moved by {n} (> ring size "
+                        f"{size}): used {used}, last seen {old_used}, avail {avail[i]}")
                 if n:
                     if sums is None:
                         per[i] += n * chunk
