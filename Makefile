@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test bench bench-quick clean
+.PHONY: setup setup-bench run test bench bench-quick clean
 
 setup:
 	scripts/bootstrap.sh
@@ -14,11 +14,14 @@ run:
 test:
 	scripts/test.sh
 
-bench: setup
+bench: setup-bench
 	$(PY) -m bench
 
-bench-quick: setup
+bench-quick: setup-bench
 	$(PY) -m bench --quick
+
+setup-bench:
+	EXTRAS=test,bench scripts/bootstrap.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info ring/_vring_c*.so ring/_vring_c.c ring/.vring_c.stamp

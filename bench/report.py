@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import statistics
 import shutil
+import sys
 from pathlib import Path
 
 from bench.scenarios import Row, human
@@ -58,6 +59,8 @@ def plot(rows: list[Row], path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("bench: no PNG plot: matplotlib is not installed (pip install -e '.[bench]', "
+              "or make bench)", file=sys.stderr)
         return False
     series = [r for r in rows if r.direction and r.unit == "B/s" and r.chunk
               and not r.scenario.endswith("-ws")]
