@@ -237,7 +237,7 @@ static uint8_t *contiguous(const struct vr_region *r, uint32_t n, uint64_t gpa, 
  * 4 KiB page, set atomically because the front-end reads it concurrently.
  */
 
-static void log_write(const struct vr_queue *q, uint64_t gpa, uint64_t len)
+void vr_log_write(const struct vr_queue *q, uint64_t gpa, uint64_t len)
 {
     uint64_t page, last, limit;
     if (!q->log || len == 0 || q->log_size == 0)
@@ -282,7 +282,7 @@ static int write_guest(const struct vr_queue *q, uint64_t gpa, const uint8_t *sr
             off = 0;
         }
     }
-    log_write(q, gpa, len);
+    vr_log_write(q, gpa, len);
     return 0;
 }
 
@@ -310,7 +310,7 @@ static int area_write(const struct vr_queue *q, uint8_t *fast, uint64_t base, ui
 {
     if (fast) {
         memcpy(fast + off, src, len);
-        log_write(q, base + off, len);
+        vr_log_write(q, base + off, len);
         return 0;
     }
     if (off > UINT64_MAX - base)
@@ -1453,7 +1453,7 @@ int vr_rx_from_fd_prefix(struct vr_queue *q, struct vr_scratch *s, int fd, uint6
                     for (j = 0; j < e->reserved; j++) {
                         const struct iovec *v = &g.iov[e->seg_start + j];
                         memcpy(v->iov_base, pbuf + off, v->iov_len);
-                        log_write(q, g.piece[e->seg_start + j].gpa, v->iov_len);
+                        vr_log_write(q, g.piece[e->seg_start + j].gpa, v->iov_len);
                         off += v->iov_len;
                     }
                 }
@@ -1461,7 +1461,7 @@ int vr_rx_from_fd_prefix(struct vr_queue *q, struct vr_scratch *s, int fd, uint6
                 for (j = e->reserved; j < e->nseg && left > 0; j++) { /* dirty-log the data */
                     const struct vr_gpa_range *p = &g.piece[e->seg_start + j];
                     uint64_t m = p->len < left ? p->len : left;
-                    log_write(q, p->gpa, m);
+                    vr_log_write(q, p->gpa, m);
                     left -= m;
                 }
             } else {
@@ -1496,10 +1496,8 @@ int vr_rx_from_fd_prefix(struct vr_queue *q, struct vr_scratch *s, int fd, uint6
  * The stream pump (ring/pump.py is the reference).
  */
 
-/* The used buffer notification: add 1 to the call eventfd. A full counter (EAGAIN) already
- * means "signalled". Spec: virtio 1.2 §2.7.7 (used buffer notification); vhost-user
- * VHOST_USER_SET_VRING_CALL. */
-static int signal_call(struct vr_pump *p, const struct vr_queue *q)
+/* Spec: virtio 1.2 §2.7.7 (used buffer notification); vhost-user VHOST_USER_SET_VRING_CALL. */
+int vr_signal_call(const struct vr_queue *q)
 {
     uint64_t one = 1;
     ssize_t r;
@@ -1508,8 +1506,14 @@ static int signal_call(struct vr_pump *p, const struct vr_queue *q)
     do
         r = write(q->call_fd, &one, sizeof one);
     while (r < 0 && errno == EINTR);
-    if (r < 0 && !is_again(errno)) {
-        p->call_errno = errno;
+    return r < 0 && !is_again(errno) ? errno : 0;
+}
+
+static int signal_call(struct vr_pump *p, const struct vr_queue *q)
+{
+    int err = vr_signal_call(q);
+    if (err) {
+        p->call_errno = err;
         return VR_PUMP_CALL_ERROR;
     }
     return 0;

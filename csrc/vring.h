@@ -215,6 +215,13 @@ int vr_push_batch(struct vr_queue *q, const uint32_t *heads, const uint32_t *len
 /* The call decision: 1 notify, 0 do not, or VR_E_NOT_READY. Updates signalled_used. */
 int vr_should_notify(struct vr_queue *q);
 
+/* The used buffer notification: add 1 to q->call_fd (nothing when it is -1). 0, or the
+ * errno of a failed write (EAGAIN, a full counter, already means "signalled": 0). */
+int vr_signal_call(const struct vr_queue *q);
+
+/* Mark the dirty log (q->log, NULL: none) for len bytes written at guest-physical gpa. */
+void vr_log_write(const struct vr_queue *q, uint64_t gpa, uint64_t len);
+
 /* Split: read used->idx from guest memory into q->used_idx (configure, set_base).
  * 0, or VR_E_ADDR when the used ring is not mapped. */
 int vr_load_used_idx(struct vr_queue *q);

@@ -154,20 +154,6 @@ static void send_payloads(struct vs_tx_lane *lane, uint32_t niov)
     }
 }
 
-/* The used buffer notification: add 1 to the call eventfd (a full counter, EAGAIN, already
- * means "signalled"); 0, or the errno of a failed write. Spec: virtio 1.2 §2.7.7. */
-static int signal_call(const struct vr_queue *q)
-{
-    uint64_t one = 1;
-    ssize_t r;
-    if (q->call_fd < 0)
-        return 0;
-    do
-        r = write(q->call_fd, &one, sizeof one);
-    while (r < 0 && errno == EINTR);
-    return r < 0 && errno != EAGAIN && errno != EWOULDBLOCK ? errno : 0;
-}
-
 /* Complete n chains with one publication, make the notify decision and signal the call
  * eventfd if the ring asks: 0, or a negative VR_E_* (a ring area unmapped). */
 static int publish(struct vr_queue *q, const uint32_t *heads, const uint32_t *lens,
@@ -181,7 +167,7 @@ static int publish(struct vr_queue *q, const uint32_t *heads, const uint32_t *le
         return rc;
     *notify = rc;
     if (rc)
-        *call_errno = signal_call(q);
+        *call_errno = vr_signal_call(q);
     return 0;
 }
 
@@ -248,25 +234,6 @@ int vs_tx_lane(struct vr_queue *q, struct vs_tx_lane *lane)
     return rc < 0 ? rc : 0;
 }
 
-/* Mark the dirty log for `len` bytes written at guest-physical `gpa`, as ring.memory.
- * GuestMemory.mark_dirty does. The same loop as vring.c's static log_write, which vring.h
- * does not export (csrc/vring.* belong to the ring's owner: exporting it is proposed). */
-static void mark_dirty(const struct vr_queue *q, uint64_t gpa, uint64_t len)
-{
-    uint64_t page, last, limit;
-    if (!q->log || len == 0 || q->log_size == 0)
-        return;
-    limit = q->log_size * 8;
-    page = gpa >> 12;
-    last = (gpa + len - 1) >> 12;
-    if (page >= limit)
-        return;
-    if (last >= limit)
-        last = limit - 1;
-    for (; page <= last; page++)
-        __atomic_fetch_or(&q->log[page >> 3], (uint8_t)(1u << (page & 7)), __ATOMIC_RELAXED);
-}
-
 int vs_rx_put(struct vr_queue *q, struct vs_rx_put *put)
 {
     uint16_t last = q->last_avail_idx;
@@ -291,7 +258,7 @@ int vs_rx_put(struct vr_queue *q, struct vs_rx_put *put)
         const struct vr_segment *s = &put->seg[k];
         uint32_t take = s->len < VS_HDR_SIZE - done ? s->len : VS_HDR_SIZE - done;
         memcpy(s->host, put->packet + done, take);
-        mark_dirty(q, q->regions[s->region].gpa + s->offset, take);
+        vr_log_write(q, q->regions[s->region].gpa + s->offset, take);
         done += take;
     }
     rc = publish(q, &c->head, &len, &c->ring_slots, 1, &put->notify, &put->call_errno);
@@ -330,6 +297,6 @@ int vs_rx_pump(struct vr_queue *q, struct vr_scratch *scratch, struct vs_rx_pump
     if (rc < 0)
         return rc;
     if (p->out.notify)
-        p->call_errno = signal_call(q);
+        p->call_errno = vr_signal_call(q);
     return 0;
 }
