@@ -51,11 +51,11 @@ class StreamPump:
         other = self._rx if vq is not self._rx else self._tx
         if other is not None and other.memory is not vq.memory:
             raise ValueError("the pump's queues must share one GuestMemory")
-        vq._datapath_ready() or vq._datapath_slow()  # region table current, scratch made
+        state = vq.c_state()  # region table current, scratch made
         self._memory = vq.memory
         self._generation = vq.memory.generation
         self._log = vq.memory.log
-        return vq._q, vq._scratch[0]
+        return state
 
     @property
     def tx(self) -> Virtqueue | None:

@@ -480,6 +480,15 @@ class Virtqueue(VirtqueueBase):
         scratch = self._scratch
         return None if scratch is None else scratch[0]
 
+    def c_state(self):
+        """``(struct vr_queue *, struct vr_scratch *)`` for a C entry point outside this
+        module (ring.cpump, the vsock C paths): the region table made current first (rebuilt
+        when ``GuestMemory.generation`` moved, so C never walks a stale one), and a chain
+        popped before the call can no longer be given back (``unpop``)."""
+        s = self._datapath_ready() or self._datapath_slow()
+        self._unpop_mark = None
+        return self._q, s
+
     def _datapath_slow(self):
         self._sync()
         s, _keep, self._tx_out, self._rx_out = self._scratch_for_datapath()

@@ -207,9 +207,8 @@ def payload_views(readable: Sequence[memoryview], len_: int) -> list[memoryview]
 
 class CTxLane:
     """The lane in C (``vs_tx_lane``, csrc/vsock_path.c) over ``ring.cring`` queues; same
-    contract and results as :class:`PyTxLane`. Before each call the queue's region table is
-    brought up to date when guest memory changed (as ``ring.cpump`` does), so C never walks
-    a stale table."""
+    contract and results as :class:`PyTxLane`. The queue's C state comes from
+    ``Virtqueue.c_state`` (its region table current before each call)."""
 
     def __init__(self, tail_cap: int) -> None:
         from ring.cring import ffi, lib  # C only when it is used (VMCHANNEL_RING=py)
@@ -221,19 +220,11 @@ class CTxLane:
         self._tail_c = ffi.from_buffer(self._tail)
         lane.tail = self._tail_c
         lane.tail_cap = tail_cap
-        self._vq: Any = None  # the queue the bound methods below belong to
-        self._ready: Any = None
-        self._slow: Any = None
-        self._q: Any = None
 
     def run(self, vq: Any, sock: socket.socket, cid: int, host_port: int, guest_port: int,
             credit: int, peer_buf_alloc: int, peer_fwd_cnt: int,
             max_chains: int = LANE_CHAINS) -> LaneResult:
-        if vq is not self._vq:  # bound once per queue: no attribute chains per call
-            self._vq, self._ready, self._slow, self._q = (vq, vq._datapath_ready,
-                                                          vq._datapath_slow, vq._q)
-        self._ready() or self._slow()  # region table current (generation)
-        vq._unpop_mark = None  # a pop before this call can no longer be given back
+        q, _scratch = vq.c_state()
         lane = self._lane
         lane.cid = cid
         lane.host_port = host_port
@@ -243,7 +234,7 @@ class CTxLane:
         lane.max_chains = max_chains if max_chains > 0 else 0
         lane.peer_buf_alloc = peer_buf_alloc
         lane.peer_fwd_cnt = peer_fwd_cnt
-        rc = self._call(self._q, lane)
+        rc = self._call(q, lane)
         if rc < 0:
             from ring.cring import _raise_for
             raise _raise_for(rc, vq.index)
@@ -322,20 +313,12 @@ class CPut:
         self._put = ffi.new("struct vs_rx_put *")
         self._packet = ffi.buffer(self._put.packet)
         self._call = lib.vs_rx_put
-        self._vq: Any = None  # the queue the bound methods below belong to
-        self._ready: Any = None
-        self._slow: Any = None
-        self._q: Any = None
 
     def __call__(self, vq: Any, packet: bytes) -> PutResult:
-        if vq is not self._vq:  # bound once per queue: no attribute chains per call
-            self._vq, self._ready, self._slow, self._q = (vq, vq._datapath_ready,
-                                                          vq._datapath_slow, vq._q)
-        self._ready() or self._slow()  # region table current (generation)
-        vq._unpop_mark = None
+        q, _scratch = vq.c_state()
         put = self._put
         self._packet[:] = packet
-        rc = self._call(self._q, put)
+        rc = self._call(q, put)
         if rc < 0:
             from ring.cring import _raise_for
             raise _raise_for(rc, vq.index)

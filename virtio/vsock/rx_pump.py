@@ -73,8 +73,8 @@ def rx_pump_py(vq: Any, fd: int, cid: int, host_port: int, guest_port: int, buf_
 
 class CRxPump:
     """``vs_rx_pump`` (csrc/vsock_path.c) over ``ring.cring`` queues, the twin of
-    :func:`rx_pump_py`. Before each call the queue's region table is brought up to date
-    when guest memory changed (as ``ring.cring`` does for ``rx_from_fd``)."""
+    :func:`rx_pump_py`. The queue's C state comes from ``Virtqueue.c_state`` (its region
+    table current before each call)."""
 
     def __init__(self) -> None:
         from ring.cring import _BROKEN, ffi, lib  # C only when it is used
@@ -83,20 +83,12 @@ class CRxPump:
         self._out = self._p.out
         self._call = lib.vs_rx_pump
         self._broken = _BROKEN
-        self._vq: Any = None  # the queue the bound methods below belong to
-        self._ready: Any = None
-        self._slow: Any = None
-        self._q: Any = None
 
     def __call__(self, vq: Any, fd: int, cid: int, host_port: int, guest_port: int,
                  buf_alloc: int, fwd_cnt: int, credit: int) -> RxPumpResult:
         if credit <= 0:
             return _NOTHING
-        if vq is not self._vq:  # bound once per queue: no attribute chains per call
-            self._vq, self._ready, self._slow, self._q = (vq, vq._datapath_ready,
-                                                          vq._datapath_slow, vq._q)
-        s = self._ready() or self._slow()
-        vq._unpop_mark = None  # a pop before this call can no longer be given back
+        q, s = vq.c_state()
         p = self._p
         p.cid = cid
         p.host_port = host_port
@@ -105,7 +97,7 @@ class CRxPump:
         p.fwd_cnt = fwd_cnt
         p.credit = credit
         p.fd = fd
-        rc = self._call(self._q, s, p)
+        rc = self._call(q, s, p)
         if rc < 0:
             from ring.cring import _raise_for
             raise _raise_for(rc, vq.index)
