@@ -52,8 +52,12 @@ class PumpFlag(enum.IntFlag):
     KICK_ERROR = 512  # draining the kick eventfd failed, not with EAGAIN (kick_errno)
 
 
-_TX_BLOCKED, _TX_MORE, _TX_ERROR, _TX_BROKEN = 1, 2, 4, 8
-_RX_STARVED, _RX_EOF, _RX_ERROR, _RX_BROKEN, _CALL_ERROR, _KICK_ERROR = 16, 32, 64, 128, 256, 512
+# plain ints for the data path (IntFlag arithmetic costs a Python call per operation)
+_TX_BLOCKED, _TX_MORE, _TX_ERROR, _TX_BROKEN = (int(PumpFlag.TX_BLOCKED), int(PumpFlag.TX_MORE),
+                                                int(PumpFlag.TX_ERROR), int(PumpFlag.TX_BROKEN))
+_RX_STARVED, _RX_EOF, _RX_ERROR, _RX_BROKEN = (int(PumpFlag.RX_STARVED), int(PumpFlag.RX_EOF),
+                                               int(PumpFlag.RX_ERROR), int(PumpFlag.RX_BROKEN))
+_CALL_ERROR, _KICK_ERROR = int(PumpFlag.CALL_ERROR), int(PumpFlag.KICK_ERROR)
 
 
 class StreamPump:
