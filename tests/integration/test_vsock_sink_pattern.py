@@ -1,8 +1,10 @@
-"""The bench's host sink (bench/limits/peer.c) checks every byte of a vsock guest->host
-stream against the stream pattern the guest writes (bench/limits/vsock_guest.c,
-bench/vsock_guest.py), so a back-end path that loses, reorders or invents bytes fails the
-bench instead of looking fast. A fake hybrid-vsock endpoint answers the sink's CONNECT and
-sends it a stream: right, with one byte changed, with two chunks swapped, with bytes lost.
+"""The bench's host sink (bench/limits/peer.c) checks a vsock guest->host stream against
+the stream pattern the guest writes (bench/limits/vsock_guest.c, bench/vsock_guest.py), so a
+back-end path that loses, reorders or invents bytes fails the bench instead of looking fast:
+every byte of the first ``FULL_CHECK_BYTES``, then ``SAMPLE_BYTES`` at every
+``SAMPLE_STRIDE``-aligned offset and at the end of each read. A fake hybrid-vsock endpoint
+answers the sink's CONNECT and sends it a stream: right, with one byte changed, with two
+chunks swapped, with bytes lost, before and after the fully checked start.
 
 Spec: virtio 1.2 §5.10.6.4 (stream data arrives in order, without loss).
 """
@@ -20,6 +22,8 @@ from bench.limits.build import helper_path
 from bench.vsock_guest import _stream_ref
 
 TOTAL = 3 * 65536 + 5000
+#: bench/limits/peer.c's FULL_CHECK_BYTES, SAMPLE_STRIDE and SAMPLE_BYTES.
+FULL_CHECK_BYTES, SAMPLE_STRIDE, SAMPLE_BYTES = 32 << 20, 512, 8
 
 
 def _sink(tmp_path, stream: bytes, pieces: int = 7) -> tuple[int, dict]:
@@ -75,3 +79,31 @@ def test_sink_reports_the_first_wrong_byte(tmp_path, damage):
     assert rc == 4
     assert result["bytes"] == [len(ref)] and result["mismatch"][0] == 0
     assert first <= result["mismatch"][1] < first + 8
+
+
+SAMPLED_TOTAL = FULL_CHECK_BYTES + 3 * 65536 + 5000
+
+
+def test_sink_accepts_the_pattern_past_the_fully_checked_start(tmp_path):
+    rc, result = _sink(tmp_path, _stream_ref(SAMPLED_TOTAL), pieces=97)
+    assert (rc, result) == (0, {"bytes": [SAMPLED_TOTAL]})
+
+
+@pytest.mark.parametrize("damage", ["changed at a sample", "swapped", "lost", "repeated"])
+def test_sink_samples_catch_damage_past_the_fully_checked_start(tmp_path, damage):
+    ref = bytearray(_stream_ref(SAMPLED_TOTAL))
+    at = FULL_CHECK_BYTES + 70000
+    if damage == "changed at a sample":
+        at -= at % SAMPLE_STRIDE
+        ref[at] ^= 1
+    elif damage == "swapped":  # two 4 KiB chunks change places
+        a, b = bytes(ref[at:at + 4096]), bytes(ref[at + 4096:at + 8192])
+        ref[at:at + 8192] = b + a
+    elif damage == "lost":  # 100 bytes missing
+        del ref[at:at + 100]
+    else:  # a 4 KiB run delivered twice (a stale buffer)
+        ref[at:at] = ref[at - 4096:at]
+    rc, result = _sink(tmp_path, bytes(ref), pieces=97)
+    assert rc == 4
+    assert result["bytes"] == [len(ref)] and result["mismatch"][0] == 0
+    assert at <= result["mismatch"][1] < at + SAMPLE_STRIDE + SAMPLE_BYTES
