@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ports", type=int, default=126,
                    help="ports of the many-ports scenario (max 126: port 0 is the console's)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each targeted same-CPU row with perf (bench/profile.py)"
+                        " into <out>/profiles/<timestamp>/")
     return p
 
 
@@ -51,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     pinnings = ("same", "cross") if args.pinning == "both" else (args.pinning,)
     ctx = sc.Ctx(quick=args.quick, runs=args.runs or (3 if args.quick else 5),
                  seconds=args.seconds or (0.2 if args.quick else 1.0), pinnings=pinnings)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = args.out or report.RESULTS_DIR
+    if args.profile:
+        from bench.profile import Profiler
+
+        ctx.profiler = Profiler(out_dir / "profiles" / stamp, shutil.which("perf"))
     chosen = args.scenario or list(SCENARIOS)
     chunks = [32768] if args.quick else [4096, 16384, 32768, 65536, 131072]
     t0 = time.monotonic()
@@ -89,14 +98,15 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(ctx.workdir, ignore_errors=True)
         else:
             print(f"work directory kept: {ctx.workdir}")
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     cmd = "python -m bench" + (" " + " ".join(argv if argv is not None else sys.argv[1:])
                                if (argv if argv is not None else sys.argv[1:]) else "")
     meta = {"command": cmd.strip(), "date": stamp, "cpus": os.cpu_count(), "runs": ctx.runs,
             "seconds": ctx.seconds, "elapsed_s": round(time.monotonic() - t0, 1),
             "python": sys.version.split()[0], "failures": failures,
             "scenario_seconds": timings}
-    paths = report.write(rows, meta, args.out or report.RESULTS_DIR, stamp)
+    if ctx.profiler is not None:
+        meta["profiles"] = [str(p) for p in ctx.profiler.written]
+    paths = report.write(rows, meta, out_dir, stamp)
     print(report.markdown(rows, meta))
     print("wrote " + ", ".join(str(p) for p in paths.values()) +
           f" in {meta['elapsed_s']} s")

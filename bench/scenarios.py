@@ -36,6 +36,11 @@ class Ctx:
     workdir: Path = dataclasses.field(default_factory=lambda: Path(tempfile.mkdtemp(
         prefix="vmchannel-bench-")))
     log: Callable[[str], None] = print
+    #: ``--profile``: a bench.profile.Profiler for the targeted same-CPU rows, else None.
+    profiler: object | None = None
+
+    def profiling(self, pin: str) -> bool:
+        return self.profiler is not None and pin == "same"
 
 
 @dataclasses.dataclass
@@ -135,8 +140,12 @@ class ConsoleSetup:
 
 
 def alternate(ctx: Ctx, backend_run: Callable[[], float], limit_run: Callable[[], float] | None,
-              runs: int | None = None) -> tuple[list[float], list[float]]:
-    """Back-end and limit runs, interleaved, one warm-up back-end run discarded."""
+              runs: int | None = None, profile_as: str | None = None
+              ) -> tuple[list[float], list[float]]:
+    """Back-end and limit runs, interleaved, one warm-up back-end run discarded.
+
+    ``profile_as``: with ``--profile``, one more back-end run and one more limit run under
+    perf afterwards (bench/profile.py), not counted in the figures."""
     runs = runs or ctx.runs
     backend_run()
     b, l = [], []
@@ -144,6 +153,10 @@ def alternate(ctx: Ctx, backend_run: Callable[[], float], limit_run: Callable[[]
         b.append(backend_run())
         if limit_run is not None:
             l.append(limit_run())
+    if profile_as is not None and ctx.profiler is not None:
+        ctx.profiler.run(profile_as, "back-end", backend_run)
+        if limit_run is not None:
+            ctx.profiler.run(profile_as, "limit", limit_run)
     return b, l
 
 
@@ -188,12 +201,13 @@ def bulk(ctx: Ctx, direction: str, chunks: list[int]) -> list[Row]:
                 guest_cpu.append(_guest_ms_per_gb(r))
                 return _rate(r)
 
-            try:
-                b, l = alternate(ctx, backend_run, limit_run)
-            finally:
-                s.close()
             label = f"console {direction} {chunk // KIB} KiB" + ("" if tx else
                                                                   " (4 KiB guest buffers)")
+            try:
+                b, l = alternate(ctx, backend_run, limit_run, profile_as=label
+                                 if target is not None and ctx.profiling(pin) else None)
+            finally:
+                s.close()
             rows.append(Row("console-bulk-tx" if tx else "console-bulk-rx", label, pin,
                             ctx.ring, "B/s", b, l, "raw AF_UNIX write()/read(), one hot buffer"
                             if tx else "raw AF_UNIX write()/readv(16×4 KiB), one hot buffer",
@@ -251,6 +265,11 @@ def rtt(ctx: Ctx) -> list[Row]:
                 lr = limit_rtt(3, iters * 5, cpus["guest"], cpus["backend"], cpus["peer"])
                 lp50.append(lr["p50_ns"] / 1e3)
                 lp99.append(lr["p99_ns"] / 1e3)
+            if ctx.profiling(pin):
+                name = "console 64-byte round trip"
+                ctx.profiler.run(name, "back-end", lambda: s.guest.rtt(iters * 5))
+                ctx.profiler.run(name, "limit", lambda: limit_rtt(
+                    3, iters * 25, cpus["guest"], cpus["backend"], cpus["peer"]))
         finally:
             s.close()
         rows.append(Row("console-rtt", "console 64-byte round trip p50", pin, ctx.ring, "µs",
@@ -298,6 +317,10 @@ def many_ports(ctx: Ctx, nports: int = 126) -> list[Row]:
                     r = setup.guest.run(ctx.seconds)
                     if round_:
                         results[key].append(r)
+            if ctx.profiling(pin):
+                for key in ("all", "one", "matched"):
+                    ctx.profiler.run(f"{nports} ports", key,
+                                     lambda key=key: setups[key].guest.run(ctx.seconds))
         finally:
             for setup in setups.values():
                 setup.close()

@@ -1,0 +1,107 @@
+"""``python -m bench --profile`` (bench/profile.py): perf's report is read into process
+roles and hot symbols, shares are of the bench's own samples, and a real ``perf record``
+of a child process that spins is attributed to that child.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench.profile import Profiler, descendants, parse_report, role_of, summarise
+
+REPORT = """\
+# Overhead      Pid:Command      Shared Object        Symbol
+# ........  ...................  ...................  ......
+#
+    40.00%       101:python      [kernel.kallsyms]    [k] _copy_from_iter
+    20.00%       102:peer        [kernel.kallsyms]    [k] _copy_to_iter
+    10.00%       101:python      libpython3.11.so.1.0 [.] _PyEval_EvalFrameDefault
+    10.00%         0:swapper     [kernel.kallsyms]    [k] pv_native_safe_halt
+     5.00%       777:stream      [kernel.kallsyms]    [k] _copy_from_iter
+     5.00%       778:stream      [kernel.kallsyms]    [k] _copy_from_iter
+    10.00%       999:python      libpython3.11.so.1.0 [.] _PyEval_EvalFrameDefault
+"""
+OURS = {101: "python -m vmchannel run --config x", 102: "/w/bench/.cache/peer sink 32768 0 p"}
+
+
+def test_report_rows_are_parsed():
+    rows = parse_report(REPORT)
+    assert [(r.percent, r.pid, r.comm, r.dso, r.symbol) for r in rows][:3] == [
+        (40.0, 101, "python", "[kernel]", "_copy_from_iter"),
+        (20.0, 102, "peer", "[kernel]", "_copy_to_iter"),
+        (10.0, 101, "python", "libpython", "_PyEval_EvalFrameDefault")]
+    assert len(rows) == 7
+
+
+def test_roles_come_from_the_bench_own_processes():
+    assert role_of(0, "swapper", OURS) == "idle"
+    assert role_of(101, "python", OURS) == "back-end"
+    assert role_of(102, "peer", OURS) == "host peer"
+    assert role_of(777, "stream", OURS) == "raw limit helper"  # exited: named by command
+    assert role_of(999, "python", OURS) == "other (not this bench)"
+
+
+def test_shares_are_of_the_bench_samples_and_symbols_merge_across_pids():
+    text = summarise(parse_report(REPORT), OURS)
+    assert "idle 10.0 % (with the 0.5 s before the run while perf starts), other jobs on this shared CPU 10.0 %, this bench 80.0 %" in text
+    lines = text.splitlines()
+    assert "    62.5 %  back-end" in lines  # (40 + 10) / 80
+    assert "    25.0 %  host peer" in lines
+    assert "    12.5 %  raw limit helper" in lines  # two pids, one role
+    assert any(line.split()[:2] == ["50.00", "%"] and line.endswith("_copy_from_iter")
+               for line in lines)  # 40 % of all = 50 % of the bench's
+    assert not any("pv_native_safe_halt" in line for line in lines)
+
+
+def test_descendants_lists_live_children_with_their_command_lines():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        ours = descendants(os.getpid())
+        assert os.getpid() in ours
+        assert "time.sleep(30)" in ours[child.pid]
+    finally:
+        child.kill()
+        child.wait()
+
+
+FAKE_PERF = """#!/bin/sh
+# perf record ... -o FILE: make FILE, then wait for SIGINT; perf report: a canned report.
+if [ "$1" = record ]; then
+    while [ "$#" -gt 1 ]; do [ "$1" = -o ] && : > "$2"; shift; done
+    trap 'exit 0' INT
+    while :; do sleep 0.05; done
+fi
+cat "$(dirname "$0")/report.txt"
+"""
+
+
+def _fake_perf(tmp_path, report: str) -> str:
+    path = tmp_path / "perf"
+    path.write_text(FAKE_PERF)
+    path.chmod(0o755)
+    (tmp_path / "report.txt").write_text(report)
+    return str(path)
+
+
+def test_a_run_under_perf_writes_its_summary_and_returns_the_figure(tmp_path):
+    me = os.getpid()
+    report = f"    75.00%  {me}:python  libpython3.11.so.1.0  [.] _PyEval_EvalFrameDefault\n" \
+             "    25.00%       0:swapper     [kernel.kallsyms]    [k] pv_native_safe_halt\n"
+    profiler = Profiler(tmp_path / "out", _fake_perf(tmp_path, report))
+    assert profiler.run("console guest->host 32 KiB", "back-end", lambda: 42.0) == 42.0
+    [path] = profiler.written
+    assert path.name == "console-guest-host-32-kib-back-end.txt"
+    text = path.read_text()
+    assert text.startswith("console guest->host 32 KiB: back-end run, same CPU")
+    assert "idle 25.0 % (with the 0.5 s before the run while perf starts), other jobs on this shared CPU 0.0 %, this bench 75.0 %" in text
+    assert "   100.0 %  bench harness" in text.splitlines()
+
+
+def test_without_perf_the_run_goes_on_and_the_file_says_why(tmp_path):
+    profiler = Profiler(tmp_path, None)
+    assert profiler.run("rtt", "limit", lambda: 7.0) == 7.0
+    assert profiler.written[0].read_text().endswith("perf is not installed: no profile.\n")
