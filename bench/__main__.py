@@ -21,12 +21,15 @@ SCENARIOS = ("bulk-tx", "bulk-rx", "small", "rtt", "ports", "vsock", "idle", "py
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer, shorter runs (< 1 minute)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer, shorter runs, same-CPU pinning only unless --pinning says "
+                        "otherwise (< 1 minute)")
     p.add_argument("--scenario", action="append", choices=SCENARIOS,
                    help="run only these scenarios (repeatable)")
     p.add_argument("--runs", type=int, help="back-end/limit run pairs (default 5, quick 3)")
     p.add_argument("--seconds", type=float, help="seconds per run (default 1.0, quick 0.2)")
-    p.add_argument("--pinning", choices=("same", "cross", "both"), default="both")
+    p.add_argument("--pinning", choices=("same", "cross", "both"),
+                   help="CPU pinning (default both; with --quick, same: the targets' pinning)")
     p.add_argument("--out", type=Path, help="results directory (default bench/results)")
     p.add_argument("--ports", type=int, default=126,
                    help="ports of the many-ports scenario (max 126: port 0 is the console's)")
@@ -49,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     except BuildError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
+    if args.pinning is None:
+        args.pinning = "same" if args.quick else "both"
     if (os.cpu_count() or 1) < 2 and args.pinning != "same":
         args.pinning = "same"
     pinnings = ("same", "cross") if args.pinning == "both" else (args.pinning,)
