@@ -25,6 +25,7 @@ import re
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -39,19 +40,21 @@ _ROLES = (
     ("bench.guest_proc", "guest model"),
     ("vsock_guest", "C guest stand-in"),
     ("/peer", "host peer"),
+    ("/stream", "raw limit helper"),
+    ("/rtt", "raw limit helper"),
     ("vmchannel", "back-end"),
     ("virtio.daemon", "back-end"),
 )
-#: perf's command names of the raw limit's helpers (bench/limits/stream.c, rtt.c): they run
-#: and exit within one limit run, so they are named by command, not by a live process.
-_LIMIT_COMMS = ("stream", "rtt")
+#: How often the bench's process tree is listed during a profiled run: the raw limit's
+#: helpers live for one run only, so they are caught while they run.
+_WATCH_S = 0.05
 _LINE = re.compile(r"^\s*([\d.]+)%\s+(\d+):(\S+)\s+(\S+)\s+\[(.)\]\s+(.*?)\s*$")
 
 
-def role_of(pid: int, comm: str, ours: dict[int, str]) -> str:
-    """The role of ``pid`` (perf's command name ``comm``): ``ours`` maps this bench's live
-    descendant processes to their command lines; pid 0 is the idle task; anything else on
-    the CPU (another job on this shared machine) is "other"."""
+def role_of(pid: int, ours: dict[int, str]) -> str:
+    """The role of ``pid``: ``ours`` maps the processes of this bench's tree seen during the
+    run to their command lines; pid 0 is the idle task; anything else on the CPU (another
+    job on this shared machine) is "other"."""
     if pid == 0:
         return "idle"
     if pid in ours:
@@ -59,8 +62,6 @@ def role_of(pid: int, comm: str, ours: dict[int, str]) -> str:
             if needle in ours[pid]:
                 return role
         return "bench harness"
-    if comm in _LIMIT_COMMS:
-        return "raw limit helper"
     return "other (not this bench)"
 
 
@@ -130,7 +131,7 @@ def summarise(samples: list[Sample], ours: dict[int, str], top: int = 30) -> str
     by_role: dict[str, float] = {}
     by_symbol: dict[tuple[str, str, str], float] = {}
     for s in samples:
-        role = role_of(s.pid, s.comm, ours)
+        role = role_of(s.pid, ours)
         by_role[role] = by_role.get(role, 0.0) + s.percent
         key = (role, s.dso, s.symbol)
         by_symbol[key] = by_symbol.get(key, 0.0) + s.percent
@@ -175,10 +176,12 @@ class Profiler:
             data = Path(tmp) / "perf.data"
             rec = subprocess.Popen([self.perf, "record", "-q", "-C", "0", "-o", str(data)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            watch = _TreeWatch(os.getpid())
             try:
                 time.sleep(_PERF_START_S)
-                value = fn()
-                ours = descendants(os.getpid())
+                with watch:
+                    value = fn()
+                ours = watch.seen
             finally:
                 rec.send_signal(signal.SIGINT)
                 _, err = rec.communicate(timeout=60)
@@ -194,6 +197,35 @@ class Profiler:
         path.write_text(header + summarise(parse_report(report.stdout), ours))
         self.written.append(path)
         return value
+
+
+class _TreeWatch:
+    """Lists the bench's process tree every ``_WATCH_S`` while the ``with`` block runs;
+    ``seen`` keeps every process met (pid → command line), exited ones too."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.seen: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while True:
+            for pid, cmd in descendants(self.root).items():
+                if cmd:
+                    self.seen.setdefault(pid, cmd)
+            if self._stop.wait(_WATCH_S):
+                return
+
+    def __enter__(self) -> "_TreeWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        for pid, cmd in descendants(self.root).items():
+            self.seen.setdefault(pid, cmd)
 
 
 def _slug(name: str) -> str:

@@ -25,7 +25,9 @@ REPORT = """\
      5.00%       778:stream      [kernel.kallsyms]    [k] _copy_from_iter
     10.00%       999:python      libpython3.11.so.1.0 [.] _PyEval_EvalFrameDefault
 """
-OURS = {101: "python -m vmchannel run --config x", 102: "/w/bench/.cache/peer sink 32768 0 p"}
+OURS = {101: "python -m vmchannel run --config x", 102: "/w/bench/.cache/peer sink 32768 0 p",
+        777: "/w/bench/.cache/stream 32768 1.0 read 0 0 0",
+        778: "/w/bench/.cache/stream 32768 1.0 read 0 0 0"}
 
 
 def test_report_rows_are_parsed():
@@ -38,11 +40,11 @@ def test_report_rows_are_parsed():
 
 
 def test_roles_come_from_the_bench_own_processes():
-    assert role_of(0, "swapper", OURS) == "idle"
-    assert role_of(101, "python", OURS) == "back-end"
-    assert role_of(102, "peer", OURS) == "host peer"
-    assert role_of(777, "stream", OURS) == "raw limit helper"  # exited: named by command
-    assert role_of(999, "python", OURS) == "other (not this bench)"
+    assert role_of(0, OURS) == "idle"
+    assert role_of(101, OURS) == "back-end"
+    assert role_of(102, OURS) == "host peer"
+    assert role_of(777, OURS) == "raw limit helper"
+    assert role_of(999, OURS) == "other (not this bench)"  # someone else's python
 
 
 def test_shares_are_of_the_bench_samples_and_symbols_merge_across_pids():
@@ -85,6 +87,25 @@ def _fake_perf(tmp_path, report: str) -> str:
     path.chmod(0o755)
     (tmp_path / "report.txt").write_text(report)
     return str(path)
+
+
+def test_a_short_lived_child_of_the_run_is_counted_as_the_bench(tmp_path):
+    """The raw limit's helpers run and exit inside one run: the watch must catch them."""
+    profiler = Profiler(tmp_path / "out", _fake_perf(tmp_path, ""))
+
+    def run() -> float:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)",
+                                  "/stream"])
+        child.wait()  # gone before the run ends; perf's report names its pid
+        (tmp_path / "report.txt").write_text(
+            f"    60.00%  {child.pid}:python  [kernel.kallsyms]  [k] _copy_to_iter\n"
+            "    40.00%  1:init  [kernel.kallsyms]  [k] do_syscall_64\n")
+        return 1.0
+
+    assert profiler.run("limit", "limit", run) == 1.0
+    lines = profiler.written[0].read_text().splitlines()
+    assert "   100.0 %  raw limit helper" in lines
+    assert any("other jobs on this shared CPU 40.0 %" in line for line in lines)
 
 
 def test_a_run_under_perf_writes_its_summary_and_returns_the_figure(tmp_path):
