@@ -477,3 +477,74 @@ def test_settle_quiet_matches_settle(window, put, owed_before):
     got = lane(fast, fconn, lambda: fast.mux.settle_quiet(fconn, pending, 4, fast.now))
     assert got == want
     assert state(fast, key, fconn) == state(ref, key, rconn)
+
+
+@pytest.mark.parametrize("used", [0, 1000, GUEST_BUF])
+@pytest.mark.parametrize("guest_read", [True, False])
+@pytest.mark.parametrize("packets", [1, 3])
+def test_credit_only_quiet_matches_rw_lane_and_settle(used, guest_read, packets):
+    """A TX lane run of the guest's CREDIT_UPDATEs for a connection in the RX pump's state
+    (``credit_only_quiet``: no snapshot, a reconcile only when read interest or the
+    CREDIT_REQUEST timer changes) leaves what ``rw_lane`` + ``settle`` leave: actions,
+    counters, interest, timers, RX scheduling, statistics, the guest's next packets.
+    ``used``: credit the pump used before (all of it: read interest off, the update turns
+    it back on); ``guest_read``: the update moves fwd_cnt (else the same pair again).
+    Spec: virtio 1.2 §5.10.6.3 (every packet carries the sender's credit)."""
+    def build():
+        h = Harness()
+        key = h.open_guest_conn()
+        conn = h.mux._vms[3].conns[key]
+        lane = h.mux.rx_lane_conn(key)
+        assert lane is not None
+        h.run(h.mux.rx_lane_done(conn, used, -(-used // 4052), True, h.now))
+        assert conn.rx_lane_state() and conn.wants_read == (used < GUEST_BUF)
+        fwd = conn.tx_cnt if guest_read else conn.peer_fwd_cnt
+        return h, key, conn, fwd
+
+    def state(h, key, conn):
+        s = h.socks[key]
+        return ((conn.tx_cnt, conn.peer_buf_alloc, conn.peer_fwd_cnt, conn.recv_cnt,
+                 conn.fwd_cnt, conn.adv_fwd_cnt, conn._pending, conn._credit_requested,
+                 conn.wants_read, conn.wants_write, conn.deadline, conn.has_rx),
+                (s.read, s.write), dict(h.timers), list(h.mux._vms[3].rxq), h.mux.stats(3))
+
+    ref, key, rconn, fwd = build()
+    changed = fwd != rconn.peer_fwd_cnt
+    before = ref.mux.snapshot(rconn)
+    rconn.rw_lane(0, 0, b"", GUEST_BUF, fwd, changed)
+    want = ref.mux.settle(rconn, before, packets, ref.now)
+    ref.run(want)
+
+    fast, _, fconn, _ = build()
+    got = fast.mux.credit_only_quiet(fconn, packets, GUEST_BUF, fwd, changed, fast.now)
+    assert got == want
+    fast.run(got)
+    assert (got != []) == (used == GUEST_BUF and guest_read)  # interest back on
+    assert state(fast, key, fconn) == state(ref, key, rconn)
+    ref.host_sends(key, b"h" * 5000)
+    fast.host_sends(key, b"h" * 5000)
+    assert fast.rx(max_payload=1 << 20) == ref.rx(max_payload=1 << 20)
+    assert state(fast, key, fconn) == state(ref, key, rconn)
+
+
+def test_credit_only_quiet_declines_and_changes_nothing():
+    """Something owed to the guest (a CREDIT_UPDATE it asked for), or the host socket
+    known readable: None, nothing changed (the full path answers).
+    Spec: virtio 1.2 §5.10.6.3."""
+    h = Harness()
+    key = h.open_guest_conn()
+    conn = h.mux._vms[3].conns[key]
+    h.send(pkt(Op.CREDIT_REQUEST, key.peer_port, key.local_port))  # owes a CREDIT_UPDATE
+    snap = (conn.peer_buf_alloc, conn.peer_fwd_cnt, conn._pending, h.mux.stats(3))
+    assert h.mux.credit_only_quiet(conn, 1, GUEST_BUF, 7, True, h.now) is None
+    assert (conn.peer_buf_alloc, conn.peer_fwd_cnt, conn._pending, h.mux.stats(3)) == snap
+    h.rx()
+    h.host_sends(key, b"x" * 10)  # known readable
+    assert not conn.rx_lane_state()
+    snap = (conn.peer_buf_alloc, conn.peer_fwd_cnt, conn._pending, h.mux.stats(3))
+    assert h.mux.credit_only_quiet(conn, 1, GUEST_BUF, 7, True, h.now) is None
+    assert (conn.peer_buf_alloc, conn.peer_fwd_cnt, conn._pending, h.mux.stats(3)) == snap
+    h.rx(max_payload=1 << 20)
+    assert conn.rx_lane_state()
+    assert h.mux.credit_only_quiet(conn, 1, GUEST_BUF, 7, True, h.now) == []
+    assert conn.peer_fwd_cnt == 7

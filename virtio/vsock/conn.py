@@ -603,11 +603,19 @@ class Connection:
         `VsockMuxer.rx_lane_done` relies on.
 
         Spec: virtio 1.2 §5.10.6.3 (RW within the guest's credit)."""
-        if (self._pending or self._h2g or self.host_readable or self.host_eof
-                or not self.host_open or self.type_ is not Type.STREAM
-                or not self._h2g_open()):
+        if not self.rx_lane_state():
             return 0
         return self.peer_free
+
+    def rx_lane_state(self) -> bool:
+        """A stream connection, established and open towards the guest, nothing else owed
+        to it (no pending control packet, no queued data), its host socket not known
+        readable and not at EOF: then `has_rx` is False, `wants_read` is ``peer_free >
+        0`` and no CREDIT_REQUEST is wanted (`rx_lane_credit`, `VsockMuxer.
+        credit_only_quiet`)."""
+        return not (self._pending or self._h2g or self.host_readable or self.host_eof
+                    or not self.host_open or self.type_ is not Type.STREAM
+                    or not self._h2g_open())
 
     def rx_lane_done(self, nbytes: int, clean_drain: bool) -> bool:
         """``nbytes`` payload bytes went to the guest through the RX pump, in packets

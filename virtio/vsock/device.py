@@ -286,6 +286,15 @@ class VsockDevice:
                     self._credit_reopens(key.local_port, key.peer_port, res.peer_buf_alloc,
                                          res.peer_fwd_cnt, self.loop.time()):
                 return res  # one CREDIT_UPDATE, and it re-opened a waiting read
+            if not res.bytes and not res.tail and res.error is None:
+                # only credit fields (a receiving guest's CREDIT_UPDATE)
+                actions = muxer.credit_only_quiet(conn, res.chains, res.peer_buf_alloc,
+                                                  res.peer_fwd_cnt, res.credit_changed,
+                                                  self.loop.time())
+                if actions is not None:
+                    if actions:
+                        run(actions)
+                    return res
             if (not res.tail and res.error is None and not res.credit_changed
                     and res.peer_buf_alloc == conn.peer_buf_alloc
                     and res.peer_fwd_cnt == conn.peer_fwd_cnt):

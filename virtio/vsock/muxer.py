@@ -405,6 +405,39 @@ class VsockMuxer:
         before = (conn.wants_read, conn.wants_write, conn.deadline, key in vm.rxq)
         return self._reconcile(key, before, now=now)
 
+    def credit_only_quiet(self, conn: Connection, packets: int, buf_alloc: int,
+                          fwd_cnt: int, credit_changed: bool, now: float
+                          ) -> list[Action] | None:
+        """A TX lane run of ``packets`` packets without payload (the guest's CREDIT_UPDATEs
+        of a host->guest stream: one per credit window) carrying ``buf_alloc`` /
+        ``fwd_cnt`` (the last packet's; ``credit_changed``: some packet's pair differed
+        from the one before it, as the lane reports), for a connection in the RX pump's
+        state (`Connection.rx_lane_state`: nothing owed to the guest, socket not known
+        readable). Then `has_rx` stays False and the write side, the handshake deadline
+        and the guest->host counters are untouched, so only read interest and the
+        CREDIT_REQUEST timer can change: the credit fields are applied, the packets
+        counted, and a reconcile runs only when one of those two changed. The outcome is
+        that of ``rw_lane`` + `settle`. None (nothing changed): the caller takes that path.
+
+        Spec: virtio 1.2 §5.10.6.3 (every packet carries the sender's credit)."""
+        vm = self._vms[conn.key.cid]
+        if not conn.rx_lane_state() or conn.key in vm.rxq:
+            return None
+        conn._credit_check()  # as rw_lane does (no payload: an update owed stays owed)
+        if conn._pending:
+            return None  # an update owed: the full path puts it (_credit_check is idempotent)
+        read_before = conn.peer_free > 0  # wants_read in that state
+        deadline_before = conn.deadline
+        vm.stats.tx_packets += packets
+        if credit_changed:  # as rw_lane
+            conn._credit_requested = False
+        conn.peer_buf_alloc, conn.peer_fwd_cnt = buf_alloc, fwd_cnt
+        conn.arm_credit_request(now)
+        if (conn.peer_free > 0) == read_before and conn.deadline == deadline_before:
+            return []
+        return self._reconcile(conn.key, (read_before, conn.wants_write, deadline_before,
+                                          False), now=now)
+
     def lone_credit_update(self, conn: Connection) -> bytes | None:
         """When ``conn``'s next packet for the guest is a CREDIT_UPDATE and nothing of its
         VM comes before it in `poll_rx` order (no control or sibling packet, no other
