@@ -280,6 +280,9 @@ class _Pending:
 
 #: ShutdownFlag bits as plain ints (see `_Pending`); ``peer_shut``/``local_shut`` hold ints.
 _RCV, _SEND, _BOTH = int(ShutdownFlag.RCV), int(ShutdownFlag.SEND), int(ShutdownFlag.BOTH)
+#: For `Connection.credit_update_packet` (once per credit window): no enum conversion.
+_pack_header = VsockHeader.FMT.pack
+_HOST_CID, _CREDIT_UPDATE = int(HOST_CID), int(Op.CREDIT_UPDATE)
 
 
 class Connection:
@@ -380,9 +383,9 @@ class Connection:
         """We have stream data for the guest and it gave us zero credit, not yet asked.
 
         Spec: virtio 1.2 §5.10.6.3 (CREDIT_REQUEST asks the peer for its credit)."""
-        return (not self._credit_requested and self._h2g_open()
-                and bool(self._h2g or (self.host_readable and not self.host_eof))
-                and self.peer_free == 0)
+        return (bool(self._h2g or (self.host_readable and not self.host_eof))
+                and not self._credit_requested and self._h2g_open()
+                and self.peer_free == 0)  # the cheapest test first: run every reconcile
 
     def arm_credit_request(self, now: float | None) -> None:
         """Keep the CREDIT_REQUEST timer in line with `credit_request_wanted` (the muxer
@@ -409,8 +412,8 @@ class Connection:
     @property
     def peer_free(self) -> int:
         """Bytes the guest can take now: ``peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`` ≥ 0."""
-        in_flight = _u32(self.tx_cnt - self.peer_fwd_cnt)
-        return max(0, self.peer_buf_alloc - in_flight)
+        free = self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & U32_MASK)
+        return free if free > 0 else 0  # inline: read several times per credit window
 
     def _h2g_open(self) -> bool:
         return (self.state is ConnState.ESTABLISHED and not self.peer_shut & _RCV
@@ -605,17 +608,19 @@ class Connection:
         Spec: virtio 1.2 §5.10.6.3 (RW within the guest's credit)."""
         if not self.rx_lane_state():
             return 0
-        return self.peer_free
+        free = self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & U32_MASK)
+        return free if free > 0 else 0  # peer_free, inline (once per host-readable event)
 
     def rx_lane_state(self) -> bool:
         """A stream connection, established and open towards the guest, nothing else owed
         to it (no pending control packet, no queued data), its host socket not known
         readable and not at EOF: then `has_rx` is False, `wants_read` is ``peer_free >
         0`` and no CREDIT_REQUEST is wanted (`rx_lane_credit`, `VsockMuxer.
-        credit_only_quiet`)."""
+        credit_only_quiet`). (`_h2g_open` inline: with ``_pending`` 0 it is ESTABLISHED
+        and not ``peer_shut & RCV``.)"""
         return not (self._pending or self._h2g or self.host_readable or self.host_eof
                     or not self.host_open or self.type_ is not Type.STREAM
-                    or not self._h2g_open())
+                    or self.state is not ConnState.ESTABLISHED or self.peer_shut & _RCV)
 
     def rx_lane_done(self, nbytes: int, clean_drain: bool) -> bool:
         """``nbytes`` payload bytes went to the guest through the RX pump, in packets
@@ -625,11 +630,13 @@ class Connection:
         Otherwise the socket is marked readable (unless it drained), so the general path
         (`rx_burst`, `rx_read_done`) reads on and finds EOF or the error itself."""
         if nbytes:
-            self.tx_cnt = _u32(self.tx_cnt + nbytes)
+            self.tx_cnt = tx_cnt = (self.tx_cnt + nbytes) & U32_MASK
             self.bytes_to_guest += nbytes
             self.adv_fwd_cnt = self.fwd_cnt  # every header carried fwd_cnt
-        if clean_drain:
-            return self.peer_free > 0
+        else:
+            tx_cnt = self.tx_cnt
+        if clean_drain:  # peer_free > 0, inline (once per host-readable event)
+            return self.peer_buf_alloc > ((tx_cnt - self.peer_fwd_cnt) & U32_MASK)
         self.host_readable = True
         return False
 
@@ -796,19 +803,19 @@ class Connection:
         if credit_changed:
             self._credit_requested = False
         self.peer_buf_alloc, self.peer_fwd_cnt = peer_buf_alloc, peer_fwd_cnt
-        self.recv_cnt = _u32(self.recv_cnt + total)
+        self.recv_cnt = (self.recv_cnt + total) & U32_MASK
         if tail:
             self._g2h_chunks.append(tail)
-        self._forwarded(written)
+        self.fwd_cnt = (self.fwd_cnt + written) & U32_MASK  # _forwarded, inline
+        self.bytes_to_host += written
         self._credit_check()
 
     def credit_update_packet(self) -> bytes:
         """The CREDIT_UPDATE header `next_rx` would produce now, packed, changing nothing;
         `credit_update_sent` once it is in an RX buffer (Spec: virtio 1.2 §5.10.6.3)."""
         k = self.key
-        return VsockHeader.FMT.pack(int(HOST_CID), k.cid, k.local_port, k.peer_port, 0,
-                                    int(self.type_), int(Op.CREDIT_UPDATE), 0, self.buf_alloc,
-                                    self.fwd_cnt)
+        return _pack_header(_HOST_CID, k.cid, k.local_port, k.peer_port, 0, self.type_,
+                            _CREDIT_UPDATE, 0, self.buf_alloc, self.fwd_cnt)
 
     def credit_update_sent(self) -> None:
         """The `credit_update_packet` went to the guest (as `_header` records it)."""
@@ -953,8 +960,8 @@ class Connection:
         return actions
 
     def _credit_check(self) -> list[Action]:
-        view_free = self.buf_alloc - _u32(self.recv_cnt - self.adv_fwd_cnt)
-        actual_free = self.buf_alloc - self.buffered_g2h
+        view_free = self.buf_alloc - ((self.recv_cnt - self.adv_fwd_cnt) & U32_MASK)
+        actual_free = self.buf_alloc - ((self.recv_cnt - self.fwd_cnt) & U32_MASK)
         threshold = self.cfg.credit_update_threshold
         if view_free < threshold and actual_free > view_free and (
                 actual_free - view_free >= threshold or actual_free == self.buf_alloc):

@@ -211,7 +211,7 @@ class VsockDevice:
     # -- TX: guest -> host ---------------------------------------------------------------
     def _process_tx(self) -> None:
         """Spec: virtio 1.2 §5.10.6.1: one packet (header + payload) per TX chain."""
-        handle = self._queues.get(Queue.TX)
+        handle = self._queues.get(_TXQ)
         if handle is None:
             return
         vq = handle.vq
@@ -282,15 +282,16 @@ class VsockDevice:
             self.log.warning("TX call eventfd: %s", os.strerror(res.call_errno))
         if res.chains:
             run = self.host.run
-            if res.chains == res.credit_updates == 1 and res.credit_changed and \
-                    self._credit_reopens(key.local_port, key.peer_port, res.peer_buf_alloc,
-                                         res.peer_fwd_cnt, self.loop.time()):
-                return res  # one CREDIT_UPDATE, and it re-opened a waiting read
-            if not res.bytes and not res.tail and res.error is None:
+            now = self.loop.time()
+            if conn.host_readable:  # (credit_reopens_rx needs it; credit_only_quiet not)
+                if res.chains == res.credit_updates == 1 and res.credit_changed and \
+                        self._credit_reopens(key.local_port, key.peer_port,
+                                             res.peer_buf_alloc, res.peer_fwd_cnt, now):
+                    return res  # one CREDIT_UPDATE, and it re-opened a waiting read
+            elif not res.bytes and not res.tail and res.error is None:
                 # only credit fields (a receiving guest's CREDIT_UPDATE)
                 actions = muxer.credit_only_quiet(conn, res.chains, res.peer_buf_alloc,
-                                                  res.peer_fwd_cnt, res.credit_changed,
-                                                  self.loop.time())
+                                                  res.peer_fwd_cnt, res.credit_changed, now)
                 if actions is not None:
                     if actions:
                         run(actions)
@@ -302,7 +303,7 @@ class VsockDevice:
                 conn.rw_lane(res.bytes, res.written, res.tail, res.peer_buf_alloc,
                              res.peer_fwd_cnt, res.credit_changed)
                 self._credit_update_now(conn)
-                actions = muxer.settle_quiet(conn, pending, res.chains, self.loop.time())
+                actions = muxer.settle_quiet(conn, pending, res.chains, now)
                 if actions:
                     run(actions)
                 return res
@@ -310,7 +311,7 @@ class VsockDevice:
             conn.rw_lane(res.bytes, res.written, res.tail, res.peer_buf_alloc,
                          res.peer_fwd_cnt, res.credit_changed)
             self._credit_update_now(conn)
-            run(muxer.settle(conn, before, res.chains, self.loop.time()))
+            run(muxer.settle(conn, before, res.chains, now))
             if res.error is not None:
                 self.log.info("%s: host write failed: %s", key, os.strerror(res.error))
                 run(muxer.host_error(key, self.loop.time(), res.error))
@@ -322,7 +323,7 @@ class VsockDevice:
         one call instead of a scheduled RX pass (the guest may be waiting for it).
 
         Spec: virtio 1.2 §5.10.6.3 (CREDIT_UPDATE), §5.10.6 (one packet per RX buffer)."""
-        handle = self._queues.get(Queue.RX)
+        handle = self._queues.get(_RXQ)
         if handle is None or self._in_rx:
             return
         packet = self.muxer.lone_credit_update(conn)
@@ -442,7 +443,7 @@ class VsockDevice:
         Spec: virtio 1.2 §5.10.6 (one packet per RX buffer), §5.10.6.3 (credit)."""
         if self._in_rx:
             return False
-        handle = self._queues.get(Queue.RX)
+        handle = self._queues.get(_RXQ)
         if handle is None:
             return False
         muxer = self.muxer
@@ -466,7 +467,7 @@ class VsockDevice:
         Spec: virtio 1.2 §5.10.6.3 (credit), §5.10.6 (one packet per RX buffer)."""
         if self._in_rx:
             return False
-        handle = self._queues.get(Queue.RX)
+        handle = self._queues.get(_RXQ)
         if handle is None:
             return False
         muxer = self.muxer
@@ -517,7 +518,7 @@ class VsockDevice:
             self._in_rx = False
 
     def _fill_rx(self) -> None:
-        handle = self._queues.get(Queue.RX)
+        handle = self._queues.get(_RXQ)
         if handle is None:
             return
         vq = handle.vq
@@ -783,6 +784,8 @@ class VsockBackend:
 
 
 _unpack_hdr = VsockHeader.FMT.unpack_from
+#: queue indexes as plain ints (dict keys of VsockDevice._queues; looked up per event)
+_RXQ, _TXQ = int(Queue.RX), int(Queue.TX)
 _LEN_OFFSET = 24  # of le32 len in struct virtio_vsock_hdr (Spec: virtio 1.2 §5.10.6)
 _RW, _STREAM, _HOST = int(Op.RW), int(Type.STREAM), int(HOST_CID)
 _CREDIT_UPDATE = int(Op.CREDIT_UPDATE)

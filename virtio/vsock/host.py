@@ -34,6 +34,7 @@ import logging
 import select
 import socket
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterable
 
 from vhost_user.unix_socket import file_identity, listen_unix, unlink_if_ours
@@ -347,13 +348,13 @@ class VsockHost:
         key = action.key
         if read != hs.read:
             if read:
-                self.loop.add_reader(fd, lambda: self._readable(key))
+                self.loop.add_reader(fd, partial(self._readable, key))  # no Python frame
             else:
                 self.loop.remove_reader(fd)
             hs.read = read
         if write != hs.write:
             if write:
-                self.loop.add_writer(fd, lambda: self._writable(key))
+                self.loop.add_writer(fd, partial(self._writable, key))
             else:
                 self.loop.remove_writer(fd)
             hs.write = write
