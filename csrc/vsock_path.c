@@ -180,6 +180,35 @@ static void give_back(struct vr_queue *q, uint16_t last, uint8_t wrap)
     q->in_flight -= 1;
 }
 
+/* Connection._credit_check on the counters after a run: is a CREDIT_UPDATE due? (The
+ * guest's view of our free space fell under the threshold and freeing it moved it by at
+ * least the threshold, or to all of buf_alloc: virtio 1.2 §5.10.6.3.) */
+static int update_due(const struct vs_tx_lane *lane, uint32_t recv, uint32_t fwd)
+{
+    int64_t view_free = (int64_t)lane->buf_alloc - (uint32_t)(recv - lane->adv_fwd_cnt);
+    int64_t actual_free = (int64_t)lane->buf_alloc - (uint32_t)(recv - fwd);
+    int64_t threshold = lane->update_threshold;
+    return view_free < threshold && actual_free > view_free
+           && (actual_free - view_free >= threshold || actual_free == lane->buf_alloc);
+}
+
+static void stream_header(uint8_t *h, uint64_t cid, uint32_t host_port, uint32_t guest_port,
+                          uint16_t op, uint32_t buf_alloc, uint32_t fwd_cnt);
+
+/* The CREDIT_UPDATE after a quiet run (vsock_path.h): put_status. */
+static void put_update(struct vs_tx_lane *lane)
+{
+    uint32_t recv = lane->recv_cnt + (uint32_t)lane->bytes;
+    uint32_t fwd = lane->fwd_cnt + (uint32_t)lane->written;
+    uint8_t *h = lane->put->packet;
+
+    if (!lane->update_owed && !update_due(lane, recv, fwd))
+        return;
+    stream_header(h, lane->cid, lane->host_port, lane->guest_port, VS_OP_CREDIT_UPDATE,
+                  lane->buf_alloc, fwd);
+    lane->put_status = vs_rx_put(lane->put_q, lane->put);
+}
+
 int vs_tx_lane(struct vr_queue *q, struct vs_tx_lane *lane)
 {
     uint32_t niov = 0, n = 0, max_chains = lane->max_chains;
@@ -192,6 +221,7 @@ int vs_tx_lane(struct vr_queue *q, struct vs_tx_lane *lane)
     lane->error = lane->broken = lane->credit_changed = 0;
     lane->notify = lane->call_errno = 0;
     lane->credit_updates = 0;
+    lane->put_status = -1;
     if (max_chains > VS_LANE_CHAINS)
         max_chains = VS_LANE_CHAINS;
     if (q->pending_valid) { /* a partially written chain: not a vsock TX queue's state */
@@ -231,7 +261,12 @@ int vs_tx_lane(struct vr_queue *q, struct vs_tx_lane *lane)
     lane->chains = n;
     rc = publish(q, lane->heads, lane->lens, lane->slots, n, &lane->notify,
                  &lane->call_errno);
-    return rc < 0 ? rc : 0;
+    if (rc < 0)
+        return rc;
+    if (lane->put_q && lane->put && !lane->credit_changed && lane->tail_len == 0
+        && lane->error == 0)
+        put_update(lane);
+    return 0;
 }
 
 int vs_rx_put(struct vr_queue *q, struct vs_rx_put *put)
@@ -275,6 +310,22 @@ static void put_le(uint8_t *p, uint64_t v, int n)
         p[k] = (uint8_t)v;
 }
 
+/* A stream packet header from the host to the guest (len 0: vr_rx_from_fd_prefix patches
+ * it per chain for RW; a CREDIT_UPDATE has none). */
+static void stream_header(uint8_t *h, uint64_t cid, uint32_t host_port, uint32_t guest_port,
+                          uint16_t op, uint32_t buf_alloc, uint32_t fwd_cnt)
+{
+    memset(h, 0, VS_HDR_SIZE);
+    put_le(h + 0, VS_HOST_CID, 8);
+    put_le(h + 8, cid, 8);
+    put_le(h + 16, host_port, 4);
+    put_le(h + 20, guest_port, 4);
+    put_le(h + 28, VS_TYPE_STREAM, 2);
+    put_le(h + 30, op, 2);
+    put_le(h + 36, buf_alloc, 4);
+    put_le(h + 40, fwd_cnt, 4);
+}
+
 int vs_rx_pump(struct vr_queue *q, struct vr_scratch *scratch, struct vs_rx_pump *p)
 {
     uint8_t h[VS_HDR_SIZE];
@@ -284,15 +335,7 @@ int vs_rx_pump(struct vr_queue *q, struct vr_scratch *scratch, struct vs_rx_pump
     p->call_errno = 0;
     if (p->credit == 0)
         return 0;
-    memset(h, 0, sizeof h);
-    put_le(h + 0, VS_HOST_CID, 8);
-    put_le(h + 8, p->cid, 8);
-    put_le(h + 16, p->host_port, 4);
-    put_le(h + 20, p->guest_port, 4);
-    put_le(h + 28, VS_TYPE_STREAM, 2);
-    put_le(h + 30, VS_OP_RW, 2);
-    put_le(h + 36, p->buf_alloc, 4);
-    put_le(h + 40, p->fwd_cnt, 4);
+    stream_header(h, p->cid, p->host_port, p->guest_port, VS_OP_RW, p->buf_alloc, p->fwd_cnt);
     rc = vr_rx_from_fd_prefix(q, scratch, p->fd, p->credit, h, VS_HDR_SIZE, 24, &p->out);
     if (rc < 0)
         return rc;

@@ -32,6 +32,8 @@ struct vs_iov {
     uint64_t len;
 };
 
+struct vs_rx_put;
+
 struct vs_tx_lane {
     /* inputs */
     uint64_t cid;              /* the VM's CID: src_cid of every packet of the run */
@@ -45,7 +47,20 @@ struct vs_tx_lane {
     /* in: the connection's view of the guest's credit fields; out: the last packet's */
     uint32_t peer_buf_alloc;
     uint32_t peer_fwd_cnt;
+    /* in: the CREDIT_UPDATE the run may make due (Connection._credit_check after it), put
+     * straight into the RX queue put_q when the run was quiet (every packet carried the
+     * credit fields given, no tail, no send error); put_q NULL: never */
+    struct vr_queue *put_q;
+    struct vs_rx_put *put;     /* its working room */
+    uint32_t buf_alloc;        /* our receive window */
+    uint32_t recv_cnt;         /* our u32 counters before the run */
+    uint32_t fwd_cnt;
+    uint32_t adv_fwd_cnt;      /* fwd_cnt in the last header we sent */
+    uint32_t update_threshold;
+    int32_t update_owed;       /* a CREDIT_UPDATE is owed already */
     /* outputs */
+    int32_t put_status;        /* -1: no put tried; VS_PUT_*; or a negative VR_E_* of the
+                                * RX queue (publication or the notify decision failed) */
     uint32_t chains;           /* packets taken and completed (used length 0) */
     uint32_t stop;             /* VS_STOP_* */
     uint64_t bytes;            /* their payload bytes */
@@ -68,6 +83,9 @@ struct vs_tx_lane {
 
 /* Take the leading run (see the header comment): 0, or a negative VR_E_* when publication or
  * the notify decision failed (a ring area unmapped). Signals q->call_fd when the ring asks.
+ * Then, when put_q is set and the run was quiet, the CREDIT_UPDATE decision on the counters
+ * after it (recv_cnt + bytes, fwd_cnt + written) and, if one is due or owed, vs_rx_put of
+ * that header (our buf_alloc and the new fwd_cnt) into put_q: put_status.
  * Chains that do not belong to the run are given back untouched (the ring's position is
  * rewound over them), so the caller's general path sees them next. */
 int vs_tx_lane(struct vr_queue *q, struct vs_tx_lane *lane);

@@ -19,14 +19,16 @@ import os
 import socket
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from ring.errors import ChainError
 from tests.property.ringpair import RingPair, exc_key, make_memory, require_pair
 from tests.property.rings import AVAIL_GPA, DESC_GPA, USED_GPA, RawRing, raw_rings
-from tests.support.driver import PackedDriver, SplitDriver, bytearray_memory
-from virtio.vsock.lane import CPut, CTxLane, Put, PyTxLane, Stop, put_packet_py
+from tests.support.driver import Allocator, PackedDriver, SplitDriver, bytearray_memory
+from virtio.vsock.conn import credit_update_due
+from virtio.vsock.lane import (LANE_CHAINS, CPut, CTxLane, LaneUpdate, Put, PyTxLane, Stop,
+                               put_packet_py)
 from virtio.vsock.wire import VsockHeader
 
 CID, HOST_PORT, GUEST_PORT = 3, 80, 1000
@@ -387,3 +389,113 @@ def test_one_put_serves_queues_in_turn(impls):
                 assert put(vq, packet).status == Put.DONE, name
                 (used,) = driver.get_bufs()
                 assert (used.len_, used.data[:HDR]) == (HDR, packet)
+
+
+# -- the CREDIT_UPDATE after a quiet run (LaneUpdate) ------------------------------------------
+
+BUF_ALLOC = 256 * 1024
+
+
+def _lane_with_update(impl, name: str, packed: bool, event_idx: bool, packets: list,
+                      mode: str, credit: int, rx_sizes: list, counters: tuple) -> tuple:
+    """One lane run with a `LaneUpdate` on fresh TX and RX rings in one guest memory: what
+    the guest and the host observe (result, host bytes, both rings' used entries and call
+    counts)."""
+    mem = bytearray_memory((0, 1 << 20))
+    alloc = Allocator(mem)
+    drv = PackedDriver if packed else SplitDriver
+    tx = drv(mem, 64, event_idx=event_idx, allocator=alloc, index=1)
+    rx = drv(mem, 16, event_idx=event_idx, allocator=alloc, index=0)
+    for seq, (kind, len_, pieces, ba, fc) in enumerate(packets):
+        tx.add_buf(_chain_buffers(kind, len_, pieces, ba, fc, seq))
+    for sizes in rx_sizes:
+        rx.add_buf(in_sizes=sizes)
+    txq, rxq = tx.attach(impl), rx.attach(impl)
+    host = _Host(mode)
+    rx_call = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        txq.call_fd, rxq.call_fd = host.call, rx_call
+        lane = PyTxLane(TAIL_CAP) if name == "py" else CTxLane(TAIL_CAP)
+        recv, adv_gap, fwd_gap, threshold, owed = counters
+        update = LaneUpdate(rxq, BUF_ALLOC, recv, (recv - fwd_gap) & 0xFFFFFFFF,
+                            (recv - adv_gap) & 0xFFFFFFFF, threshold, owed)
+        res = lane.run(txq, host.a, CID, HOST_PORT, GUEST_PORT, credit, BUF_ALLOC, 0,
+                       LANE_CHAINS, update)
+        put = None if res.put is None else (
+            tuple(res.put._replace(broken=None)),
+            None if res.put.broken is None else exc_key(res.put.broken, mem))
+        try:
+            rx_calls = int.from_bytes(os.read(rx_call, 8), "little")
+        except BlockingIOError:
+            rx_calls = 0
+        return (_key(res._replace(put=None), mem), put, host.received(), host.calls(),
+                rx_calls, [(u.len_, u.data) for u in rx.get_bufs()],
+                [u.len_ for u in tx.get_bufs()])
+    finally:
+        host.close()
+        os.close(rx_call)
+
+
+#: packets that mostly carry the credit fields the lane is given (quiet runs), some not
+quiet_packet = st.tuples(
+    st.sampled_from(["rw", "rw", "rw", "credit_update", "other_port", "len_beyond"]),
+    st.sampled_from([0, 100, 4096, 20000]),  # len
+    st.integers(1, 2),  # payload pieces
+    st.just(BUF_ALLOC),  # buf_alloc
+    st.sampled_from([0, 0, 0, 1]),  # fwd_cnt
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(packed=st.booleans(), event_idx=st.booleans(),
+       packets=st.lists(quiet_packet, min_size=0, max_size=8),
+       mode=st.sampled_from(["open", "open", "open", "small", "full", "closed"]),
+       credit=st.sampled_from([0, 7000, 1 << 20]),
+       rx_sizes=st.sampled_from([[], [[4096]], [[20]], [[20, 24]], [[44], [4096]]]),
+       counters=st.tuples(st.sampled_from([0, 5000, 0xFFFFFF00]),  # recv_cnt
+                          st.sampled_from([0, 1000, 200000, BUF_ALLOC]),  # recv - adv
+                          st.sampled_from([0, 1000, 200000]),  # recv - fwd (<= the above
+                          st.sampled_from([1, 65536]),  # threshold         when relevant)
+                          st.booleans()))  # owed
+def test_lane_update_c_matches_reference(impls, packed, event_idx, packets, mode, credit,
+                                         rx_sizes, counters):
+    """The lane with a `LaneUpdate`: C and Python take the same run, and after a quiet run
+    make the same CREDIT_UPDATE decision and put the same header into the same RX buffer
+    (or find none, or one too small) with the same notifications; a run that is not quiet
+    (a credit field changed, a tail, a send error) puts nothing. (vs_rx_put on hostile
+    rings: test_put_on_hostile_rings_matches_reference.)
+    Spec: virtio 1.2 §5.10.6.3 (CREDIT_UPDATE), §5.10.6 (one packet per RX buffer)."""
+    got = {name: _lane_with_update(impls[name], name, packed, event_idx, packets, mode, credit,
+                                   rx_sizes, counters) for name in ("py", "c")}
+    assert got["c"] == got["py"]
+    res, put = got["py"][0], got["py"][1]
+    chains, _stop, nbytes, written, tail, error, _broken, _ba, _fc, changed = res[:10]
+    recv, adv_gap, fwd_gap, threshold, owed = counters
+    quiet = chains and not changed and not tail and error is None
+    due = credit_update_due(BUF_ALLOC, (recv + nbytes) & 0xFFFFFFFF,
+                            (recv - adv_gap) & 0xFFFFFFFF,
+                            (recv - fwd_gap + written) & 0xFFFFFFFF, threshold)
+    assert (put is not None) == bool(quiet and (owed or due))
+    event(f"put: {None if put is None else Put(put[0][0]).name}")
+    if put is not None and put[0][0] == Put.DONE:
+        fwd = (recv - fwd_gap + written) & 0xFFFFFFFF
+        want = VsockHeader.FMT.pack(2, CID, HOST_PORT, GUEST_PORT, 0, 1, 6, 0, BUF_ALLOC, fwd)
+        assert got["py"][5][0] == (HDR, want)
+
+
+def test_lane_update_puts_the_due_credit_update_once(impls):
+    """Three RW packets of 40,000 bytes that the socket takes: the guest's view of our free
+    space falls under the threshold, so the lane puts one CREDIT_UPDATE with fwd_cnt
+    advanced by the bytes written; with nothing due and nothing owed it puts nothing.
+    Spec: virtio 1.2 §5.10.6.3."""
+    for name in ("py", "c"):
+        packets = [("rw", 20000, 2, BUF_ALLOC, 0)] * 6
+        due = _lane_with_update(impls[name], name, False, True, packets, "open", 1 << 20,
+                                [[4096]], (200000, 200000, 0, 65536, False))
+        assert due[1][0][0] == Put.DONE, name
+        want = VsockHeader.FMT.pack(2, CID, HOST_PORT, GUEST_PORT, 0, 1, 6, 0, BUF_ALLOC,
+                                    200000 + 120000)
+        assert due[5] == [(HDR, want)], name
+        quiet = _lane_with_update(impls[name], name, False, True, packets[:1], "open",
+                                  1 << 20, [[4096]], (0, 0, 0, 65536, False))
+        assert quiet[1] is None and quiet[5] == [], name

@@ -548,3 +548,31 @@ def test_credit_only_quiet_declines_and_changes_nothing():
     assert conn.rx_lane_state()
     assert h.mux.credit_only_quiet(conn, 1, GUEST_BUF, 7, True, h.now) == []
     assert conn.peer_fwd_cnt == 7
+
+
+@pytest.mark.parametrize("setup", ["fresh", "update_owed", "host_data", "other_conn_rx",
+                                   "rst_queued"])
+def test_lone_update_possible_means_the_update_goes_next(setup):
+    """``lone_update_possible`` (asked before a TX lane run with a `LaneUpdate`) is True
+    only when, after a quiet run that makes a CREDIT_UPDATE due, ``lone_credit_update``
+    hands out exactly that update: the lane's own put then changes nothing the general
+    path would have done differently. Spec: virtio 1.2 §5.10.6.3."""
+    h = Harness()
+    key = h.open_guest_conn()
+    conn = h.mux._vms[3].conns[key]
+    expected = {"fresh": True, "update_owed": True, "host_data": False,
+                "other_conn_rx": False, "rst_queued": False}[setup]
+    if setup == "update_owed":
+        h.send(pkt(Op.CREDIT_REQUEST, key.peer_port, key.local_port))
+    elif setup == "host_data":
+        h.host_sends(key, b"x" * 10)
+    elif setup == "other_conn_rx":
+        other = h.open_guest_conn(src_port=1001)
+        h.host_sends(other, b"y" * 10)
+    elif setup == "rst_queued":
+        h.send(pkt(Op.RW, src_port=4242, payload=b"?"))  # unknown connection: RST queued
+    assert h.mux.lone_update_possible(conn) is expected
+    conn.rw_lane(GUEST_BUF, GUEST_BUF, b"", conn.peer_buf_alloc, conn.peer_fwd_cnt, False)
+    assert conn.credit_update_owed  # the quiet run made one due
+    packet = h.mux.lone_credit_update(conn)
+    assert packet == (conn.credit_update_packet() if expected else None)

@@ -263,6 +263,20 @@ class ConnInfo:
 # --- the state machine -------------------------------------------------------------------
 
 
+def credit_update_due(buf_alloc: int, recv_cnt: int, adv_fwd_cnt: int, fwd_cnt: int,
+                      threshold: int) -> bool:
+    """Is a CREDIT_UPDATE due? The guest's view of our free space (``buf_alloc -
+    (recv_cnt - adv_fwd_cnt)``, from the last fwd_cnt we sent) fell under ``threshold``
+    and the actual free space is larger by at least ``threshold``, or all of ``buf_alloc``
+    (u32 counters). The TX lane's C twin is csrc/vsock_path.c update_due.
+
+    Spec: virtio 1.2 §5.10.6.3 (CREDIT_UPDATE tells the peer about freed space)."""
+    view_free = buf_alloc - ((recv_cnt - adv_fwd_cnt) & U32_MASK)
+    actual_free = buf_alloc - ((recv_cnt - fwd_cnt) & U32_MASK)
+    return view_free < threshold and actual_free > view_free and (
+        actual_free - view_free >= threshold or actual_free == buf_alloc)
+
+
 def _u32(x: int) -> int:
     return x & U32_MASK
 
@@ -960,13 +974,23 @@ class Connection:
         return actions
 
     def _credit_check(self) -> list[Action]:
-        view_free = self.buf_alloc - ((self.recv_cnt - self.adv_fwd_cnt) & U32_MASK)
-        actual_free = self.buf_alloc - ((self.recv_cnt - self.fwd_cnt) & U32_MASK)
-        threshold = self.cfg.credit_update_threshold
-        if view_free < threshold and actual_free > view_free and (
-                actual_free - view_free >= threshold or actual_free == self.buf_alloc):
+        if credit_update_due(self.buf_alloc, self.recv_cnt, self.adv_fwd_cnt, self.fwd_cnt,
+                             self.cfg.credit_update_threshold):
             self._pending |= _Pending.CREDIT_UPDATE
         return []
+
+    @property
+    def credit_update_owed(self) -> bool:
+        """A CREDIT_UPDATE waits to go to the guest."""
+        return bool(self._pending & _Pending.CREDIT_UPDATE)
+
+    def only_update_owed(self) -> bool:
+        """`_peek_rx` is None or "credit_update", and stays so whatever the guest->host
+        counters do while the peer credit is unchanged: no control packet pending but
+        that update, no data queued for the guest, no host bytes known waiting
+        (`VsockMuxer.lone_update_possible`)."""
+        return not (self._pending & ~_Pending.CREDIT_UPDATE or self._h2g
+                    or self.host_readable)
 
     def _maybe_finish(self, now: float) -> list[Action]:
         """Both directions done → RST (guest shut both ways) or SHUTDOWN both and wait."""

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from functools import partial
 from typing import Any, Callable, Sequence
 
 from ring.errors import DriverError
@@ -41,7 +42,7 @@ from .conn import ConnConfig, RxPacket, RxRead
 from .errors import DuplicateCidError, UnknownCidError
 from .handshake import OkPortConvention
 from .host import _SEND_FLAGS, IOV_MAX, VsockHost
-from .lane import (LANE_CHAINS, Put, Stop, make_put, make_tx_lane,
+from .lane import (LANE_CHAINS, LaneUpdate, Put, Stop, make_put, make_tx_lane,
                    payload_views as _payload)
 from .muxer import DEVICE_FEATURES, MuxerConfig, VsockMuxer
 from .rx_pump import make_rx_pump
@@ -276,8 +277,14 @@ class VsockDevice:
         tail_cap = min(conn.buf_alloc, LANE_TAIL_MAX)
         if lane is None or lane.tail_cap < tail_cap:
             lane = self._lane = make_tx_lane(vq, tail_cap)
+        rx = self._queues.get(_RXQ)
+        update = None
+        if rx is not None and not self._in_rx and muxer.lone_update_possible(conn):
+            update = _lane_update((rx.vq, conn.buf_alloc, conn.recv_cnt, conn.fwd_cnt,
+                                   conn.adv_fwd_cnt, conn.cfg.credit_update_threshold,
+                                   conn.credit_update_owed))
         res = lane.run(vq, sock, self.cid, key.local_port, key.peer_port, conn.lane_credit,
-                       conn.peer_buf_alloc, conn.peer_fwd_cnt, LANE_CHAINS)
+                       conn.peer_buf_alloc, conn.peer_fwd_cnt, LANE_CHAINS, update)
         if res.call_errno is not None:
             self.log.warning("TX call eventfd: %s", os.strerror(res.call_errno))
         if res.chains:
@@ -302,7 +309,10 @@ class VsockDevice:
                 pending = conn._pending
                 conn.rw_lane(res.bytes, res.written, res.tail, res.peer_buf_alloc,
                              res.peer_fwd_cnt, res.credit_changed)
-                self._credit_update_now(conn)
+                if res.put is None:
+                    self._credit_update_now(conn)
+                else:  # the lane put it (LaneUpdate)
+                    self._update_put(rx, conn, res.put)
                 actions = muxer.settle_quiet(conn, pending, res.chains, now)
                 if actions:
                     run(actions)
@@ -332,7 +342,11 @@ class VsockDevice:
         put = self._put
         if put is None or put[0] is not handle.vq:
             put = self._put = (handle.vq, make_put(handle.vq))
-        res = put[1](handle.vq, packet)
+        self._update_put(handle, conn, put[1](handle.vq, packet))
+
+    def _update_put(self, handle: Any, conn: Any, res: Any) -> None:
+        """The outcome of putting ``conn``'s CREDIT_UPDATE into the RX queue of
+        ``handle`` (a `PutResult`): sent, or no buffer (it stays owed), or a broken ring."""
         if res.status == Put.DONE:
             self.muxer.credit_update_sent(conn)
             if res.call_errno is not None:
@@ -786,6 +800,8 @@ class VsockBackend:
 _unpack_hdr = VsockHeader.FMT.unpack_from
 #: queue indexes as plain ints (dict keys of VsockDevice._queues; looked up per event)
 _RXQ, _TXQ = int(Queue.RX), int(Queue.TX)
+#: a LaneUpdate from a tuple of all its fields, without the NamedTuple's Python __new__
+_lane_update = partial(tuple.__new__, LaneUpdate)
 _LEN_OFFSET = 24  # of le32 len in struct virtio_vsock_hdr (Spec: virtio 1.2 §5.10.6)
 _RW, _STREAM, _HOST = int(Op.RW), int(Type.STREAM), int(HOST_CID)
 _CREDIT_UPDATE = int(Op.CREDIT_UPDATE)

@@ -36,11 +36,11 @@ from typing import Any, NamedTuple, Sequence
 
 from ring.errors import DriverError
 
-from .conn import _tail
+from .conn import _tail, credit_update_due
 from .wire import HOST_CID, Op, Type, VsockHeader
 
-__all__ = ["Stop", "LaneResult", "PyTxLane", "CTxLane", "make_tx_lane", "LANE_CHAINS", "Put",
-           "PutResult", "put_packet_py", "CPut", "make_put"]
+__all__ = ["Stop", "LaneResult", "LaneUpdate", "PyTxLane", "CTxLane", "make_tx_lane",
+           "LANE_CHAINS", "Put", "PutResult", "put_packet_py", "CPut", "make_put"]
 
 HDR = VsockHeader.SIZE
 #: Most chains one call takes, and most payload pieces one ``sendmsg`` gathers (IOV_MAX).
@@ -49,8 +49,10 @@ LANE_IOV = 1024
 _SEND_FLAGS = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT
 _ONE = (1).to_bytes(8, sys.byteorder)
 _unpack = VsockHeader.FMT.unpack_from
+_pack = VsockHeader.FMT.pack
 _RW, _STREAM, _HOST = int(Op.RW), int(Type.STREAM), int(HOST_CID)
 _CREDIT_UPDATE = int(Op.CREDIT_UPDATE)
+_U32 = 0xFFFFFFFF
 
 
 class Stop(enum.IntEnum):
@@ -71,7 +73,15 @@ class LaneResult(NamedTuple):
     packet's (else the ones given); ``credit_changed``: some packet's pair differed from
     the one before it; ``notify``: the ring asked for (and got) a used buffer notification;
     ``error`` / ``call_errno``: errno of a failed ``sendmsg`` / call eventfd write;
-    ``credit_updates``: how many of the chains were CREDIT_UPDATEs."""
+    ``credit_updates``: how many of the chains were CREDIT_UPDATEs; ``put``: see below.
+
+    ``update`` (a `LaneUpdate`, or None) lets a run that was quiet (every packet carried
+    the credit fields given, no tail, no send error) end with the CREDIT_UPDATE decision
+    on our counters after it (`credit_update_due` on ``recv_cnt + bytes`` and ``fwd_cnt +
+    written``) and, if one is due or already owed, that header (our ``buf_alloc``, the new
+    fwd_cnt) put into the RX queue as `put_packet_py` does: the caller then applies
+    ``Connection.rw_lane`` and, for a ``Put.DONE``, ``credit_update_sent``, with no
+    separate put call (Spec: virtio 1.2 §5.10.6.3)."""
 
     chains: int
     stop: Stop
@@ -86,6 +96,31 @@ class LaneResult(NamedTuple):
     notify: bool
     call_errno: int | None
     credit_updates: int = 0  # of the chains, CREDIT_UPDATEs (len 0)
+    #: the CREDIT_UPDATE put after a quiet run (``update`` given): None (not tried: no
+    #: update given, the run not quiet, or none due or owed), else its `PutResult`
+    put: Any = None
+
+
+class LaneUpdate(NamedTuple):
+    """The CREDIT_UPDATE a TX lane run may make due (see `LaneResult`): the RX queue, our
+    receive window and u32 counters before the run, the threshold, and whether an update
+    is owed already. Give it only when the update, once due, is the next packet the
+    guest gets from this VM (`VsockMuxer.lone_update_possible`)."""
+
+    rxq: Any
+    buf_alloc: int
+    recv_cnt: int
+    fwd_cnt: int
+    adv_fwd_cnt: int
+    threshold: int
+    owed: bool
+
+
+def _update_packet(cid: int, host_port: int, guest_port: int, buf_alloc: int,
+                   fwd_cnt: int) -> bytes:
+    """A stream CREDIT_UPDATE header from the host (Spec: virtio 1.2 §5.10.6.3)."""
+    return _pack(_HOST, cid, host_port, guest_port, 0, _STREAM, _CREDIT_UPDATE, 0,
+                 buf_alloc, fwd_cnt)
 
 
 def _signal(fd: int | None) -> int | None:
@@ -110,7 +145,7 @@ class PyTxLane:
 
     def run(self, vq: Any, sock: socket.socket, cid: int, host_port: int, guest_port: int,
             credit: int, peer_buf_alloc: int, peer_fwd_cnt: int,
-            max_chains: int = LANE_CHAINS) -> LaneResult:
+            max_chains: int = LANE_CHAINS, update: LaneUpdate | None = None) -> LaneResult:
         credit = min(credit, self.tail_cap)
         max_chains = min(max_chains, LANE_CHAINS)
         ba, fc = peer_buf_alloc, peer_fwd_cnt
@@ -164,8 +199,16 @@ class PyTxLane:
         vq.push_batch(taken)
         notify = vq.should_notify()
         call_errno = _signal(vq.call_fd) if notify else None
+        put = None
+        if update is not None and not changed and not tail and error is None:
+            fwd = (update.fwd_cnt + written) & _U32
+            if update.owed or credit_update_due(update.buf_alloc,
+                                                (update.recv_cnt + total) & _U32,
+                                                update.adv_fwd_cnt, fwd, update.threshold):
+                put = put_packet_py(update.rxq, _update_packet(cid, host_port, guest_port,
+                                                               update.buf_alloc, fwd))
         return LaneResult(len(taken), stop, total, written, tail, error, broken, ba, fc,
-                          changed, notify, call_errno, updates)
+                          changed, notify, call_errno, updates, put)
 
 
 def _classify(chain: Any, cid: int, host_port: int, guest_port: int, credit_left: int,
@@ -220,10 +263,12 @@ class CTxLane:
         self._tail_c = ffi.from_buffer(self._tail)
         lane.tail = self._tail_c
         lane.tail_cap = tail_cap
+        self._put = ffi.new("struct vs_rx_put *")  # the update's working room
+        self._null = ffi.NULL
 
     def run(self, vq: Any, sock: socket.socket, cid: int, host_port: int, guest_port: int,
             credit: int, peer_buf_alloc: int, peer_fwd_cnt: int,
-            max_chains: int = LANE_CHAINS) -> LaneResult:
+            max_chains: int = LANE_CHAINS, update: LaneUpdate | None = None) -> LaneResult:
         q, _scratch = vq.c_state()
         lane = self._lane
         lane.cid = cid
@@ -234,22 +279,40 @@ class CTxLane:
         lane.max_chains = max_chains if max_chains > 0 else 0
         lane.peer_buf_alloc = peer_buf_alloc
         lane.peer_fwd_cnt = peer_fwd_cnt
+        if update is None:
+            lane.put_q = self._null
+        else:
+            lane.put_q = update.rxq.c_state()[0]
+            lane.put = self._put
+            lane.buf_alloc = update.buf_alloc
+            lane.recv_cnt = update.recv_cnt
+            lane.fwd_cnt = update.fwd_cnt
+            lane.adv_fwd_cnt = update.adv_fwd_cnt
+            lane.update_threshold = update.threshold
+            lane.update_owed = update.owed
         rc = self._call(q, lane)
         if rc < 0:
             from ring.cring import _raise_for
             raise _raise_for(rc, vq.index)
         stop, tail_len, error, call_errno = lane.stop, lane.tail_len, lane.error, lane.call_errno
+        if update is not None and lane.put_status != -1:
+            put = _put_outcome(self._put, lane.put_status, update.rxq)
+            return _lane_result((lane.chains, _STOPS[stop], lane.bytes, lane.written, b"",
+                                 None, vq._error(lane.broken) if stop == 4 else None,
+                                 lane.peer_buf_alloc, lane.peer_fwd_cnt, False,
+                                 lane.notify != 0, call_errno or None, lane.credit_updates,
+                                 put))
         if stop == 4 or tail_len or error or call_errno:
             return _lane_result((lane.chains, _STOPS[stop], lane.bytes, lane.written,
                                  bytes(memoryview(self._tail)[:tail_len]) if tail_len else b"",
                                  error or None, vq._error(lane.broken) if stop == 4 else None,
                                  lane.peer_buf_alloc, lane.peer_fwd_cnt,
                                  lane.credit_changed != 0, lane.notify != 0,
-                                 call_errno or None, lane.credit_updates))
+                                 call_errno or None, lane.credit_updates, None))
         return _lane_result((lane.chains, _STOPS[stop], lane.bytes, lane.written, b"", None,
                              None, lane.peer_buf_alloc, lane.peer_fwd_cnt,
                              lane.credit_changed != 0, lane.notify != 0, None,
-                             lane.credit_updates))
+                             lane.credit_updates, None))
 
 
 #: a LaneResult from a tuple of all its fields, without the NamedTuple's Python __new__
@@ -318,18 +381,23 @@ class CPut:
         q, _scratch = vq.c_state()
         put = self._put
         self._packet[:] = packet
-        rc = self._call(q, put)
-        if rc < 0:
-            from ring.cring import _raise_for
-            raise _raise_for(rc, vq.index)
-        if rc == 1:  # Put.DONE
-            return _put_result((Put.DONE, put.notify != 0, put.call_errno or None, None))
-        broken = vq._error(put.broken) if rc == Put.BROKEN else None
-        return PutResult(Put(rc), False, None, broken)
+        return _put_outcome(put, self._call(q, put), vq)
 
 
 #: a PutResult from a tuple of all its fields, without the NamedTuple's Python __new__
 _put_result = partial(tuple.__new__, PutResult)
+
+
+def _put_outcome(put: Any, rc: int, vq: Any) -> PutResult:
+    """The `PutResult` of ``vs_rx_put`` returning ``rc`` on ``vq`` with working room
+    ``put`` (a negative VR_E_* raises, as every C ring call)."""
+    if rc < 0:
+        from ring.cring import _raise_for
+        raise _raise_for(rc, vq.index)
+    if rc == 1:  # Put.DONE
+        return _put_result((Put.DONE, put.notify != 0, put.call_errno or None, None))
+    broken = vq._error(put.broken) if rc == Put.BROKEN else None
+    return PutResult(Put(rc), False, None, broken)
 
 
 def make_put(vq: Any):

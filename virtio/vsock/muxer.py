@@ -438,19 +438,33 @@ class VsockMuxer:
         return self._reconcile(conn.key, (read_before, conn.wants_write, deadline_before,
                                           False), now=now)
 
+    def lone_update_possible(self, conn: Connection) -> bool:
+        """Before a TX lane run of ``conn`` (the device's `LaneUpdate`): a CREDIT_UPDATE
+        the run makes due (or one owed already) would be the next packet of this VM for
+        the guest, i.e. `lone_credit_update` would return it after a quiet run (one that
+        changes no credit fields): nothing of the VM comes first in `poll_rx` order and
+        the connection owes nothing but that update, queues no data and has no host bytes
+        known waiting. Changes nothing.
+
+        Spec: virtio 1.2 §5.10.6.3 (CREDIT_UPDATE)."""
+        return self._first_for_guest(conn) and conn.only_update_owed()
+
+    def _first_for_guest(self, conn: Connection) -> bool:
+        """Nothing of ``conn``'s VM comes before it in `poll_rx` order: no control or
+        sibling packet, no other connection scheduled."""
+        vm = self._vms.get(conn.key.cid)
+        if vm is None or vm.ctrl or vm.sib_q:
+            return False
+        rxq = vm.rxq
+        return not rxq or (len(rxq) == 1 and conn.key in rxq)
+
     def lone_credit_update(self, conn: Connection) -> bytes | None:
         """When ``conn``'s next packet for the guest is a CREDIT_UPDATE and nothing of its
         VM comes before it in `poll_rx` order (no control or sibling packet, no other
         connection scheduled): that header, packed, changing nothing. The device's TX path
         then puts it straight into an RX buffer and reports with `credit_update_sent`; the
         outcome is that of the next `poll_rx`."""
-        vm = self._vms.get(conn.key.cid)
-        if vm is None or vm.ctrl or vm.sib_q:
-            return None
-        rxq = vm.rxq
-        if rxq and (len(rxq) > 1 or conn.key not in rxq):
-            return None
-        if conn._peek_rx() != "credit_update":
+        if not self._first_for_guest(conn) or conn._peek_rx() != "credit_update":
             return None
         return conn.credit_update_packet()
 
