@@ -300,9 +300,8 @@ int vs_rx_put(struct vr_queue *q, struct vs_rx_put *put)
     return rc < 0 ? rc : VS_PUT_DONE;
 }
 
-/* The RX pump (vsock_path.h). The header is built here from the inputs, little-endian
- * (Spec: virtio 1.2 §5.10.6: struct virtio_vsock_hdr), len left 0 for vr_rx_from_fd_prefix
- * to patch per chain. */
+/* Headers the RX pump and the lane's CREDIT_UPDATE build from their inputs, little-endian
+ * (Spec: virtio 1.2 §5.10.6: struct virtio_vsock_hdr). */
 static void put_le(uint8_t *p, uint64_t v, int n)
 {
     int k;
