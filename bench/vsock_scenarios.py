@@ -83,18 +83,19 @@ def stream(ctx: Ctx) -> list[Row]:
                                           ("host->guest", "vsock-rx", "source")):
             s = VsockSetup(ctx, pin, workload, workload, engine=engine)
             runs: list[dict] = []
+            label = f"vsock {direction}, 64 KiB writes" + (", C guest stand-in"
+                                                            if engine == "c" else "")
             try:
                 s.connect(mode, 1)
                 b, l = alternate(ctx, lambda: _rate(_keep(runs, s.guest.run(ctx.seconds))),
                                  lambda: limit_stream(64 * KIB, ctx.seconds, "read",
                                                       cpus["writer"], cpus["reader"])
-                                 ["bytes_per_s"])
+                                 ["bytes_per_s"],
+                                 profile_as=label if ctx.profiling(pin) else None)
                 if mode == "sink":
                     _check_sink(s, sum(r["bytes"] for r in runs))
             finally:
                 s.close()
-            label = f"vsock {direction}, 64 KiB writes" + (", C guest stand-in"
-                                                            if engine == "c" else "")
             rows.append(Row(f"vsock-{workload[6:]}", label, pin, ctx.ring, "B/s", b, l,
                             "raw AF_UNIX 64 KiB", 0.6, chunk=64 * KIB))
             ctx.log(_fmt(rows[-1]))
