@@ -86,7 +86,7 @@ class EventLoop:
         self._timers: list[Timer] = []
         self._sequence = itertools.count()
         self._soon: deque[Callback] = deque()
-        self._running = False
+        self._stop_requested = False
         self._thread: int | None = None  # the thread inside run_once, if any
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.add_reader(self._wake_r, self._drain_wakeup)
@@ -196,13 +196,25 @@ class EventLoop:
             self._thread = None
 
     def run(self) -> None:
-        self._running = True
-        while self._running:
-            self.run_once(None)
+        """Dispatch until :meth:`stop`; a stop requested before ``run`` (a signal during
+        start-up) makes it return at once."""
+        try:
+            while not self._stop_requested:
+                self.run_once(None)
+        finally:
+            self._stop_requested = False
 
     def stop(self) -> None:
-        self._running = False
+        """End :meth:`run` (from a callback, another thread or a signal handler)."""
+        self._stop_requested = True
         self._wake()
+
+    @property
+    def wakeup_fd(self) -> int:
+        """The non-blocking write end of the loop's wake-up pipe, for
+        ``signal.set_wakeup_fd``: a signal that lands just before ``epoll_wait`` then still
+        wakes the loop, so its Python handler runs instead of waiting for the next event."""
+        return self._wake_w
 
     def close(self) -> None:
         self._epoll.close()

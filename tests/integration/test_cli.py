@@ -4,7 +4,9 @@
   management) under ``--run-dir``;
 - ``vsock`` with vhost-device-vsock's flags serves a front-end, the hybrid-vsock handshake
   and ``query-vsock-connections``;
-- ``qemu-args`` prints arguments QEMU accepts; configuration errors exit 2 with the reason.
+- ``qemu-args`` prints arguments QEMU accepts; configuration errors exit 2 with the reason;
+- SIGTERM and SIGINT end ``serve`` cleanly (exit 0, sockets removed), SIGINT also when the
+  process was started with it ignored, as a shell starts background jobs.
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ pytestmark = pytest.mark.timeout(60)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def vmchannel(*args: str) -> subprocess.Popen:
+def vmchannel(*args: str, ignore_sigint: bool = False) -> subprocess.Popen:
+    def ignored() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     return subprocess.Popen([sys.executable, "-m", "virtio.cli", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ignored if ignore_sigint else None)
 
 
 def stop(proc: subprocess.Popen) -> str:
@@ -138,3 +144,24 @@ def test_start_up_failure_names_the_path_and_exits_1(tmp_path):
     assert "cannot start" in result.stderr and str(taken) in result.stderr
     assert "Traceback" not in result.stderr
     assert taken.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("signum, ignore_sigint", [(signal.SIGTERM, False),
+                                                   (signal.SIGINT, True)])
+def test_serve_stops_cleanly_on_sigterm_and_on_an_inherited_ignored_sigint(
+        tmp_path, signum, ignore_sigint):
+    run = tmp_path / "run"
+    proc = vmchannel("serve", "--run-dir", str(run), ignore_sigint=ignore_sigint)
+    try:
+        for name in ("mgmt.sock", "console.sock", "vsock.sock", "vsock"):
+            wait_for(run / name, proc)
+        proc.send_signal(signum)
+        _out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    left = [p.name for p in (run / "mgmt.sock", run / "console.sock", run / "vsock.sock",
+                             run / "vsock") if p.exists()]
+    assert left == []

@@ -70,14 +70,16 @@ def test_descendants_lists_live_children_with_their_command_lines():
         child.wait()
 
 
-FAKE_PERF = """#!/bin/sh
-# perf record ... -o FILE: make FILE, then wait for SIGINT; perf report: a canned report.
-if [ "$1" = record ]; then
-    while [ "$#" -gt 1 ]; do [ "$1" = -o ] && : > "$2"; shift; done
-    trap 'exit 0' INT
-    while :; do sleep 0.05; done
-fi
-cat "$(dirname "$0")/report.txt"
+FAKE_PERF = f"""#!{sys.executable}
+# perf record ... -o FILE: make FILE, then wait for SIGINT (handled even when the test run
+# inherited it ignored, as real perf does); perf report: a canned report.
+import os, signal, sys, time
+if sys.argv[1] == "record":
+    open(sys.argv[sys.argv.index("-o") + 1], "w").close()
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+    while True:
+        time.sleep(0.05)
+sys.stdout.write(open(os.path.join(os.path.dirname(sys.argv[0]), "report.txt")).read())
 """
 
 

@@ -79,6 +79,20 @@ def test_stop_from_another_callback_ends_run():
     loop.close()
 
 
+def test_stop_before_run_ends_the_next_run_only():
+    """A stop requested before run (a SIGTERM while the daemon starts) is not lost; it ends
+    that one run, and a later run serves again until its own stop."""
+    loop = EventLoop()
+    ran = []
+    loop.stop()
+    loop.call_soon(lambda: ran.append("first"))
+    loop.run()  # returns instead of hanging (at most one iteration)
+    loop.call_later(0.01, lambda: (ran.append("second"), loop.stop()))
+    loop.run()
+    assert ran[-1] == "second"
+    loop.close()
+
+
 def test_interest_excludes_internal_wakeup_pipe():
     loop = EventLoop()
     assert loop.interest() == {}
