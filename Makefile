@@ -14,11 +14,12 @@ run:
 test:
 	scripts/test.sh
 
+# Extra harness options: make bench ARGS="--profile" (see python -m bench --help).
 bench: setup-bench
-	$(PY) -m bench
+	$(PY) -m bench $(ARGS)
 
 bench-quick: setup-bench
-	$(PY) -m bench --quick
+	$(PY) -m bench --quick $(ARGS)
 
 setup-bench:
 	EXTRAS=test,bench scripts/bootstrap.sh
