@@ -482,13 +482,16 @@ def test_settle_quiet_matches_settle(window, put, owed_before):
 @pytest.mark.parametrize("used", [0, 1000, GUEST_BUF])
 @pytest.mark.parametrize("guest_read", [True, False])
 @pytest.mark.parametrize("packets", [1, 3])
-def test_credit_only_quiet_matches_rw_lane_and_settle(used, guest_read, packets):
+@pytest.mark.parametrize("armed", [False, True])
+def test_credit_only_quiet_matches_rw_lane_and_settle(used, guest_read, packets, armed):
     """A TX lane run of the guest's CREDIT_UPDATEs for a connection in the RX pump's state
     (``credit_only_quiet``: no snapshot, a reconcile only when read interest or the
     CREDIT_REQUEST timer changes) leaves what ``rw_lane`` + ``settle`` leave: actions,
     counters, interest, timers, RX scheduling, statistics, the guest's next packets.
     ``used``: credit the pump used before (all of it: read interest off, the update turns
-    it back on); ``guest_read``: the update moves fwd_cnt (else the same pair again).
+    it back on); ``guest_read``: the update moves fwd_cnt (else the same pair again);
+    ``armed``: a CREDIT_REQUEST timer left armed (the update drops it: none is wanted in
+    that state, and the deadline changes).
     Spec: virtio 1.2 §5.10.6.3 (every packet carries the sender's credit)."""
     def build():
         h = Harness()
@@ -498,6 +501,8 @@ def test_credit_only_quiet_matches_rw_lane_and_settle(used, guest_read, packets)
         assert lane is not None
         h.run(h.mux.rx_lane_done(conn, used, -(-used // 4052), True, h.now))
         assert conn.rx_lane_state() and conn.wants_read == (used < GUEST_BUF)
+        if armed:
+            conn._credit_request_at = h.now + 0.005
         fwd = conn.tx_cnt if guest_read else conn.peer_fwd_cnt
         return h, key, conn, fwd
 
@@ -519,7 +524,7 @@ def test_credit_only_quiet_matches_rw_lane_and_settle(used, guest_read, packets)
     got = fast.mux.credit_only_quiet(fconn, packets, GUEST_BUF, fwd, changed, fast.now)
     assert got == want
     fast.run(got)
-    assert (got != []) == (used == GUEST_BUF and guest_read)  # interest back on
+    assert (got != []) == (armed or (used == GUEST_BUF and guest_read))  # interest back on
     assert state(fast, key, fconn) == state(ref, key, rconn)
     ref.host_sends(key, b"h" * 5000)
     fast.host_sends(key, b"h" * 5000)

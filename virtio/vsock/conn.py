@@ -321,6 +321,9 @@ class Connection:
         self._deadline: float | None = None  # handshake / shutdown timeout
         # our receive side (guest -> host)
         self.buf_alloc = cfg.buf_alloc_bytes
+        #: ``cfg.credit_update_threshold``, once (``cfg`` is frozen and never replaced; the
+        #: property's arithmetic ran twice per credit window)
+        self.update_threshold = cfg.credit_update_threshold
         self.recv_cnt = 0  # u32: RW payload bytes received from the guest
         self.fwd_cnt = 0  # u32: of those, delivered to the host socket (or discarded)
         self.adv_fwd_cnt = 0  # fwd_cnt in the last header we emitted
@@ -840,7 +843,8 @@ class Connection:
     def lane_credit(self) -> int:
         """Payload bytes the guest may still send (Spec: virtio 1.2 §5.10.6.3.1, as
         `rw_direct` checks them: ``buf_alloc - (recv_cnt - adv_fwd_cnt)``), at least 0."""
-        return max(0, self.buf_alloc - _u32(self.recv_cnt - self.adv_fwd_cnt))
+        credit = self.buf_alloc - ((self.recv_cnt - self.adv_fwd_cnt) & U32_MASK)
+        return credit if credit > 0 else 0  # inline: once per TX lane run
 
     def _rw_one_by_one(self, packets: Sequence[RwPacket], now: float) -> list[Action]:
         actions: list[Action] = []
@@ -975,7 +979,7 @@ class Connection:
 
     def _credit_check(self) -> list[Action]:
         if credit_update_due(self.buf_alloc, self.recv_cnt, self.adv_fwd_cnt, self.fwd_cnt,
-                             self.cfg.credit_update_threshold):
+                             self.update_threshold):
             self._pending |= _Pending.CREDIT_UPDATE
         return []
 

@@ -274,14 +274,13 @@ class VsockDevice:
             self._lane_key = None
             return None
         lane = self._lane
-        tail_cap = min(conn.buf_alloc, LANE_TAIL_MAX)
-        if lane is None or lane.tail_cap < tail_cap:
-            lane = self._lane = make_tx_lane(vq, tail_cap)
+        if lane is None or (lane.tail_cap < conn.buf_alloc and lane.tail_cap < LANE_TAIL_MAX):
+            lane = self._lane = make_tx_lane(vq, min(conn.buf_alloc, LANE_TAIL_MAX))
         rx = self._queues.get(_RXQ)
         update = None
         if rx is not None and not self._in_rx and muxer.lone_update_possible(conn):
             update = _lane_update((rx.vq, conn.buf_alloc, conn.recv_cnt, conn.fwd_cnt,
-                                   conn.adv_fwd_cnt, conn.cfg.credit_update_threshold,
+                                   conn.adv_fwd_cnt, conn.update_threshold,
                                    conn.credit_update_owed))
         res = lane.run(vq, sock, self.cid, key.local_port, key.peer_port, conn.lane_credit,
                        conn.peer_buf_alloc, conn.peer_fwd_cnt, LANE_CHAINS, update)
@@ -447,10 +446,11 @@ class VsockDevice:
         self.host.run(muxer.guest_rw_batch(self.cid, *ports, group, now))
 
     # -- RX: host -> guest -----------------------------------------------------------------
-    def host_readable(self, key: Any) -> bool:
-        """A host socket of this VM became readable: serve it with the RX pump
-        (rx_pump.py) when `VsockMuxer.rx_lane_conn` allows, one C call reading into as many
-        RX buffers as the guest's credit allows, publishing and signalling; the muxer then
+    def host_readable(self, key: Any, sock: socket.socket) -> bool:
+        """Host socket ``sock`` of connection ``key`` of this VM became readable
+        (``VsockHost.on_readable``): serve it with the RX pump (rx_pump.py) when
+        `VsockMuxer.rx_lane_conn` allows, one C call reading into as many RX buffers as
+        the guest's credit allows, publishing and signalling; the muxer then
         applies only the counters unless the outcome was unusual (`rx_lane_done`). False:
         the caller takes the general path (``muxer.host_readable``).
 
@@ -463,9 +463,6 @@ class VsockDevice:
         muxer = self.muxer
         lane = muxer.rx_lane_conn(key)
         if lane is None:
-            return False
-        sock = self.host.sock(key)
-        if sock is None:
             return False
         conn, credit = lane
         self._pump(handle, sock, conn, credit, muxer.rx_lane_done, self.loop.time())
@@ -776,9 +773,9 @@ class VsockBackend:
 
         register_vsock_commands(registry, self)
 
-    def _host_readable(self, key: Any) -> bool:
+    def _host_readable(self, key: Any, sock: socket.socket) -> bool:
         device = self._devices.get(key.cid)
-        return device is not None and device.host_readable(key)
+        return device is not None and device.host_readable(key, sock)
 
     def _rx_ready(self, cid: int) -> None:
         device = self._devices.get(cid)

@@ -114,12 +114,14 @@ class VsockHost:
     def __init__(self, loop: Any, muxer: VsockMuxer, *, on_rx_ready: Callable[[int], None],
                  handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
                  max_pending_handshakes: int = 128, connect_retry_s: float = 0.01,
-                 on_readable: Callable[[ConnKey], bool] | None = None) -> None:
+                 on_readable: Callable[[ConnKey, socket.socket], bool] | None = None
+                 ) -> None:
         self.loop = loop
         self.muxer = muxer
         self.on_rx_ready = on_rx_ready
-        #: a host socket became readable: the device's RX pump may serve it at once
-        #: (True) instead of `muxer.host_readable` (the general path)
+        #: ``on_readable(key, sock)``: host socket ``sock`` of ``key`` became readable: the
+        #: device's RX pump may serve it at once (True) instead of `muxer.host_readable`
+        #: (the general path)
         self.on_readable = on_readable
         self.handshake_timeout_s = handshake_timeout_s
         self.max_pending_handshakes = max_pending_handshakes
@@ -348,7 +350,8 @@ class VsockHost:
         key = action.key
         if read != hs.read:
             if read:
-                self.loop.add_reader(fd, partial(self._readable, key))  # no Python frame
+                # no Python frame; the socket bound in: its reader goes before it closes
+                self.loop.add_reader(fd, partial(self._readable, key, hs.sock))
             else:
                 self.loop.remove_reader(fd)
             hs.read = read
@@ -359,9 +362,9 @@ class VsockHost:
                 self.loop.remove_writer(fd)
             hs.write = write
 
-    def _readable(self, key: ConnKey) -> None:
+    def _readable(self, key: ConnKey, sock: socket.socket) -> None:
         fast = self.on_readable
-        if fast is not None and fast(key):
+        if fast is not None and fast(key, sock):
             return
         self.run(self.muxer.host_readable(key, self.loop.time()))
 

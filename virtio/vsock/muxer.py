@@ -49,8 +49,8 @@ from .conn import (Action, Buffer, CloseHost, ConnConfig, ConnInfo, ConnKey, Con
                    ConnState, RwPacket, RxPacket, RxItem, RxReady, SetHostInterest, SetTimer)
 from .errors import (DuplicateCidError, TableFullError, UnknownCidError,
                      UnknownConnectionError)
-from .wire import (HOST_CID, MAX_PKT_PAYLOAD_BYTES, Op, SeqpacketFlag, Type, VsockFeature,
-                   VsockHeader, cid_is_valid_guest)
+from .wire import (HOST_CID, MAX_PKT_PAYLOAD_BYTES, U32_MASK, Op, SeqpacketFlag, Type,
+                   VsockFeature, VsockHeader, cid_is_valid_guest)
 
 log = logging.getLogger(__name__)
 
@@ -426,14 +426,21 @@ class VsockMuxer:
         conn._credit_check()  # as rw_lane does (no payload: an update owed stays owed)
         if conn._pending:
             return None  # an update owed: the full path puts it (_credit_check is idempotent)
-        read_before = conn.peer_free > 0  # wants_read in that state
-        deadline_before = conn.deadline
+        # wants_read in that state: peer_free > 0, inline (before and after the update)
+        read_before = conn.peer_buf_alloc > ((conn.tx_cnt - conn.peer_fwd_cnt) & U32_MASK)
         vm.stats.tx_packets += packets
         if credit_changed:  # as rw_lane
             conn._credit_requested = False
         conn.peer_buf_alloc, conn.peer_fwd_cnt = buf_alloc, fwd_cnt
-        conn.arm_credit_request(now)
-        if (conn.peer_free > 0) == read_before and conn.deadline == deadline_before:
+        # arm_credit_request, inline: in that state (no queued data, socket not known
+        # readable) no CREDIT_REQUEST is wanted, so the timer is dropped, and the deadline
+        # is the handshake / shutdown one unless that timer was armed before.
+        request_at = conn._credit_request_at
+        deadline_before = conn._deadline if request_at is None else conn.deadline
+        conn._credit_request_at = None
+        conn._credit_request_due = False
+        if (buf_alloc > ((conn.tx_cnt - fwd_cnt) & U32_MASK)) == read_before and (
+                conn._deadline == deadline_before):
             return []
         return self._reconcile(conn.key, (read_before, conn.wants_write, deadline_before,
                                           False), now=now)
