@@ -60,8 +60,11 @@ def test_shares_are_of_the_bench_samples_and_symbols_merge_across_pids():
 
 
 def test_descendants_lists_live_children_with_their_command_lines():
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time; print('up', flush=True); time.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
     try:
+        assert child.stdout.readline() == "up\n"  # running its own program by now
         ours = descendants(os.getpid())
         assert os.getpid() in ours
         assert "time.sleep(30)" in ours[child.pid]
