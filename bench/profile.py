@@ -156,6 +156,9 @@ def summarise(samples: list[Sample], ours: dict[int, str], top: int = 30) -> str
 class Profiler:
     """Records CPU 0 with perf while a run goes on, and writes the summary (see module)."""
 
+    #: How long perf may take to write its data after SIGINT before it is killed.
+    stop_timeout_s = 60.0
+
     def __init__(self, out_dir: Path, perf: str | None) -> None:
         """``perf``: the perf executable (``shutil.which("perf")``), None if missing."""
         self.out_dir = out_dir
@@ -184,7 +187,11 @@ class Profiler:
                 ours = watch.seen
             finally:
                 rec.send_signal(signal.SIGINT)
-                _, err = rec.communicate(timeout=60)
+                try:
+                    _, err = rec.communicate(timeout=self.stop_timeout_s)
+                except subprocess.TimeoutExpired:  # never leave perf recording behind
+                    rec.kill()
+                    _, err = rec.communicate()
             if rec.returncode not in (0, -signal.SIGINT) or not data.exists():
                 path.write_text(header + f"perf record failed (exit {rec.returncode}): "
                                 f"{err.decode(errors='replace').strip()}\n")

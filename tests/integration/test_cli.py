@@ -39,8 +39,15 @@ def vmchannel(*args: str, ignore_sigint: bool = False) -> subprocess.Popen:
 
 
 def stop(proc: subprocess.Popen) -> str:
+    """SIGINT, then the exit status and stderr; a process that does not stop within 10 s is
+    killed (the test fails) rather than left running after the test."""
     proc.send_signal(signal.SIGINT)
-    _out, err = proc.communicate(timeout=10)
+    try:
+        _out, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _out, err = proc.communicate()
+        raise AssertionError(f"did not stop on SIGINT within 10 s: {err}") from None
     assert proc.returncode == 0, err
     return err
 

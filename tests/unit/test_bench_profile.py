@@ -131,3 +131,14 @@ def test_without_perf_the_run_goes_on_and_the_file_says_why(tmp_path):
     profiler = Profiler(tmp_path, None)
     assert profiler.run("rtt", "limit", lambda: 7.0) == 7.0
     assert profiler.written[0].read_text().endswith("perf is not installed: no profile.\n")
+
+
+def test_a_perf_that_does_not_stop_is_killed_and_the_file_says_so(tmp_path):
+    stubborn = tmp_path / "perf"
+    stubborn.write_text(f"#!{sys.executable}\nimport signal, time\n"
+                        "signal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(60)\n")
+    stubborn.chmod(0o755)
+    profiler = Profiler(tmp_path / "out", str(stubborn))
+    profiler.stop_timeout_s = 0.5
+    assert profiler.run("rtt", "back-end", lambda: 3.0) == 3.0
+    assert "perf record failed (exit -9)" in profiler.written[0].read_text()
