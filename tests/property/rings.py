@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from ring.memory import GuestMemory
 from ring.wire import DescFlag
-from tests.property.ringpair import END, GAP, R1
+from tests.property.ringpair import END, GAP, R1, RingPair, make_memory
 
 NEXT, WRITE, INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.INDIRECT)
 AVAIL, USED = int(DescFlag.AVAIL), int(DescFlag.USED)
@@ -236,3 +236,17 @@ def operations(raw_packed: bool, size: int):
         st.tuples(st.just("unpop"), st.sampled_from([0, 0, 0, 1, 2])),
     )
     return st.lists(op, min_size=1, max_size=12)
+
+
+def start_pair(impls: dict[str, type], raw: RawRing) -> tuple[RingPair, bool]:
+    """Both queue implementations over clones of ``raw`` laid into fresh guest memory,
+    configured at the ring's addresses and set to ``raw.base`` (both calls always made and
+    compared); True when both succeeded. Hostile rings may fail either call."""
+    mem = make_memory(log=raw.log)
+    raw.lay(mem)
+    pair = RingPair(impls, mem)
+    pair.build(raw.size, packed=raw.packed, event_idx=raw.event_idx,
+               notify_on_empty=raw.notify_on_empty)
+    configured = pair.call("configure", DESC_GPA, AVAIL_GPA, USED_GPA)[0] == "ok"
+    based = pair.call("set_base", raw.base)[0] == "ok"
+    return pair, configured and based

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from tests.property.ringpair import RingPair, make_memory, require_pair
 from tests.property.test_vsock_tx_lane import _Host
-from tests.property.rings import AVAIL_GPA, DESC_GPA, USED_GPA, RawRing, raw_rings
+from tests.property.rings import RawRing, raw_rings, start_pair
 from tests.support.driver import PackedDriver, SplitDriver, bytearray_memory
 from virtio.vsock.rx_pump import CRxPump, rx_pump_py
 from virtio.vsock.wire import Op, Type, VsockHeader
@@ -100,14 +100,8 @@ def test_pump_on_hostile_rings_matches_reference(impls, raw: RawRing, credit):
     """Hostile descriptor tables (loops, bad next, nested indirect, buffers past RAM, ...):
     the same broken report, memory and queue state; the second call on a broken queue does
     nothing on either side."""
-    mem = make_memory(log=raw.log)
-    raw.lay(mem)
-    pair = RingPair(impls, mem)
-    pair.build(raw.size, packed=raw.packed, event_idx=raw.event_idx,
-               notify_on_empty=raw.notify_on_empty)
-    if pair.call("configure", DESC_GPA, AVAIL_GPA, USED_GPA)[0] != "ok":
-        return
-    if pair.call("set_base", raw.base)[0] != "ok":
+    pair, started = start_pair(impls, raw)
+    if not started:
         return
     _pump_both(pair, b"x" * 10000, False, [credit, credit])
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from ring.errors import ChainError
 from tests.property.ringpair import RingPair, exc_key, make_memory, require_pair
-from tests.property.rings import AVAIL_GPA, DESC_GPA, USED_GPA, RawRing, raw_rings
+from tests.property.rings import RawRing, raw_rings, start_pair
 from tests.support.driver import Allocator, PackedDriver, SplitDriver, bytearray_memory
 from virtio.vsock.conn import credit_update_due
 from virtio.vsock.lane import (LANE_CHAINS, CPut, CTxLane, LaneUpdate, Put, PyTxLane, Stop,
@@ -271,16 +271,8 @@ def test_lane_on_hostile_rings_matches_reference(impls, raw: RawRing, credit):
     """Hostile descriptor tables (loops, bad next, nested indirect, buffers past RAM, ...):
     both lanes report the same DriverError (code, queue, head) with the same guest memory
     and queue state, or stop at the same chain and give it back identically."""
-    mem = make_memory(log=raw.log)
-    raw.lay(mem)
-    pair = RingPair(impls, mem)
-    pair.build(raw.size, packed=raw.packed, event_idx=raw.event_idx,
-               notify_on_empty=raw.notify_on_empty)
-    kind, _ = pair.call("configure", DESC_GPA, AVAIL_GPA, USED_GPA)
-    if kind != "ok":
-        return
-    kind, _ = pair.call("set_base", raw.base)
-    if kind != "ok":
+    pair, started = start_pair(impls, raw)
+    if not started:
         return
     args = (CID, HOST_PORT, GUEST_PORT, credit, 0, 0, 256)
     first, second = _run_both(pair, ["open"], [args, args])
@@ -324,14 +316,8 @@ def _put_both(pair: RingPair, times: int = 2) -> list:
 def test_put_on_hostile_rings_matches_reference(impls, raw: RawRing):
     """Hostile rings: the same DriverError (code, queue, head), or the same buffer written
     (guest memory and dirty log byte-identical), or the same small buffer given back."""
-    mem = make_memory(log=raw.log)
-    raw.lay(mem)
-    pair = RingPair(impls, mem)
-    pair.build(raw.size, packed=raw.packed, event_idx=raw.event_idx,
-               notify_on_empty=raw.notify_on_empty)
-    if pair.call("configure", DESC_GPA, AVAIL_GPA, USED_GPA)[0] != "ok":
-        return
-    if pair.call("set_base", raw.base)[0] != "ok":
+    pair, started = start_pair(impls, raw)
+    if not started:
         return
     _put_both(pair)
 
