@@ -276,9 +276,9 @@ class VsockDevice:
         lane = self._lane
         if lane is None or (lane.tail_cap < conn.buf_alloc and lane.tail_cap < LANE_TAIL_MAX):
             lane = self._lane = make_tx_lane(vq, min(conn.buf_alloc, LANE_TAIL_MAX))
-        rx = self._queues.get(_RXQ)
+        rx = self._rx_handle_now()
         update = None
-        if rx is not None and not self._in_rx and muxer.lone_update_possible(conn):
+        if rx is not None and muxer.lone_update_possible(conn):
             update = _lane_update((rx.vq, conn.buf_alloc, conn.recv_cnt, conn.fwd_cnt,
                                    conn.adv_fwd_cnt, conn.update_threshold,
                                    conn.credit_update_owed))
@@ -332,8 +332,8 @@ class VsockDevice:
         one call instead of a scheduled RX pass (the guest may be waiting for it).
 
         Spec: virtio 1.2 §5.10.6.3 (CREDIT_UPDATE), §5.10.6 (one packet per RX buffer)."""
-        handle = self._queues.get(_RXQ)
-        if handle is None or self._in_rx:
+        handle = self._rx_handle_now()
+        if handle is None:
             return
         packet = self.muxer.lone_credit_update(conn)
         if packet is None:
@@ -455,9 +455,7 @@ class VsockDevice:
         the caller takes the general path (``muxer.host_readable``).
 
         Spec: virtio 1.2 §5.10.6 (one packet per RX buffer), §5.10.6.3 (credit)."""
-        if self._in_rx:
-            return False
-        handle = self._queues.get(_RXQ)
+        handle = self._rx_handle_now()
         if handle is None:
             return False
         muxer = self.muxer
@@ -476,9 +474,7 @@ class VsockDevice:
         the muxer. False (nothing done): the caller answers the packet as usual.
 
         Spec: virtio 1.2 §5.10.6.3 (credit), §5.10.6 (one packet per RX buffer)."""
-        if self._in_rx:
-            return False
-        handle = self._queues.get(_RXQ)
+        handle = self._rx_handle_now()
         if handle is None:
             return False
         muxer = self.muxer
@@ -517,6 +513,11 @@ class VsockDevice:
             self.log.error("RX queue broken (%s): it stays stopped until the device is "
                            "reset", broken)
             handle.notify_if_needed()
+
+    def _rx_handle_now(self) -> Any:
+        """The RX queue's handle when a packet may go into it at once: the queue runs and
+        no RX pass is on the stack (it would be re-entered). None otherwise."""
+        return None if self._in_rx else self._queues.get(_RXQ)
 
     def _process_rx(self) -> None:
         if self._in_rx:
