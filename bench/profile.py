@@ -67,7 +67,7 @@ def role_of(pid: int, ours: dict[int, str]) -> str:
 
 def descendants(root: int) -> dict[int, str]:
     """The live descendants of ``root`` (and root), pid → command line, from /proc."""
-    parent: dict[int, int] = {}
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -75,12 +75,12 @@ def descendants(root: int) -> dict[int, str]:
                     stat = f.read()
             except OSError:
                 continue
-            parent[int(entry)] = int(stat[stat.rindex(b")") + 2:].split()[1])
+            ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
     ours, frontier = {root}, [root]
     while frontier:
-        p = frontier.pop()
-        for child, ppid in parent.items():
-            if ppid == p and child not in ours:
+        for child in children.get(frontier.pop(), ()):
+            if child not in ours:
                 ours.add(child)
                 frontier.append(child)
     return {pid: _cmdline(pid) for pid in ours}
@@ -108,7 +108,6 @@ def _short_dso(dso: str) -> str:
 class Sample:
     percent: float
     pid: int
-    comm: str
     dso: str
     symbol: str
 
@@ -119,8 +118,8 @@ def parse_report(text: str) -> list[Sample]:
     for line in text.splitlines():
         m = _LINE.match(line)
         if m:
-            rows.append(Sample(float(m.group(1)), int(m.group(2)), m.group(3),
-                               _short_dso(m.group(4)), m.group(6)))
+            rows.append(Sample(float(m.group(1)), int(m.group(2)), _short_dso(m.group(4)),
+                               m.group(6)))
     return rows
 
 
@@ -136,11 +135,11 @@ def summarise(samples: list[Sample], ours: dict[int, str], top: int = 30) -> str
         key = (role, s.dso, s.symbol)
         by_symbol[key] = by_symbol.get(key, 0.0) + s.percent
     outside = ("idle", "other (not this bench)")
-    total = sum(pct for role, pct in by_role.items() if role not in outside) or 1.0
+    bench = sum(pct for role, pct in by_role.items() if role not in outside)
+    total = bench or 1.0
     out = [f"Of all samples: idle {by_role.get(outside[0], 0.0):.1f} % (with the "
            f"{_PERF_START_S} s before the run while perf starts), other jobs on this "
-           f"shared CPU {by_role.get(outside[1], 0.0):.1f} %, this bench "
-           f"{sum(by_role.values()) - by_role.get(outside[0], 0.0) - by_role.get(outside[1], 0.0):.1f} %.",
+           f"shared CPU {by_role.get(outside[1], 0.0):.1f} %, this bench {bench:.1f} %.",
            "", "This bench's samples by process role:"]
     for role, pct in sorted(by_role.items(), key=lambda kv: -kv[1]):
         if role not in outside:
@@ -216,11 +215,14 @@ class _TreeWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
+    def _look(self) -> None:
+        for pid, cmd in descendants(self.root).items():
+            if cmd:  # empty while a child is still between fork and exec
+                self.seen.setdefault(pid, cmd)
+
     def _watch(self) -> None:
         while True:
-            for pid, cmd in descendants(self.root).items():
-                if cmd:
-                    self.seen.setdefault(pid, cmd)
+            self._look()
             if self._stop.wait(_WATCH_S):
                 return
 
@@ -231,8 +233,7 @@ class _TreeWatch:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        for pid, cmd in descendants(self.root).items():
-            self.seen.setdefault(pid, cmd)
+        self._look()
 
 
 def _slug(name: str) -> str:

@@ -6,6 +6,7 @@ of a child process that spins is attributed to that child.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -32,10 +33,10 @@ OURS = {101: "python -m vmchannel run --config x", 102: "/w/bench/.cache/peer si
 
 def test_report_rows_are_parsed():
     rows = parse_report(REPORT)
-    assert [(r.percent, r.pid, r.comm, r.dso, r.symbol) for r in rows][:3] == [
-        (40.0, 101, "python", "[kernel]", "_copy_from_iter"),
-        (20.0, 102, "peer", "[kernel]", "_copy_to_iter"),
-        (10.0, 101, "python", "libpython", "_PyEval_EvalFrameDefault")]
+    assert [(r.percent, r.pid, r.dso, r.symbol) for r in rows][:3] == [
+        (40.0, 101, "[kernel]", "_copy_from_iter"),
+        (20.0, 102, "[kernel]", "_copy_to_iter"),
+        (10.0, 101, "libpython", "_PyEval_EvalFrameDefault")]
     assert len(rows) == 7
 
 
@@ -59,16 +60,28 @@ def test_shares_are_of_the_bench_samples_and_symbols_merge_across_pids():
     assert not any("pv_native_safe_halt" in line for line in lines)
 
 
-def test_descendants_lists_live_children_with_their_command_lines():
-    child = subprocess.Popen([sys.executable, "-c",
-                              "import time; print('up', flush=True); time.sleep(30)"],
-                             stdout=subprocess.PIPE, text=True)
+CHILD = """
+import subprocess, sys, time
+grandchild = subprocess.Popen([sys.executable, "-c",
+                               "import time; print('up', flush=True); time.sleep(30)"])
+print(grandchild.pid, flush=True)
+time.sleep(30)
+"""
+
+
+def test_descendants_lists_children_and_grandchildren_with_their_command_lines():
+    """The back-end and the guest are started through other processes: the whole tree."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+    lines = [child.stdout.readline().strip() for _ in range(2)]  # "up" and its pid, any order
+    grandchild = int(next(line for line in lines if line != "up"))
     try:
-        assert child.stdout.readline() == "up\n"  # running its own program by now
+        assert "up" in lines  # both run their own programs by now
         ours = descendants(os.getpid())
         assert os.getpid() in ours
-        assert "time.sleep(30)" in ours[child.pid]
+        assert "grandchild = subprocess.Popen" in ours[child.pid]
+        assert "print('up'" in ours[grandchild]
     finally:
+        os.kill(grandchild, signal.SIGKILL)
         child.kill()
         child.wait()
 
