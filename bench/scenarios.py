@@ -15,9 +15,12 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from bench.procs import Backend, GuestProc, Peer, limit_rtt, limit_stream
+
+if TYPE_CHECKING:
+    from bench.profile import Profiler
 
 KIB = 1024
 PINNINGS = {
@@ -37,7 +40,7 @@ class Ctx:
         prefix="vmchannel-bench-")))
     log: Callable[[str], None] = print
     #: ``--profile``: a bench.profile.Profiler for the targeted same-CPU rows, else None.
-    profiler: object | None = None
+    profiler: Profiler | None = None
 
     def profiling(self, pin: str) -> bool:
         return self.profiler is not None and pin == "same"
