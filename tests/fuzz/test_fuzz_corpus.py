@@ -62,11 +62,11 @@ def test_ring_decoder_reaches_hostile_and_benign_rings():
     """The decoder is not degenerate: the corpus yields chains and several error codes."""
     from ring.errors import ChainError
     from tests.property.ringpair import available_impls
-    from tests.property.test_ring_differential import start_pair
+    from tests.property.rings import start_pair
     codes, chains = set(), 0
     for data in corpus("ring", RING_SEEDS, 160):
         raw, _ops = fuzz_ring.decode(data)
-        kind, value = start_pair({"py": available_impls()["py"]}, raw).call("pop")
+        kind, value = start_pair({"py": available_impls()["py"]}, raw)[0].call("pop")
         if kind == "exc":
             codes.add(value.code)
         elif value is not None:
