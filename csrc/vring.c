@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "vring.h"
+#include "zerocopy.h"
 
 #define DESC_SIZE 16u
 #define F_NEXT 1u
@@ -1147,10 +1148,19 @@ static int publish_batch(struct vr_queue *q, struct vr_scratch *s, uint32_t ndon
     return 0;
 }
 
-/* Spec: virtio 1.2 §2.7.13 / §2.8.21 (device side of the used ring), §5.3.6 (console data:
- * transmitq buffers are device-readable). */
-int vr_tx_to_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t budget,
-                struct vr_tx_result *out)
+/* A chain all of whose bytes were taken: complete it now, or (zero copy, some of its bytes
+ * sent by page reference) once the peer has read up to `end`. */
+static void chain_taken(struct vr_zc *z, int by_reference, struct vr_scratch *s,
+                        uint32_t *ndone, const struct vr_entry *e, uint64_t end)
+{
+    if (z != NULL && by_reference && zc_defer(z, e->head, e->slots, end) == 0)
+        return;
+    add_done(s, ndone, e->head, 0, e->slots);
+}
+
+/* vr_tx_to_fd, with zero-copy transmit when z is not NULL (vr_pump_tx). */
+static int tx_to_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t budget,
+                    struct vr_tx_result *out, struct vr_zc *z)
 {
     struct gather g;
     struct vr_segment tmp[VR_MAX_SEGMENTS];
@@ -1161,8 +1171,8 @@ int vr_tx_to_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t budge
 
     while (written_total < budget && !blocked && !error) {
         uint32_t nent = 0, k, rewind_n = 0, rewind_slots = 0;
-        uint64_t gathered = 0, limit, n = 0, remaining;
-        int stop = 0;
+        uint64_t gathered = 0, limit, n = 0, remaining, position = z ? z->taken : 0;
+        int stop = 0, by_pipe = 0, pipe_full = 0;
 
         if (ndone + s->entries_cap > s->done_cap)
             break; /* no room for another round's completions (a racing hostile guest) */
@@ -1217,9 +1227,15 @@ int vr_tx_to_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t budge
             } else {
                 int cnt = clip_iov(&g, limit);
                 ssize_t r;
-                do
-                    r = writev(fd, g.iov, cnt);
-                while (r < 0 && errno == EINTR);
+                if (z != NULL) {
+                    by_pipe = zc_wants(z, limit, cnt);
+                    r = zc_send(z, fd, g.iov, cnt, by_pipe);
+                    pipe_full = z->taken > z->in_socket;
+                } else {
+                    do
+                        r = writev(fd, g.iov, cnt);
+                    while (r < 0 && errno == EINTR);
+                }
                 if (r < 0) {
                     if (is_again(errno))
                         blocked = 1;
@@ -1245,7 +1261,9 @@ int vr_tx_to_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t budge
             }
             if (remaining >= e->need) {
                 remaining -= e->need;
-                add_done(s, &ndone, e->head, 0, e->slots);
+                position += e->need;
+                /* a pending chain's earlier bytes may have gone by reference */
+                chain_taken(z, by_pipe || e->was_pending, s, &ndone, e, position);
                 continue;
             }
             stop = 1;
@@ -1263,17 +1281,34 @@ int vr_tx_to_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t budge
             for (k = nent - rewind_n; k < nent; k++)
                 add_done(s, &ndone, s->entries[k].head, 0, s->entries[k].slots);
         }
+        if (pipe_full && !error) {
+            blocked = 1; /* the socket is full; the pipe holds the rest of what it took */
+            break;
+        }
+        if (by_pipe && n > 0 && !broken)
+            continue; /* the pipe took less than offered but the socket took it all: go on */
         if (n < limit && !blocked && !error)
             blocked = 1; /* a short write: the fd's buffer is full (no extra EAGAIN syscall) */
         if (q->pending_valid || n < limit || broken)
             break;
     }
+    if (z != NULL && ndone < s->done_cap)
+        ndone += zc_release(z, fd, s->done_head + ndone, s->done_len + ndone,
+                            s->done_slots + ndone, s->done_cap - ndone);
     out->bytes = written_total;
     out->chains = ndone;
     out->blocked = blocked;
     out->error = error;
     out->broken = broken;
     return publish_batch(q, s, ndone, broken, &out->notify);
+}
+
+/* Spec: virtio 1.2 §2.7.13 / §2.8.21 (device side of the used ring), §5.3.6 (console data:
+ * transmitq buffers are device-readable). */
+int vr_tx_to_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t budget,
+                struct vr_tx_result *out)
+{
+    return tx_to_fd(q, s, fd, budget, out, NULL);
 }
 
 /* Pieces a chain's writable part gives when its first plen bytes are a prefix: one per
@@ -1573,12 +1608,14 @@ int vr_pump_tx(struct vr_pump *p, int kick_fd)
         flags = drain_kick(p, kick_fd);
     if (p->tx == NULL || p->write_fd < 0)
         return flags;
-    rc = vr_tx_to_fd(p->tx, p->tx_scratch, p->write_fd, p->tx_budget, out);
+    rc = tx_to_fd(p->tx, p->tx_scratch, p->write_fd, p->tx_budget, out, p->tx_zc);
     p->bytes_from_guest += out->bytes;
     if (rc < 0)
         return rc;
     if (out->notify)
         flags |= signal_call(p, p->tx);
+    if (p->tx_zc != NULL && p->tx_zc->count > 0)
+        flags |= VR_PUMP_TX_DEFERRED;
     if (out->broken)
         flags |= VR_PUMP_TX_BROKEN;
     if (out->error)
@@ -1595,4 +1632,24 @@ int vr_pump_tx(struct vr_pump *p, int kick_fd)
         flags |= rc;
     }
     return flags;
+}
+
+int vr_pump_tx_release(struct vr_pump *p)
+{
+    struct vr_zc *z = p->tx_zc;
+    struct vr_scratch *s = p->tx_scratch;
+    uint32_t n;
+    int32_t notify = 0;
+    int rc;
+    if (z == NULL)
+        return 0;
+    if (p->tx == NULL || s == NULL) { /* nothing to return them to: only forget them */
+        zc_release_all(z, NULL, NULL, NULL, 0);
+        return 0;
+    }
+    n = zc_release_all(z, s->done_head, s->done_len, s->done_slots, s->done_cap);
+    rc = publish_batch(p->tx, s, n, 0, &notify);
+    if (rc < 0)
+        return rc;
+    return notify ? signal_call(p, p->tx) : 0;
 }

@@ -14,7 +14,7 @@
  * Spec: virtio 1.2 §2.7 (Split Virtqueues), §2.8 (Packed Virtqueues); docs/internals.md.
  */
 
-#define VR_ABI_VERSION 4
+#define VR_ABI_VERSION 5
 
 #define VR_MAX_SEGMENTS 1024
 #define VR_MAX_PREFIX 256
@@ -265,6 +265,32 @@ int vr_rx_from_fd_prefix(struct vr_queue *q, struct vr_scratch *scratch, int fd,
 #define VR_PUMP_RX_BROKEN 128    /* rx_out.broken */
 #define VR_PUMP_CALL_ERROR 256   /* a call eventfd write failed (not EAGAIN): call_errno */
 #define VR_PUMP_KICK_ERROR 512   /* draining the kick eventfd failed (not EAGAIN): kick_errno */
+#define VR_PUMP_TX_DEFERRED 1024 /* zero copy: chains wait until the host peer has read their
+                                  * bytes; call vr_pump_tx again when the write fd reports
+                                  * writable (edge-triggered: each read frees queued bytes) */
+
+/* Zero-copy transmit (csrc/zerocopy.c, zerocopy.h): a chain whose bytes went to the write
+ * fd by page reference waits in fifo until the peer has read them. */
+struct vr_zc_chain {
+    uint32_t head;
+    uint32_t slots;
+    uint64_t end;                 /* stream position just past its last byte */
+};
+
+struct vr_zc {
+    int32_t pipe_r;               /* the caller's pipe (both ends O_NONBLOCK); pipe_w -1: off */
+    int32_t pipe_w;
+    uint64_t min_bytes;           /* rounds of fewer bytes are copied with writev */
+    uint64_t min_piece;           /* ... and rounds of fewer bytes per iovec on average */
+    uint64_t taken;               /* stream position: bytes taken from chains since a reset */
+    uint64_t in_socket;           /* of those, handed to the write fd (the rest: in the pipe) */
+    uint64_t piped;               /* running total of bytes sent by page reference */
+    int32_t failed;               /* errno that turned zero copy off (vmsplice refused), or 0 */
+    uint32_t cap;                 /* room in fifo (the queue size suffices) */
+    uint32_t first;
+    uint32_t count;               /* chains waiting for the peer */
+    struct vr_zc_chain *fifo;
+};
 
 struct vr_pump {
     struct vr_queue *tx;          /* guest → host queue, NULL: not live */
@@ -285,6 +311,7 @@ struct vr_pump {
     int32_t kick_errno;
     int32_t ran_rx;               /* the last vr_pump_tx ran the rx step */
     int32_t reserved;
+    struct vr_zc *tx_zc;          /* zero-copy transmit state, NULL: writev */
     struct vr_tx_result tx_out;   /* of the last tx step */
     struct vr_rx_result rx_out;   /* of the last rx step */
 };
@@ -298,3 +325,8 @@ int vr_pump_tx(struct vr_pump *p, int kick_fd);
 /* Host → guest: vr_rx_from_fd(rx, read_fd, rx_budget), signal rx->call_fd if the ring asks.
  * Nothing when rx is NULL or read_fd < 0. */
 int vr_pump_rx(struct vr_pump *p);
+
+/* Zero copy: return every waiting chain to tx (used length 0, published, call signalled if
+ * the ring asks) and drop what the pipe holds unsent. For a write fd or queue about to go
+ * away: the chains may not outlive either. VR_PUMP_CALL_ERROR, 0, or a negative VR_E_*. */
+int vr_pump_tx_release(struct vr_pump *p);

@@ -45,7 +45,8 @@ def make_builder(absolute: bool = False) -> cffi.FFI:
     builder.set_source(
         "ring._vring_c",
         '#include "vring.h"\n#include "vsock_path.h"',
-        sources=[where(CSRC / "vring.c"), where(CSRC / "vsock_path.c")],
+        sources=[where(CSRC / "vring.c"), where(CSRC / "vsock_path.c"),
+                 where(CSRC / "zerocopy.c")],
         include_dirs=[where(CSRC)],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
     )

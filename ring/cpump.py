@@ -7,18 +7,37 @@ objects over one :class:`~ring.memory.GuestMemory`. Before each call the pump ch
 memory's generation once (the rings' region tables are rebuilt when it moved, as their own
 data-path calls do), so C never walks a stale table.
 
-Spec: virtio 1.2 §5.3.6, §2.7.7 (as ring.pump); STYLE R7 (the cffi boundary).
+Zero-copy transmit (:meth:`StreamPump.enable_zero_copy`, csrc/zerocopy.c): large rounds
+go from guest memory to an AF_UNIX stream write fd by page reference (vmsplice + splice), so
+the host peer's read is the only copy, and their chains return to the guest only once the
+peer has read them (``deferred``; :attr:`PumpFlag.TX_DEFERRED` asks the owner to pump again
+when the write fd turns writable). Any other write fd, and small rounds, are copied.
+
+Spec: virtio 1.2 §5.3.6, §2.7.7 (as ring.pump), §2.7.8 (a buffer is used once the device is
+done with it); STYLE R7 (the cffi boundary).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
 from typing import Any
 
 from ring.cring import Virtqueue, _BROKEN, _raise_for, ffi, lib
 from ring.pump import DEFAULT_RX_BUDGET, DEFAULT_TX_BUDGET
 from ring.types import RxResult, TxResult
 
-__all__ = ["StreamPump"]
+__all__ = ["StreamPump", "ZERO_COPY_PIPE_BYTES", "ZERO_COPY_MIN_BYTES", "ZERO_COPY_MIN_PIECE"]
+
+ZERO_COPY_PIPE_BYTES = 256 * 1024
+"""Pipe size asked for (F_SETPIPE_SZ): bytes one vmsplice can take. 126 ports of it stay
+under Linux's default per-user pipe allowance (pipe-user-pages-soft, 64 MiB)."""
+ZERO_COPY_MIN_BYTES = 16 * 1024
+"""Rounds smaller than this are copied: page references cost more than copying few bytes,
+and a request/answer exchange should not wait for the peer's read to get its buffer back."""
+ZERO_COPY_MIN_PIECE = 2048
+"""... and so are rounds of smaller pieces on average (each piece takes a pipe slot)."""
 
 _vr_pump_tx = lib.vr_pump_tx
 _vr_pump_rx = lib.vr_pump_rx
@@ -27,7 +46,8 @@ _vr_pump_rx = lib.vr_pump_rx
 class StreamPump:
     """C stream pump (see :class:`ring.pump.StreamPump` for the contract)."""
 
-    __slots__ = ("_p", "_tx", "_rx", "_memory", "_generation", "_log")
+    __slots__ = ("_p", "_tx", "_rx", "_memory", "_generation", "_log", "_zc", "_zc_keep",
+                 "_zc_fits")
 
     def __init__(self) -> None:
         p = ffi.new("struct vr_pump *")
@@ -40,6 +60,9 @@ class StreamPump:
         self._memory = None
         self._generation = -1
         self._log = None
+        self._zc = None  # struct vr_zc * once enable_zero_copy() made the pipe
+        self._zc_keep = None  # its fifo
+        self._zc_fits = False  # write_fd is an AF_UNIX stream socket
 
     # -- the queues -----------------------------------------------------------------------
     def _attach(self, vq: Virtqueue | None) -> tuple[Any, Any]:
@@ -63,9 +86,14 @@ class StreamPump:
 
     @tx.setter
     def tx(self, vq: Virtqueue | None) -> None:
+        if vq is self._tx:
+            return
+        self.release_deferred()  # their queue is going: the chains may not outlive it
+        self._p.tx_zc = ffi.NULL
         self._p.tx, self._p.tx_scratch = self._attach(vq)
         self._tx = vq
         self._forget_memory()
+        self._apply_zero_copy()
 
     @property
     def rx(self) -> Virtqueue | None:
@@ -95,7 +123,21 @@ class StreamPump:
         return property(lambda self: int(getattr(self._p, name)),
                         lambda self, value: setattr(self._p, name, value), doc=doc)
 
-    write_fd = _field("write_fd", "where the guest's bytes go, -1: no host peer")
+    @property
+    def write_fd(self) -> int:
+        """Where the guest's bytes go, -1: no host peer."""
+        return int(self._p.write_fd)
+
+    @write_fd.setter
+    def write_fd(self, fd: int) -> None:
+        if fd == self._p.write_fd:
+            return
+        self.release_deferred()  # the chains waited for the old peer's reads
+        self._p.tx_zc = ffi.NULL
+        self._p.write_fd = fd
+        self._zc_fits = fd >= 0 and _is_unix_stream(fd)
+        self._apply_zero_copy()
+
     read_fd = _field("read_fd", "what is read for the guest, -1: not wanted now")
     tx_budget = _field("tx_budget", "bytes per tx step")
     rx_budget = _field("rx_budget", "bytes per rx step")
@@ -122,6 +164,86 @@ class StreamPump:
         return RxResult(out.bytes, out.chains, out.notify != 0, out.eof != 0,
                         out.starved != 0, out.error or None, out.drained != 0,
                         _BROKEN[out.broken] if out.broken else None)
+
+    # -- zero-copy transmit ------------------------------------------------------------------
+    def enable_zero_copy(self) -> bool:
+        """Send large transmit rounds by page reference from now on, whenever the write fd is
+        an AF_UNIX stream socket (csrc/zerocopy.c). True once enabled; False when no pipe
+        could be made (the pump keeps copying)."""
+        if self._zc is not None:
+            return True
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, ZERO_COPY_PIPE_BYTES)
+        except OSError:
+            pass  # over the user's pipe allowance: the default pipe works, in smaller rounds
+        z = ffi.new("struct vr_zc *")
+        z.pipe_r, z.pipe_w = r, w
+        z.min_bytes = ZERO_COPY_MIN_BYTES
+        z.min_piece = ZERO_COPY_MIN_PIECE
+        self._zc = z
+        self._apply_zero_copy()
+        return True
+
+    @property
+    def zero_copy(self) -> bool:
+        """Zero copy applies to the next transmit round (enabled, write fd fits, queue set,
+        and vmsplice has not been refused)."""
+        return self._p.tx_zc != ffi.NULL and self._zc.failed == 0
+
+    @property
+    def zero_copy_error(self) -> int:
+        """errno with which the kernel refused vmsplice (zero copy then stays off), or 0."""
+        return 0 if self._zc is None else int(self._zc.failed)
+
+    @property
+    def deferred(self) -> int:
+        """Chains waiting for the host peer to read their bytes."""
+        return 0 if self._zc is None else int(self._zc.count)
+
+    @property
+    def bytes_by_reference(self) -> int:
+        """Running total of guest bytes sent by page reference."""
+        return 0 if self._zc is None else int(self._zc.piped)
+
+    def _apply_zero_copy(self) -> None:
+        z, tx = self._zc, self._tx
+        if z is None or tx is None or not self._zc_fits:
+            return
+        if z.cap < tx.size:
+            fifo = ffi.new("struct vr_zc_chain[]", tx.size)  # z.count is 0 (released)
+            z.fifo, z.cap, z.first = fifo, tx.size, 0
+            self._zc_keep = fifo
+        self._p.tx_zc = z
+
+    def release_deferred(self) -> int:
+        """Return every waiting chain to the transmitq now (used length 0) and drop what the
+        pipe holds unsent: before the write fd or the queue goes away. :class:`PumpFlag`
+        bits (CALL_ERROR at most)."""
+        if self._zc is None or self._zc.count == 0 and self._zc.taken == self._zc.in_socket:
+            return 0
+        memory = self._memory
+        if memory is not None and (memory.generation != self._generation
+                                   or memory.log is not self._log):
+            self._resync()
+        rc = lib.vr_pump_tx_release(self._p)
+        if rc < 0:
+            raise _raise_for(rc, self._tx.index)
+        return rc
+
+    def close(self) -> None:
+        """Release the waiting chains and close the pipe (the pump copies afterwards)."""
+        z = self._zc
+        if z is None:
+            return
+        self.release_deferred()
+        self._p.tx_zc = ffi.NULL
+        self._zc = self._zc_keep = None
+        os.close(z.pipe_r)
+        os.close(z.pipe_w)
 
     # -- the events -----------------------------------------------------------------------
     def pump_tx(self, kick_fd: int = -1) -> int:
@@ -155,3 +277,24 @@ class StreamPump:
         if rc < 0:
             raise _raise_for(rc, rx.index)
         return rc
+
+
+def _is_unix_stream(fd: int) -> bool:
+    """Whether fd is an AF_UNIX stream socket (zero copy relies on its SIOCOUTQ meaning the
+    bytes its peer has not read)."""
+    try:
+        copy = os.dup(fd)
+    except OSError:
+        return False
+    try:
+        probe = socket.socket(fileno=copy)
+    except OSError:  # not a socket
+        os.close(copy)
+        return False
+    try:
+        return (probe.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) == socket.AF_UNIX
+                and probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) == socket.SOCK_STREAM)
+    except OSError:
+        return False
+    finally:
+        probe.close()

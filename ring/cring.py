@@ -37,7 +37,7 @@ __all__ = ["Virtqueue", "Chain", "TxResult", "RxResult", "Pending", "ABI_VERSION
 
 log = logging.getLogger(__name__)
 
-ABI_VERSION = 4  # the csrc/vring.h VR_ABI_VERSION this module was written against
+ABI_VERSION = 5  # the csrc/vring.h VR_ABI_VERSION this module was written against
 
 
 def _check_abi() -> None:

@@ -50,6 +50,8 @@ class PumpFlag(enum.IntFlag):
     RX_BROKEN = 128   # a hostile chain broke the receiveq (rx_result.broken)
     CALL_ERROR = 256  # a call eventfd write failed, not with EAGAIN (call_errno)
     KICK_ERROR = 512  # draining the kick eventfd failed, not with EAGAIN (kick_errno)
+    TX_DEFERRED = 1024  # zero copy: chains wait for the host peer to read their bytes; pump
+    #                     again when the write fd turns writable (edge-triggered)
 
 
 # plain ints for the data path (IntFlag arithmetic costs a Python call per operation)
@@ -84,6 +86,23 @@ class StreamPump:
         self.ran_rx = False
         self.tx_result = None
         self.rx_result = None
+
+    # Zero-copy transmit is a C pump feature (ring.cpump: vmsplice(2) needs C); this pump
+    # always copies and has the same methods so owners need not tell them apart.
+    zero_copy = False
+    deferred = 0
+    bytes_by_reference = 0
+
+    def enable_zero_copy(self) -> bool:
+        """Always False: the Python pump copies (see :meth:`ring.cpump.StreamPump.enable_zero_copy`)."""
+        return False
+
+    def release_deferred(self) -> int:
+        """Nothing is ever deferred here: 0."""
+        return 0
+
+    def close(self) -> None:
+        """The Python pump holds no fds."""
 
     def _signal(self, vq: Any) -> int:
         fd = vq.call_fd

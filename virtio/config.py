@@ -119,8 +119,11 @@ class ConsoleConfig:
     ports: tuple[PortConfig, ...] = ()
     cols: int = 80
     rows: int = 25
+    zero_copy: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.zero_copy, bool):
+            raise ConfigError("console.zero_copy", f"must be true or false, got {self.zero_copy!r}")
         if self.mode not in ("listen", "connect"):
             raise ConfigError("console.mode", f"must be listen or connect, got {self.mode!r}")
         if not 1 <= self.max_ports <= MAX_CONSOLE_PORTS:

@@ -1,6 +1,7 @@
 """The single-threaded event loop every I/O adapter runs on.
 
-One thread, one ``select.epoll`` (level-triggered), used directly rather than through
+One thread, one ``select.epoll`` (level-triggered, except the edge writers of
+:meth:`EventLoop.add_edge_writer`), used directly rather than through
 ``selectors``: the selector's key objects and event translation cost a few microseconds
 per event in CPython, which is most of a 64-byte round trip's budget. Adapters register
 readers, writers and timers with callbacks; cores stay sans-I/O and never see the loop. The
@@ -83,6 +84,7 @@ class EventLoop:
         self._clock = clock
         self._epoll = select.epoll()
         self._watches: dict[int, _Watch] = {}
+        self._edges: dict[int, int] = {}  # fd -> its private duplicate with an edge watch
         self._timers: list[Timer] = []
         self._sequence = itertools.count()
         self._soon: deque[Callback] = deque()
@@ -122,6 +124,44 @@ class EventLoop:
 
     def remove_writer(self, fd: int) -> None:
         self._update(fd, writer=None)
+
+    def add_edge_writer(self, fd: int, callback: Callback) -> None:
+        """Call ``callback`` each time ``fd`` *becomes* writable (EPOLLOUT | EPOLLET), not
+        for as long as it stays so: for waiting on a socket peer's reads themselves (each
+        read that frees queued bytes is one more wake-up), where a level-triggered writer
+        would spin while the buffer has room. Also wakes on hang-up and error. A newly
+        added watch on an fd writable now fires once.
+
+        epoll keeps one interest set per open fd and ``fd`` may have a level-triggered
+        reader, so the watch is on a private duplicate of ``fd``: remove it before closing
+        ``fd``, or the duplicate keeps the socket open."""
+        copy = self._edges.get(fd)
+        if copy is not None:
+            self._watches[copy].writer = callback
+            return
+        copy = os.dup(fd)
+        try:
+            self._epoll.register(copy, _EPOLLOUT | select.EPOLLET)
+        except OSError:
+            os.close(copy)
+            raise
+        self._watches[copy] = _Watch(None, callback)
+        self._edges[fd] = copy
+
+    def remove_edge_writer(self, fd: int) -> None:
+        copy = self._edges.pop(fd, None)
+        if copy is None:
+            return
+        self._watches.pop(copy, None)
+        try:
+            self._epoll.unregister(copy)
+        except OSError:
+            pass
+        os.close(copy)
+
+    def edge_writers(self) -> set[int]:
+        """The fds with an edge-triggered writer (their duplicates are internal)."""
+        return set(self._edges)
 
     _KEEP = object()
 
@@ -217,6 +257,8 @@ class EventLoop:
         return self._wake_w
 
     def close(self) -> None:
+        for fd in list(self._edges):
+            self.remove_edge_writer(fd)
         self._epoll.close()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)

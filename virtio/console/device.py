@@ -18,6 +18,14 @@ How the queues are served:
   short write the loop waits for writability of *that* socket (``add_writer``), so a host
   peer that never reads stalls only its own port. Guest bytes written while no host peer is
   attached stay in the ring until one attaches (QEMU would drop them).
+* **Zero copy** (``ConsoleConfig.zero_copy``, on by default; C rings, AF_UNIX host sockets):
+  large transmit rounds reach the host socket by page reference (:mod:`ring.cpump`), so
+  the host peer's read is the only copy of the guest's bytes. Such a chain goes back to the
+  guest only once the peer has read all of it; meanwhile the socket is watched with an
+  edge-triggered writer (each peer read is an edge), so a peer that stops reading costs no
+  CPU. A queue stop (GET_VRING_BASE), a device reset or a port's removal returns the
+  waiting chains at once: a guest that reuses those buffers before a slow peer reads them
+  changes bytes the peer has not read yet. Set ``zero_copy = false`` where that matters.
 * **Port receiveq** (host → guest): the host socket is watched (``add_reader``) only while
   the guest has the port open, a host peer is attached and the guest has buffers posted;
   when ``rx_from_fd`` reports the ring starved, the watch is dropped until the guest kicks
@@ -110,7 +118,8 @@ class _PortIO:
     endpoint_config: Endpoint
     endpoint: HostEndpoint
     rx_fd: int | None = None  # fd with our add_reader (host → guest)
-    tx_fd: int | None = None  # fd with our add_writer (waiting for the host to read)
+    tx_fd: int | None = None  # fd with our writer (waiting for the host to read)
+    tx_edge: bool = False  # tx_fd's writer is edge-triggered (zero copy: chains wait)
     probe_fd: int | None = None  # fd watched only to notice a host hang-up
     rx_starved: bool = False  # the guest had no receive buffers at the last read
     host_has_data: bool = False  # probe saw bytes the guest is not reading yet
@@ -333,6 +342,8 @@ class ConsoleDevice:
         self._tx_ports.pop(port_queues(port.id)[1], None)
         io.removed = True
         self._unwatch(io)
+        if io.pump is not None:
+            io.pump.close()
         if io.retry_timer is not None:
             io.retry_timer.cancel()
         self._discard_tx(port_queues(port.id)[1])  # before DEVICE_REMOVE can reach the guest
@@ -386,8 +397,10 @@ class ConsoleDevice:
             return
         self.closed = True
         for io in self._io.values():
-            self._unwatch(io)
             io.removed = True
+            self._unwatch(io)  # (the pump lets go of the queues and the host fd)
+            if io.pump is not None:
+                io.pump.close()
             if io.retry_timer is not None:
                 io.retry_timer.cancel()
             io.endpoint.close()
@@ -564,9 +577,8 @@ class ConsoleDevice:
     def _unwatch(self, io: _PortIO) -> None:
         for fd in {io.rx_fd, io.probe_fd} - {None}:
             self.loop.remove_reader(fd)
-        if io.tx_fd is not None:
-            self.loop.remove_writer(io.tx_fd)
-        io.rx_fd = io.probe_fd = io.tx_fd = None
+        self._watch_writable(io, None)
+        io.rx_fd = io.probe_fd = None
         self._sync_pump(io)
 
     def _probe_host(self, io: _PortIO) -> None:
@@ -604,14 +616,22 @@ class ConsoleDevice:
             pump.tx_budget = TX_BUDGET_BYTES
             pump.rx_budget = RX_BUDGET_BYTES
             pump.follow_rx_max = OPPORTUNISTIC_RX_BYTES
+            if self.config.zero_copy:
+                pump.enable_zero_copy()
         if pump.tx is not tx_vq or pump.rx is not rx_vq:
-            pump.tx = pump.rx = None
+            # Detach only what changed: detaching the transmitq returns the chains that wait
+            # for the host peer's reads (zero copy) before it has read them.
+            if pump.rx is not rx_vq:
+                pump.rx = None
+            if pump.tx is not tx_vq:
+                pump.tx = None
             try:
                 pump.tx, pump.rx = tx_vq, rx_vq
             except TypeError:  # another ring implementation (a new session): a new pump
                 io.port.bytes_from_guest += pump.bytes_from_guest
                 io.port.bytes_to_guest += pump.bytes_to_guest
                 pump.tx = pump.rx = None
+                pump.close()
                 io.pump = None
                 self._sync_pump(io)
                 return
@@ -690,20 +710,31 @@ class ConsoleDevice:
             self._watch_writable(io, None)
             io.endpoint.disconnect()
             return
-        self._watch_writable(io, io.endpoint.write_fd if flags & PumpFlag.TX_BLOCKED else None)
+        if flags & PumpFlag.TX_DEFERRED:
+            # Zero copy: chains wait for the host peer's reads, and each read that frees
+            # queued bytes is an edge (a level-triggered writer would spin while the socket
+            # has room but the peer is not reading).
+            self._watch_writable(io, io.endpoint.write_fd, edge=True)
+        else:
+            self._watch_writable(io, io.endpoint.write_fd if flags & PumpFlag.TX_BLOCKED
+                                 else None)
         if flags & PumpFlag.TX_MORE:
             self.loop.call_soon(lambda: self._pump_tx(io))  # more may wait: yield first
         elif pump.ran_rx and flags:
             self._after_pump_rx(io, flags)
 
-    def _watch_writable(self, io: _PortIO, fd: int | None) -> None:
-        if io.tx_fd == fd:
+    def _watch_writable(self, io: _PortIO, fd: int | None, edge: bool = False) -> None:
+        if io.tx_fd == fd and io.tx_edge == edge:
             return
         if io.tx_fd is not None:
-            self.loop.remove_writer(io.tx_fd)
-        io.tx_fd = fd
+            if io.tx_edge:
+                self.loop.remove_edge_writer(io.tx_fd)
+            else:
+                self.loop.remove_writer(io.tx_fd)
+        io.tx_fd, io.tx_edge = fd, edge
         if fd is not None:
-            self.loop.add_writer(fd, lambda: self._pump_tx(io))
+            watch = self.loop.add_edge_writer if edge else self.loop.add_writer
+            watch(fd, lambda: self._pump_tx(io))
 
     def _discard_tx(self, index: int) -> None:
         """Complete every chain of a transmitq that has no port (used length 0)."""
