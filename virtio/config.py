@@ -15,6 +15,8 @@ TOML layout (every key optional unless marked)::
     max_ports = 31                             # 1..127
     socket_dir = "/run/vmchannel/ports"        # ports without an endpoint get DIR/<name>.sock
     console = "stdio"                          # port 0 as a console on our terminal, or an endpoint
+    zero_copy = true                           # large guest writes reach AF_UNIX peers by page
+                                               # reference; buffers return once the peer read them
       [[console.port]]
       name = "org.qemu.guest_agent.0"          # required
       host = "listen:/run/qga.sock"            # or connect:PATH; default: socket_dir
