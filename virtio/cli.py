@@ -5,7 +5,7 @@ Sub-commands:
 ``serve [--config FILE]``
     run every device of a TOML config, or the built-in default configuration;
 ``console --socket VHOST_SOCK [--max-ports N] [--port NAME[=listen:PATH|connect:PATH]]...
-[--socket-dir DIR] [--console stdio|listen:PATH] [--mgmt MGMT_SOCK]``
+[--socket-dir DIR] [--console stdio|listen:PATH] [--no-zero-copy] [--mgmt MGMT_SOCK]``
     one console device;
 ``vsock --guest-cid CID --socket VHOST_SOCK --uds-path PATH [...] [--vm ...]``
     one or more vsock VMs, flags compatible with rust-vmm's vhost-device-vsock;
@@ -59,6 +59,9 @@ def _add_console_flags(p: argparse.ArgumentParser, required: bool) -> None:
                    help="ports without an endpoint listen on DIR/<name>.sock")
     p.add_argument("--console", metavar="stdio|listen:PATH|connect:PATH",
                    help="make port 0 a console bound to our terminal or a socket")
+    p.add_argument("--no-zero-copy", action="store_true",
+                   help="copy every guest write into the host sockets (default: writes of "
+                        "16 KiB and more go by page reference; see README)")
 
 
 def _add_vsock_flags(p: argparse.ArgumentParser, required: bool) -> None:
@@ -132,6 +135,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             socket_dir=args.socket_dir,
             console=Endpoint.parse(args.console, "--console") if args.console else None,
             ports=ports,
+            zero_copy=not args.no_zero_copy,
         )
         return Config(consoles=(console,), mgmt_socket=args.mgmt)
     if args.command == "vsock":

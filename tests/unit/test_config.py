@@ -129,6 +129,13 @@ def test_console_cli_flags():
     (console,) = cfg.consoles
     assert console.max_ports == 8 and console.num_queues == 18
     assert console.endpoint_for(console.ports[1]) == Endpoint("listen", "/tmp/d/b.sock")
+    assert console.zero_copy is True
+
+
+def test_console_cli_no_zero_copy():
+    args = build_parser().parse_args(["console", "--socket", "/tmp/c.sock", "--no-zero-copy"])
+    (console,) = config_from_args(args).consoles
+    assert console.zero_copy is False
 
 
 def test_vsock_cli_flags_compatible_with_vhost_device_vsock():
