@@ -1169,6 +1169,13 @@ static int tx_to_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t b
     uint32_t ndone = 0;
     int blocked = 0, error = 0, broken = 0, rc;
 
+    if (z != NULL && z->taken > z->in_socket) { /* leftovers first, even with no new chain */
+        int err = zc_flush(z, fd);
+        if (err == EAGAIN)
+            blocked = 1;
+        else if (err)
+            error = err;
+    }
     while (written_total < budget && !blocked && !error) {
         uint32_t nent = 0, k, rewind_n = 0, rewind_slots = 0;
         uint64_t gathered = 0, limit, n = 0, remaining, position = z ? z->taken : 0;
@@ -1228,7 +1235,7 @@ static int tx_to_fd(struct vr_queue *q, struct vr_scratch *s, int fd, uint64_t b
                 int cnt = clip_iov(&g, limit);
                 ssize_t r;
                 if (z != NULL) {
-                    by_pipe = zc_wants(z, limit, cnt);
+                    by_pipe = zc_wants(z, limit, cnt, nent);
                     r = zc_send(z, fd, g.iov, cnt, by_pipe);
                     pipe_full = z->taken > z->in_socket;
                 } else {

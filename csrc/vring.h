@@ -282,6 +282,8 @@ struct vr_zc {
     int32_t pipe_w;
     uint64_t min_bytes;           /* rounds of fewer bytes are copied with writev */
     uint64_t min_piece;           /* ... and rounds of fewer bytes per iovec on average */
+    uint32_t max_waiting;         /* ... and rounds that would make more chains wait */
+    uint32_t reserved;
     uint64_t taken;               /* stream position: bytes taken from chains since a reset */
     uint64_t in_socket;           /* of those, handed to the write fd (the rest: in the pipe) */
     uint64_t piped;               /* running total of bytes sent by page reference */

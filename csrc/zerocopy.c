@@ -28,10 +28,10 @@
 #include "vring.h"
 #include "zerocopy.h"
 
-int zc_wants(const struct vr_zc *z, uint64_t bytes, int count)
+int zc_wants(const struct vr_zc *z, uint64_t bytes, int count, uint32_t chains)
 {
     return z->pipe_w >= 0 && z->failed == 0 && bytes >= z->min_bytes &&
-           bytes >= (uint64_t)count * z->min_piece;
+           bytes >= (uint64_t)count * z->min_piece && z->count + chains <= z->max_waiting;
 }
 
 /* Move what the pipe holds into the socket. 0, or the errno that stopped it (EAGAIN: full). */
@@ -82,13 +82,19 @@ static ssize_t send_copy(struct vr_zc *z, int fd, const struct iovec *iov, int c
     return r;
 }
 
+int zc_flush(struct vr_zc *z, int fd)
+{
+    int err = flush_pipe(z, fd);
+    if (err && err != EAGAIN)
+        discard_pipe(z);
+    return err;
+}
+
 ssize_t zc_send(struct vr_zc *z, int fd, const struct iovec *iov, int count, int by_pipe)
 {
     ssize_t r;
-    int err = flush_pipe(z, fd);
+    int err = zc_flush(z, fd);
     if (err) {
-        if (err != EAGAIN)
-            discard_pipe(z);
         errno = err;
         return -1;
     }

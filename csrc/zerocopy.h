@@ -18,8 +18,13 @@
 
 /* vring.h (no include guards: cffi reads it) must come first: struct vr_zc. */
 
-/* Whether a round of `bytes` over `count` iovecs goes through the pipe. */
-int zc_wants(const struct vr_zc *z, uint64_t bytes, int count);
+/* Whether a round of `bytes` over `count` iovecs and `chains` chains goes through the pipe. */
+int zc_wants(const struct vr_zc *z, uint64_t bytes, int count, uint32_t chains);
+
+/* Move what the pipe still holds into the socket: 0, EAGAIN (the socket is full), or the
+ * errno of a failed splice (the pipe's bytes are then dropped with the connection). Every
+ * call must do this first, chains or not: the peer's reads may have made room. */
+int zc_flush(struct vr_zc *z, int fd);
 
 /* Hand a round to the socket: first what the pipe still holds from earlier rounds, then
  * these iovecs (vmsplice + splice, or writev when `by_pipe` is 0). Returns the bytes taken

@@ -38,6 +38,9 @@ ZERO_COPY_MIN_BYTES = 16 * 1024
 and a request/answer exchange should not wait for the peer's read to get its buffer back."""
 ZERO_COPY_MIN_PIECE = 2048
 """... and so are rounds of smaller pieces on average (each piece takes a pipe slot)."""
+ZERO_COPY_MAX_WAITING_PERCENT = 50
+"""... and rounds that would leave more than this share of the queue's chains waiting for the
+host peer's reads: the guest keeps the rest of its ring to write into meanwhile."""
 
 _vr_pump_tx = lib.vr_pump_tx
 _vr_pump_rx = lib.vr_pump_rx
@@ -217,6 +220,7 @@ class StreamPump:
             fifo = ffi.new("struct vr_zc_chain[]", tx.size)  # z.count is 0 (released)
             z.fifo, z.cap, z.first = fifo, tx.size, 0
             self._zc_keep = fifo
+        z.max_waiting = max(1, tx.size * ZERO_COPY_MAX_WAITING_PERCENT // 100)
         self._p.tx_zc = z
 
     def release_deferred(self) -> int:
