@@ -1,4 +1,5 @@
-"""The event loop: readers, writers, timers, failure isolation, interest()."""
+"""The event loop: readers, writers, edge-triggered writers, timers, failure isolation,
+interest()."""
 
 import os
 import selectors
@@ -170,3 +171,163 @@ def test_call_soon_inside_a_callback_runs_without_waiting():
     assert order == ["first", "second"]
     assert time.monotonic() - started < 1.0
     loop.close()
+
+
+# -- edge-triggered writers (add_edge_writer: EPOLLOUT | EPOLLET on a private duplicate) ------
+class EdgePair:
+    """A non-blocking socketpair with a small send buffer, an edge writer on ``a`` that
+    counts its wake-ups, and helpers to fill ``a`` and drain it from ``b``."""
+
+    def __init__(self) -> None:
+        self.loop = EventLoop()
+        self.a, self.b = socket.socketpair()
+        self.a.setblocking(False)
+        self.b.setblocking(False)
+        self.a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        self.fired = 0
+        self.loop.add_edge_writer(self.a.fileno(), self._fire)
+
+    def _fire(self) -> None:
+        self.fired += 1
+
+    def turn(self, timeout_s: float = 0.05) -> int:
+        """One run_once; how many times the writer fired in it."""
+        before = self.fired
+        self.loop.run_once(timeout_s)
+        return self.fired - before
+
+    def fill(self) -> int:
+        sent = 0
+        while True:
+            try:
+                sent += self.a.send(bytes(1024))
+            except BlockingIOError:
+                return sent
+
+    def drain(self) -> int:
+        got = 0
+        while True:
+            try:
+                chunk = self.b.recv(1 << 16)
+            except BlockingIOError:
+                return got
+            got += len(chunk)
+            if not chunk:
+                return got
+
+    def close(self) -> None:
+        self.loop.close()
+        self.a.close()
+        self.b.close()
+
+
+def test_edge_writer_fires_once_while_the_socket_stays_writable():
+    p = EdgePair()
+    try:
+        assert p.loop.edge_writers() == {p.a.fileno()}
+        assert p.turn(1.0) == 1  # writable when added: one edge
+        assert p.turn() == 0 and p.turn() == 0  # still writable, no new edge
+        p.a.send(b"x")  # room left: a write that does not fill the buffer is no edge
+        assert p.turn() == 0
+    finally:
+        p.close()
+
+
+def test_edge_writer_fires_again_when_the_peer_frees_a_full_buffer():
+    p = EdgePair()
+    try:
+        p.turn(1.0)
+        assert p.fill() > 0
+        assert p.turn() == 0  # full: not writable
+        assert p.drain() > 0
+        assert p.turn(1.0) == 1  # the peer's read made room: one edge
+        assert p.turn() == 0
+        p.fill()
+        p.drain()
+        assert p.turn(1.0) == 1  # and again for the next cycle
+    finally:
+        p.close()
+
+
+def test_edge_writer_shares_the_fd_with_a_level_triggered_reader():
+    """The edge watch is on a duplicate: a reader on the same fd keeps working."""
+    p = EdgePair()
+    try:
+        got = []
+        p.loop.add_reader(p.a.fileno(), lambda: got.append(p.a.recv(10)))
+        p.b.send(b"hi")
+        p.turn(1.0)
+        assert got == [b"hi"]
+        assert p.loop.interest()[p.a.fileno()] == selectors.EVENT_READ
+    finally:
+        p.close()
+
+
+def test_adding_an_edge_writer_again_replaces_its_callback():
+    p = EdgePair()
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+        other = []
+        p.loop.add_edge_writer(p.a.fileno(), lambda: other.append(1))
+        assert len(os.listdir("/proc/self/fd")) == fds  # no second duplicate
+        p.turn(1.0)
+        assert (p.fired, other) == (0, [1])
+    finally:
+        p.close()
+
+
+def test_edge_writer_wakes_on_peer_hang_up():
+    p = EdgePair()
+    try:
+        p.turn(1.0)
+        p.fill()
+        p.b.close()
+        assert p.turn(1.0) == 1
+    finally:
+        p.loop.close()
+        p.a.close()
+
+
+def _peer_sees_eof(peer: socket.socket, timeout_s: float = 1.0) -> bool:
+    peer.settimeout(timeout_s)
+    try:
+        return peer.recv(10) == b""
+    except (TimeoutError, socket.timeout):
+        return False
+
+
+def test_remove_edge_writer_closes_the_duplicate():
+    p = EdgePair()
+    try:
+        p.loop.remove_edge_writer(p.a.fileno())
+        assert p.loop.edge_writers() == set()
+        p.loop.remove_edge_writer(p.a.fileno())  # twice is fine
+        p.a.close()  # the last reference: the peer sees EOF
+        assert _peer_sees_eof(p.b)
+        assert p.turn() == 0
+    finally:
+        p.loop.close()
+        p.b.close()
+
+
+def test_without_remove_the_duplicate_keeps_the_socket_open():
+    """(What remove_edge_writer is for: the duplicate is a reference to the socket.)"""
+    p = EdgePair()
+    try:
+        p.a.close()
+        assert not _peer_sees_eof(p.b, 0.1)
+    finally:
+        p.loop.close()  # closes the duplicate: now the peer sees EOF
+        assert _peer_sees_eof(p.b)
+        p.b.close()
+
+
+def test_loop_close_removes_the_edge_writers():
+    p = EdgePair()
+    fds = len(os.listdir("/proc/self/fd"))
+    p.loop.close()
+    assert p.loop.edge_writers() == set()
+    assert len(os.listdir("/proc/self/fd")) < fds  # the duplicate (and the loop's own fds)
+    p.a.close()
+    assert _peer_sees_eof(p.b)
+    p.b.close()
