@@ -1149,11 +1149,14 @@ static int publish_batch(struct vr_queue *q, struct vr_scratch *s, uint32_t ndon
 }
 
 /* A chain all of whose bytes were taken: complete it now, or (zero copy, some of its bytes
- * sent by page reference) once the peer has read up to `end`. */
+ * sent by page reference) once the peer has read up to `end`. A copied chain behind waiting
+ * ones waits too (with end 0: it goes as soon as they have), so chains still complete in the
+ * order they were taken: a driver model may rely on that, and VIRTIO_F_IN_ORDER would. */
 static void chain_taken(struct vr_zc *z, int by_reference, struct vr_scratch *s,
                         uint32_t *ndone, const struct vr_entry *e, uint64_t end)
 {
-    if (z != NULL && by_reference && zc_defer(z, e->head, e->slots, end) == 0)
+    if (z != NULL && (by_reference || z->count > 0) &&
+        zc_defer(z, e->head, e->slots, by_reference ? end : 0) == 0)
         return;
     add_done(s, ndone, e->head, 0, e->slots);
 }
