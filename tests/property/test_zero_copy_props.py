@@ -1,7 +1,7 @@
 """Zero-copy transmit (ring.cpump, csrc/zerocopy.c) never lets the guest reuse a buffer the
 host peer has not read yet.
 
-A guest posts chains (some under, most over ZERO_COPY_MIN_BYTES; one to four pieces of
+A guest posts chains (split or packed ring; some under, most over ZERO_COPY_MIN_BYTES; one to four pieces of
 random sizes at 16-byte, not page, alignment) on a transmitq in shared memfd RAM; the C
 pump with zero copy enabled sends them to a socketpair whose SO_SNDBUF is sometimes tiny
 (the socket fills, the pipe keeps leftovers); a host peer reads random amounts (partial
@@ -39,7 +39,6 @@ from hypothesis import strategies as st
 from ring import cpump
 from ring.pump import PumpFlag
 from tests.property.profiles import scaled
-from tests.support.driver import DESC, NEXT
 from tests.unit.test_zero_copy_pump import ZcPort
 
 QUEUE_SIZE = 16
@@ -64,6 +63,7 @@ class Plan:
     chains: tuple[tuple[int, ...], ...]  # piece sizes, in posting order
     sndbuf: int | None
     steps: tuple[tuple, ...]
+    packed: bool = False
 
 
 plans = st.builds(
@@ -72,6 +72,7 @@ plans = st.builds(
                     min_size=1, max_size=24).map(tuple),
     sndbuf=st.sampled_from([None, None, 4096, 32768]),
     steps=st.lists(step, max_size=30).map(tuple),
+    packed=st.booleans(),
 )
 
 
@@ -84,7 +85,7 @@ def contents(index: int, sizes: tuple[int, ...]) -> list[bytes]:
 class _Chain:
     pieces: list[bytes]
     end: int  # stream position just past its last byte
-    gpas: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    gpas: list[int]  # where each piece is in guest memory
     by_reference: bool = False  # fully taken by a pump call that sent all by reference
 
 
@@ -92,7 +93,8 @@ class Run:
     """One run of a plan: the guest side, the pump, the peer and the checks made on the way."""
 
     def __init__(self, plan: Plan, zero_copy: bool) -> None:
-        self.port = ZcPort(sndbuf=plan.sndbuf, size=QUEUE_SIZE, zero_copy=zero_copy)
+        self.port = ZcPort(sndbuf=plan.sndbuf, size=QUEUE_SIZE, zero_copy=zero_copy,
+                           packed=plan.packed)
         self.zero_copy = zero_copy
         self.todo = [contents(i, sizes) for i, sizes in enumerate(plan.chains)]
         self.posted: list[_Chain] = []  # in posting order (the stream's order)
@@ -118,7 +120,8 @@ class Run:
         except MemoryError:  # no free descriptors (or room): the chain waits its turn
             return False
         self.stream += sum(map(len, pieces))
-        chain = _Chain(pieces, self.stream, _descriptor_pieces(self.port.txd, head))
+        # the driver model's record of where it put the pieces (split or packed alike)
+        chain = _Chain(pieces, self.stream, self.port.txd._outstanding[head].buffers)
         self.posted.append(chain)
         self.live[head] = chain
         return True
@@ -131,7 +134,7 @@ class Run:
                 assert chain.end <= len(self.received), (
                     "a chain sent by reference came back before the peer read it",
                     chain.end, len(self.received))
-            for (gpa, size), data in zip(chain.gpas, chain.pieces):
+            for gpa, data in zip(chain.gpas, chain.pieces):
                 self.port.txd.write(gpa, data.translate(COMPLEMENT))  # reuse: garbage
         return len(used)
 
@@ -181,17 +184,6 @@ class Run:
         return b"".join(b"".join(c.pieces) for c in self.posted)
 
 
-def _descriptor_pieces(txd, head: int) -> list[tuple[int, int]]:
-    """(gpa, len) of the chain's descriptors, read from the descriptor table."""
-    out, index = [], head
-    while True:
-        addr, length, flags, next_ = DESC.unpack(txd.read(txd.desc_gpa + 16 * index, 16))
-        out.append((addr, length))
-        if not flags & NEXT:
-            return out
-        index = next_
-
-
 def run(plan: Plan, zero_copy: bool) -> Run:
     r = Run(plan, zero_copy)
     try:
@@ -223,10 +215,10 @@ def test_the_peer_reads_every_original_byte_though_the_guest_reuses_used_buffers
 
 @scaled(0.5)
 @given(st.lists(large_chain.map(tuple), min_size=1, max_size=MAX_WAITING).map(tuple),
-       st.sampled_from([None, 4096]))
-def test_large_chains_alone_go_by_reference(chains, sndbuf):
+       st.sampled_from([None, 4096]), st.booleans())
+def test_large_chains_alone_go_by_reference(chains, sndbuf, packed):
     """Posted all before the first pump call, at most half a queue of chains of large pieces
     only: zero copy."""
-    plan = Plan(chains, sndbuf, (("post", MAX_WAITING), ("pump",)))
+    plan = Plan(chains, sndbuf, (("post", MAX_WAITING), ("pump",)), packed)
     r = run(plan, zero_copy=True)
     assert r.by_reference > 0

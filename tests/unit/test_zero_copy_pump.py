@@ -36,9 +36,9 @@ class ZcPort:
     transmitq's call eventfd."""
 
     def __init__(self, *, sndbuf: int | None = None, size: int = 16, zero_copy: bool = True,
-                 vq_cls=Virtqueue) -> None:
+                 vq_cls=Virtqueue, packed: bool = False) -> None:
         self.ram = memfd_memory((0, RAM))
-        self.txd = make_driver(self.ram.memory, size, packed=False,
+        self.txd = make_driver(self.ram.memory, size, packed=packed,
                                allocator=Allocator(self.ram.memory, 0, RAM), index=1)
         self.tx = self.txd.attach(vq_cls, self.ram.backend_memory())
         self.call = os.eventfd(0, os.EFD_NONBLOCK)
