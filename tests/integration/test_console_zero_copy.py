@@ -5,7 +5,8 @@ the port's UNIX socket driven from the test.
 * a slow peer gets several MiB of 32 KiB guest writes intact, and every transmit buffer comes
   back with no further kick (the device's edge watch on the socket does the releasing);
 * a peer that stops reading while chains wait costs the device loop no CPU, and once it
-  reads everything all chains come back;
+  reads everything all chains come back; one that hangs up gets them released, and a new
+  peer the rest of the stream;
 * ``zero_copy = false`` keeps the port pump copying; the TOML key is accepted and checked.
 
 The zero-copy assertions hold where the daemon's rings are the C ones (the default when
@@ -155,6 +156,39 @@ def test_a_peer_that_stops_reading_costs_no_cpu(console, total, read_first):
     assert c.kicks == 1
     if c.c_pump:
         assert c.pump_attr("deferred") == 0
+
+
+def test_a_peer_that_hangs_up_while_chains_wait_gets_them_released(console, tmp_path):
+    """The hang-up disconnects the port; its waiting chains come back (their bytes went with
+    the connection, as a closed socket's queue does) and a new peer gets the rest of the
+    stream, intact."""
+    c = console
+    data = pattern(4 << 20, 5)
+    c.guest.write(PORT, data)
+    got = c.read_all(256 << 10, piece=64 << 10)
+    c.guest.run_for(0.2)
+    before = c.outstanding()
+    if c.c_pump:
+        assert c.pump_attr("deferred") > 0
+    c.host.close()
+    c.guest.run_until(lambda: not c.guest.port(PORT).host_connected, 5, "PORT_OPEN 0")
+    c.guest.run_for(0.1)
+    if c.c_pump:  # the taken chains came back, the rest wait in the ring
+        assert c.pump_attr("deferred") == 0 and c.outstanding() < before
+    c.host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.host.connect(str(tmp_path / "ports" / f"{PORT}.sock"))
+    c.host.setblocking(False)
+    c.guest.run_until(lambda: c.guest.port(PORT).host_connected, 5, "PORT_OPEN 1")
+    rest = bytearray()
+    deadline = time.monotonic() + 30
+    while c.outstanding():
+        assert time.monotonic() < deadline, c.outstanding()
+        rest += c.read(1 << 20)
+        c.guest.pump(0.001)
+    rest += c.read(1 << 20)
+    assert 0 < len(rest) and data.endswith(bytes(rest))
+    assert data.startswith(got)
+    assert c.kicks == 1
 
 
 def test_zero_copy_false_keeps_the_port_copying(tmp_path):
