@@ -78,6 +78,10 @@ class ZcConsole:
         return self.be.call(
             lambda: type(self.be.console._io[self.port_id].pump).__module__ == "ring.cpump")
 
+    def edge_watched(self) -> set[int]:
+        """The fds the daemon's loop watches with an edge-triggered writer."""
+        return self.be.call(self.be.daemon.loop.edge_writers)
+
     def outstanding(self) -> int:
         return self.guest.pending_out(PORT)
 
@@ -124,6 +128,7 @@ def test_a_slow_peer_gets_every_byte_and_the_guest_every_buffer_without_a_kick(c
     if c.c_pump:
         assert c.pump_attr("bytes_by_reference") > 0
         assert c.pump_attr("deferred") == 0
+    assert c.edge_watched() == set()  # nothing waits: the watch is gone
 
 
 @pytest.mark.parametrize("total, read_first", [
@@ -139,7 +144,7 @@ def test_a_peer_that_stops_reading_costs_no_cpu(console, total, read_first):
     outstanding = c.outstanding()
     if c.c_pump:  # chains wait for the peer (the Python pump completed a lone chunk at once)
         assert c.pump_attr("deferred") > 0 and outstanding > 0
-        assert c.be.call(c.be.daemon.loop.edge_writers)  # the port's socket, edge-watched
+        assert c.edge_watched()  # the port's socket
     calls = []
     device = c.be.console
     real = device._pump_tx
@@ -156,6 +161,7 @@ def test_a_peer_that_stops_reading_costs_no_cpu(console, total, read_first):
     assert c.kicks == 1
     if c.c_pump:
         assert c.pump_attr("deferred") == 0
+    assert c.edge_watched() == set()
 
 
 def test_a_peer_that_hangs_up_while_chains_wait_gets_them_released(console, tmp_path):
@@ -173,6 +179,7 @@ def test_a_peer_that_hangs_up_while_chains_wait_gets_them_released(console, tmp_
     c.host.close()
     c.guest.run_until(lambda: not c.guest.port(PORT).host_connected, 5, "PORT_OPEN 0")
     c.guest.run_for(0.1)
+    assert c.edge_watched() == set()  # (its duplicate would keep the dead socket open)
     if c.c_pump:  # the taken chains came back, the rest wait in the ring
         assert c.pump_attr("deferred") == 0 and c.outstanding() < before
     c.host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
