@@ -143,6 +143,7 @@ class Connection:
         self.closed = False
         sock.setblocking(False)
         self.session = BackendSession(device, signal=signal_eventfd, name=name, **session_kwargs)
+        self.session.before_kick_close = self._unwatch_kick_fd
         self.session.wakeup = lambda: self.loop.call_soon(self._flush_backend)
         self._out: list[Reply] = []
         self._writing = False
@@ -254,6 +255,15 @@ class Connection:
             if index not in self._poll_timers:
                 self._schedule_poll(index)
         self._flush_backend()
+
+    def _unwatch_kick_fd(self, fd: int) -> None:
+        """The session is about to close ``fd``: drop its watch first (while the fd is open,
+        so epoll really forgets it)."""
+        for index, watch in list(self._kick_watch.items()):
+            if watch.fd == fd:
+                watch.stop()
+                self.loop.remove_reader(fd)
+                del self._kick_watch[index]
 
     def _schedule_poll(self, index: int) -> None:
         def poll() -> None:

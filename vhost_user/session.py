@@ -320,6 +320,9 @@ class BackendSession:
         self.channel = MessageChannel()
         self.memory = GuestMemory()
         self.vrings = [_Vring(i) for i in range(device.num_queues)]
+        # The adapter's "stop watching this kick fd", called before the session closes one
+        # (see _close_kick_fd); None: nothing watches them.
+        self.before_kick_close: Callable[[int], None] | None = None
         self.owner = False
         self.failed = False
         self.closed = False
@@ -782,11 +785,12 @@ class BackendSession:
         if vring.vq is not None:
             vring.base = vring.vq.get_base()
         self._release_vq(vring)
-        for attr in ("kick_fd", "call_fd"):
-            fd = getattr(vring, attr)
-            if fd is not None:
-                close_fds([fd])
-                setattr(vring, attr, None)
+        if vring.kick_fd is not None:
+            self._close_kick_fd(vring.kick_fd)
+            vring.kick_fd = None
+        if vring.call_fd is not None:
+            close_fds([vring.call_fd])
+            vring.call_fd = None
         vring.polling = False
         return VringState(body.index, vring.base).pack()
 
@@ -808,7 +812,7 @@ class BackendSession:
         fd = self._take_vring_fd(body, msg, FrontendReq.SET_VRING_KICK)
         vring = self.vrings[body.index]
         if vring.kick_fd is not None:
-            close_fds([vring.kick_fd])
+            self._close_kick_fd(vring.kick_fd)
         vring.kick_fd = fd
         vring.polling = fd is None
         if vring.started:
@@ -907,13 +911,25 @@ class BackendSession:
             vring.vq.call_fd = None
         vring.vq = None
 
-    @staticmethod
-    def _close_vring_fds(vring: _Vring) -> None:
-        for attr in ("kick_fd", "call_fd", "err_fd"):
+    def _close_vring_fds(self, vring: _Vring) -> None:
+        if vring.kick_fd is not None:
+            self._close_kick_fd(vring.kick_fd)
+            vring.kick_fd = None
+        for attr in ("call_fd", "err_fd"):
             fd = getattr(vring, attr)
             if fd is not None:
                 close_fds([fd])
                 setattr(vring, attr, None)
+
+    def _close_kick_fd(self, fd: int) -> None:
+        """Close a ring's kick eventfd after its adapter stopped watching it. epoll forgets
+        a registration only when the open file goes, and the front-end keeps this eventfd:
+        a watch removed after the close stays behind under a dead fd number, and the same
+        eventfd sent again for a restarted ring (a new fd, often that number) is refused
+        (EEXIST). Spec: vhost-user VHOST_USER_GET_VRING_BASE, "Ring states"."""
+        if self.before_kick_close is not None:
+            self.before_kick_close(fd)
+        close_fds([fd])
 
     # ------------------------------------------------------------------ handlers: others
 
