@@ -19,13 +19,14 @@ done with it); STYLE R7 (the cffi boundary).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
 from typing import Any
 
 from ring.cring import Virtqueue, _BROKEN, _raise_for, ffi, lib
-from ring.pump import DEFAULT_RX_BUDGET, DEFAULT_TX_BUDGET
+from ring.pump import DEFAULT_RX_BUDGET, DEFAULT_TX_BUDGET, PumpFlag
 from ring.types import RxResult, TxResult
 
 __all__ = ["StreamPump", "ZERO_COPY_PIPE_BYTES", "ZERO_COPY_MIN_BYTES", "ZERO_COPY_MIN_PIECE"]
@@ -50,7 +51,7 @@ class StreamPump:
     """C stream pump (see :class:`ring.pump.StreamPump` for the contract)."""
 
     __slots__ = ("_p", "_tx", "_rx", "_memory", "_generation", "_log", "_zc", "_zc_keep",
-                 "_zc_fits")
+                 "_zc_fits", "_unsent")
 
     def __init__(self) -> None:
         p = ffi.new("struct vr_pump *")
@@ -66,6 +67,7 @@ class StreamPump:
         self._zc = None  # struct vr_zc * once enable_zero_copy() made the pipe
         self._zc_keep = None  # its fifo
         self._zc_fits = False  # write_fd is an AF_UNIX stream socket
+        self._unsent = bytearray()  # the pipe's bytes kept when tx was detached
 
     # -- the queues -----------------------------------------------------------------------
     def _attach(self, vq: Virtqueue | None) -> tuple[Any, Any]:
@@ -91,6 +93,7 @@ class StreamPump:
     def tx(self, vq: Virtqueue | None) -> None:
         if vq is self._tx:
             return
+        self._keep_unsent()  # the peer stays: the pipe's bytes are still to be sent
         self.release_deferred()  # their queue is going: the chains may not outlive it
         self._p.tx_zc = ffi.NULL
         self._p.tx, self._p.tx_scratch = self._attach(vq)
@@ -136,6 +139,7 @@ class StreamPump:
         if fd == self._p.write_fd:
             return
         self.release_deferred()  # the chains waited for the old peer's reads
+        self._unsent.clear()  # and these bytes were on their way to it
         self._p.tx_zc = ffi.NULL
         self._p.write_fd = fd
         self._zc_fits = fd >= 0 and _is_unix_stream(fd)
@@ -223,6 +227,48 @@ class StreamPump:
         z.max_waiting = max(1, tx.size * ZERO_COPY_MAX_WAITING_PERCENT // 100)
         self._p.tx_zc = z
 
+    def _keep_unsent(self) -> None:
+        """Read what the pipe holds (bytes taken from chains about to be returned) into
+        ``_unsent``, so that the returned buffers may change without changing them."""
+        z = self._zc
+        if z is None:
+            return
+        left = z.taken - z.in_socket
+        while left > 0:
+            try:
+                chunk = os.read(z.pipe_r, min(left, 1 << 16))
+            except (BlockingIOError, InterruptedError):
+                break
+            if not chunk:
+                break
+            self._unsent += chunk
+            left -= len(chunk)
+        z.taken = z.in_socket
+
+    def take_unsent(self) -> bytes:
+        """The bytes a detached transmitq left unsent (zero copy's pipe), which
+        :meth:`pump_tx` would otherwise write first; the caller now owns them."""
+        data, self._unsent = bytes(self._unsent), bytearray()
+        return data
+
+    def _write_unsent(self, kick_fd: int) -> int:
+        """pump_tx while ``_unsent`` waits: write it first; the ring waits until it is gone."""
+        if kick_fd >= 0:
+            try:
+                os.read(kick_fd, 8)
+            except OSError:
+                pass  # the ring is served on the next call anyway
+        try:
+            n = os.write(self._p.write_fd, self._unsent)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as exc:
+            self._p.tx_out.error = exc.errno or errno.EIO
+            return int(PumpFlag.TX_ERROR)
+        del self._unsent[:n]
+        self._p.bytes_from_guest += n
+        return int(PumpFlag.TX_BLOCKED) if self._unsent else 0
+
     def release_deferred(self) -> int:
         """Return every waiting chain to the transmitq now (used length 0) and drop what the
         pipe holds unsent: before the write fd or the queue goes away. :class:`PumpFlag`
@@ -259,6 +305,11 @@ class StreamPump:
         if memory.generation != self._generation or memory.log is not self._log:
             self._resync()
         tx, rx = self._tx, self._rx
+        if self._unsent and tx is not None and self._p.write_fd >= 0:
+            flags = self._write_unsent(kick_fd)
+            if flags:
+                return flags
+            kick_fd = -1
         if tx is not None:
             tx._unpop_mark = None  # a pop before this call can no longer be given back
         if rx is not None:

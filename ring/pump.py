@@ -101,6 +101,10 @@ class StreamPump:
         """Nothing is ever deferred here: 0."""
         return 0
 
+    def take_unsent(self) -> bytes:
+        """Nothing is ever left unsent here: b""."""
+        return b""
+
     def close(self) -> None:
         """The Python pump holds no fds."""
 

@@ -62,6 +62,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ring.errors import RingError
 from ring.pump import PumpFlag, stream_pump_for
 from virtio.config import ConsoleConfig, Endpoint
 
@@ -124,6 +125,8 @@ class _PortIO:
     rx_starved: bool = False  # the guest had no receive buffers at the last read
     host_has_data: bool = False  # probe saw bytes the guest is not reading yet
     emergency: bytearray = field(default_factory=bytearray)
+    carry: bytearray = field(default_factory=bytearray)  # taken guest bytes a stopped
+    #                          transmitq left unwritten: they go first (_salvage_tx)
     retry_timer: Any = None
     removed: bool = False
     pump: Any = None  # ring.pump stream pump over the port's live queues and host fds
@@ -213,10 +216,43 @@ class ConsoleDevice:
             self._reconcile(io)
 
     def queue_stopped(self, index: int) -> None:
-        self._handles.pop(index, None)
+        handle = self._handles.pop(index, None)
         io = self._port_io(index)
         if io is not None:
+            if handle is not None and index == port_queues(io.port.id)[1]:
+                self._salvage_tx(io, handle)
             self._reconcile(io)  # (and the pump lets go of the queue)
+
+    def _salvage_tx(self, io: _PortIO, handle: Any) -> None:
+        """A port's transmitq stops (GET_VRING_BASE: a VM pause, a migration, a front-end
+        reconnect) while its host peer may stay: lose no byte the guest gave, keep no chain
+        the guest gave. The bytes zero copy still held in its pipe and the unwritten rest of
+        a partly written chain go to ``io.carry``, written before anything else once the
+        queue runs again; that chain goes back to the guest now, so the ring's base counts it
+        consumed truthfully (the next ring would never see it again).
+
+        Spec: vhost-user VHOST_USER_GET_VRING_BASE; virtio 1.2 §2.7.8, §5.3.6."""
+        vq, pump = handle.vq, io.pump
+        if pump is not None and pump.tx is vq:
+            pump.tx = None  # returns the chains waiting for the peer's reads
+            io.carry += pump.take_unsent()
+        pending = vq.pending
+        if pending is None or vq.broken is not None:
+            return
+        skip = pending.offset
+        try:
+            for gpa, length in pending.segments:
+                if skip < length:
+                    io.carry += vq.memory.read(gpa + skip, length - skip)
+                skip = max(0, skip - length)
+        except RingError as exc:  # its memory went away: the rest cannot be read
+            self._log.warning("port %r: the rest of a partly written buffer is lost: %s",
+                              io.port.name, exc)
+        state = vq.state()
+        state["pending"] = None
+        vq.load_state(state)
+        vq.push(pending.head, 0, pending.ring_slots)
+        handle.notify_if_needed()
 
     def _on_tx_kick(self, io: _PortIO, kick_fd: int) -> None:
         """A port transmitq's kick eventfd is readable (``QueueHandle.kick_reader``): one
@@ -224,7 +260,7 @@ class ConsoleDevice:
         to do. Anything unusual (a removed port, emergency bytes first) takes
         :meth:`kick`."""
         pump = io.pump
-        if pump is None or io.removed or io.emergency:
+        if pump is None or io.removed or io.emergency or io.carry:
             try:
                 os.read(kick_fd, 8)
             except (BlockingIOError, InterruptedError):
@@ -237,7 +273,7 @@ class ConsoleDevice:
 
     def kick(self, index: int) -> None:
         io = self._tx_ports.get(index)
-        if io is not None and io.pump is not None and not io.emergency:
+        if io is not None and io.pump is not None and not io.emergency and not io.carry:
             # The fast path of a port's transmitq: one pump call (ring.pump), Python only
             # when it reports something to do.
             flags = io.pump.pump_tx()
@@ -678,6 +714,8 @@ class ConsoleDevice:
         if fd is None:
             return  # no host peer: the guest's bytes wait in the ring
         handle = self._handles.get(port_queues(io.port.id)[1])
+        if io.carry and not self._write_first(io, fd, io.carry):
+            return
         if io.emergency and (handle is None or handle.vq.pending is None):
             if not self._write_emergency(io, fd):
                 return
@@ -764,16 +802,21 @@ class ConsoleDevice:
 
     def _write_emergency(self, io: _PortIO, fd: int) -> bool:
         """Write buffered emergency bytes; False if the host socket is full."""
+        return self._write_first(io, fd, io.emergency)
+
+    def _write_first(self, io: _PortIO, fd: int, buffer: bytearray) -> bool:
+        """Write bytes that go before the ring's (emergency bytes, ``io.carry``); False
+        while some remain (the socket is full: wait for it) or the write failed."""
         try:
-            n = os.write(fd, io.emergency)
+            n = os.write(fd, buffer)
         except (BlockingIOError, InterruptedError):
             self._watch_writable(io, fd)
             return False
         except OSError:
             io.endpoint.disconnect()
             return False
-        del io.emergency[:n]
-        if io.emergency:
+        del buffer[:n]
+        if buffer:
             self._watch_writable(io, fd)
             return False
         return True
