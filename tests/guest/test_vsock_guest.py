@@ -252,3 +252,31 @@ def test_qemu_guest_agent_over_vsock(vsock_vm):
     finally:
         client.close()
         qga.kill()
+
+
+def test_pause_and_resume_keep_the_device_working(vsock_vm):
+    """QMP ``stop`` then ``cont``: QEMU stops the vhost-user rings (GET_VRING_BASE) and starts
+    them again from the bases we gave, with the same kick and call eventfds. The back-end
+    keeps the front-end connection and a stream after the resume arrives intact. (Runs
+    last: a failure here would leave the module's VM without its device.)
+
+    Spec: vhost-user VHOST_USER_GET_VRING_BASE, "Ring states"; virtio 1.2 §5.10."""
+    vm, cfg, backend = vsock_vm
+    vm.qmp("stop")
+    assert vm.qmp("query-status")["status"] == "paused"
+    vm.qmp("cont")
+    server = host_listen(cfg, 5009)
+    try:
+        helper = vm.vsock_helper("connect", "-c", 2, "-p", 5009, "-a", "send", "-n", 1 << 20,
+                                 "-s", 9, "-w", 60)
+        peer, _ = server.accept()
+        peer.settimeout(60)
+        data = bytearray()
+        while chunk := peer.recv(1 << 20):
+            data += chunk
+        peer.close()
+        status, out = helper.wait(timeout=60)
+        assert status == 0, out
+        assert len(data) == 1 << 20 and crc32(bytes(data)) == crc32(stream_pattern(1 << 20, seed=9))
+    finally:
+        server.close()
