@@ -29,7 +29,8 @@ from ring.cring import Virtqueue, _BROKEN, _raise_for, ffi, lib
 from ring.pump import DEFAULT_RX_BUDGET, DEFAULT_TX_BUDGET, PumpFlag
 from ring.types import RxResult, TxResult
 
-__all__ = ["StreamPump", "ZERO_COPY_PIPE_BYTES", "ZERO_COPY_MIN_BYTES", "ZERO_COPY_MIN_PIECE"]
+__all__ = ["StreamPump", "ZERO_COPY_PIPE_BYTES", "ZERO_COPY_MIN_BYTES", "ZERO_COPY_MIN_PIECE",
+           "ZERO_COPY_MAX_WAITING_PERCENT"]
 
 ZERO_COPY_PIPE_BYTES = 256 * 1024
 """Pipe size asked for (F_SETPIPE_SZ): bytes one vmsplice can take. 126 ports of it stay
