@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import shlex
 import signal
 import sys
@@ -190,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(" ".join(shlex.quote(a) for a in arg_set))
         return 0
     _setup_logging(args.verbose)
+    raise_fd_limit()
     from virtio.daemon import Daemon
 
     from vhost_user.errors import BackendError
@@ -220,6 +222,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         _restore(previous)
         daemon.close()
     return 0
+
+
+#: The soft open-file limit the daemon asks for (never above the hard limit).
+FD_LIMIT_WANTED = 1 << 16
+
+
+def raise_fd_limit(wanted: int = FD_LIMIT_WANTED) -> int:
+    """Raise the soft RLIMIT_NOFILE towards ``wanted`` (capped by the hard limit), as
+    servers of many fds do, and return the soft limit now in force. Each console port uses
+    up to nine fds (listen and peer sockets, the zero-copy pipe, an edge-watch duplicate and
+    its queues' kick and call eventfds): 127 ports pass the common default of 1,024, and a
+    front-end's SET_VRING_KICK whose fd cannot be received would drop its connection. An
+    event loop on epoll has no FD_SETSIZE bound."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+    return soft
 
 
 #: The signals that end ``serve`` cleanly (sockets removed, exit status 0): SIGTERM from a
