@@ -25,9 +25,10 @@ of guest RAM and the whole stream is bounded by ring size x descriptors x RAM). 
   read the chain's last byte, for every chain some of whose bytes were taken by a pump call
   that sent *all* it took by page reference (``bytes_by_reference`` grew by exactly
   ``bytes_from_guest``). This is the checkable approximation: a call that mixes a copied
-  round with a by-reference one is not attributed, and the check is made only when every
-  chain's head is unique (the avail ring may list a head twice) so that a used element names
-  one chain. Chain boundaries come from popping a third copy of the ring with a plain queue.
+  round with a by-reference one is not attributed. Used elements are matched to chains first
+  in, first out per head (chains complete in the order taken); when the queue breaks, chains
+  the walk returns untouched jump ahead, so then heads must be unique. Chain boundaries come
+  from popping a third copy of the ring with a plain queue.
 
 Excluded comparisons ("racy" examples, reported with ``event``): the zero-copy side returns
 chains later than the copying side, so its used-ring writes happen later. A by-reference
