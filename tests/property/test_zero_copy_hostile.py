@@ -52,7 +52,6 @@ used descriptors), §5.3.6 (console transmitq: used length 0).
 from __future__ import annotations
 
 import dataclasses
-import socket
 import struct
 
 import pytest
@@ -68,6 +67,7 @@ from tests.property.ringpair import (
     END, R1, RingPair, clone_memory, exc_key, make_memory, memory_bytes, queue_state)
 from tests.property.rings import (
     AVAIL, AVAIL_GPA, DATA_GPA, DESC_GPA, NEXT, USED, USED_GPA, Desc, RawRing, raw_rings)
+from tests.support.host_socket import host_socket_pair, read_available
 
 MIN_BYTES, MIN_PIECE = cpump.ZERO_COPY_MIN_BYTES, cpump.ZERO_COPY_MIN_PIECE
 DATA_END = R1[0] + R1[1]  # R0 from DATA_GPA and R1 are contiguous guest RAM
@@ -184,9 +184,7 @@ class Side:
 
     def __init__(self, vq: Virtqueue, zero_copy: bool) -> None:
         self.vq = vq
-        self.dev, self.host = socket.socketpair()
-        self.dev.setblocking(False)
-        self.host.setblocking(False)
+        self.dev, self.host = host_socket_pair()
         self.pump = cpump.StreamPump()
         self.pump.tx = vq
         self.pump.write_fd = self.dev.fileno()
@@ -213,17 +211,9 @@ class Side:
         return flags
 
     def read(self, limit: int) -> int:
-        got = 0
-        while got < limit:
-            try:
-                chunk = self.host.recv(min(1 << 20, limit - got))
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            self.received += chunk
-            got += len(chunk)
-        return got
+        data = read_available(self.host, limit)
+        self.received += data
+        return len(data)
 
     def by_reference(self, span: ChainSpan) -> bool:
         """Some of the chain's bytes were taken by a call that sent all by reference."""

@@ -17,6 +17,7 @@ from ring.pump import PumpFlag, StreamPump, stream_pump_for
 from ring.errors import ChainError
 from tests.support import RING_IMPLS, ring_impl_class
 from tests.support.driver import Allocator, bytearray_memory, make_driver
+from tests.support.host_socket import host_socket_pair, read_available
 
 RAM = 1 << 22
 
@@ -40,11 +41,7 @@ class Port:
         self.tx_call = os.eventfd(0, os.EFD_NONBLOCK)
         self.rx_call = os.eventfd(0, os.EFD_NONBLOCK)
         self.tx.call_fd, self.rx.call_fd = self.tx_call, self.rx_call
-        self.dev, self.host = socket.socketpair()
-        self.dev.setblocking(False)
-        self.host.setblocking(False)
-        if sndbuf:
-            self.dev.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        self.dev, self.host = host_socket_pair(sndbuf)
         self.pump = stream_pump_for(self.tx)
         self.pump.tx, self.pump.rx = self.tx, self.rx
         self.pump.write_fd = self.pump.read_fd = self.dev.fileno()
@@ -59,15 +56,7 @@ class Port:
         return tuple(out)
 
     def host_read(self) -> bytes:
-        data = bytearray()
-        while True:
-            try:
-                chunk = self.host.recv(1 << 20)
-            except BlockingIOError:
-                return bytes(data)
-            if not chunk:
-                return bytes(data)
-            data += chunk
+        return read_available(self.host)
 
     def guest_received(self) -> bytes:
         return b"".join(u.data for u in self.rxd.get_bufs())

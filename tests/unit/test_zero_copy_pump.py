@@ -21,6 +21,7 @@ from ring import cpump, pyring
 from ring.cring import Virtqueue
 from ring.pump import PumpFlag, StreamPump as PyStreamPump, stream_pump_for
 from tests.support.driver import Allocator, memfd_memory, make_driver
+from tests.support.host_socket import host_socket_pair, read_available
 
 RAM = 1 << 22
 BIG = 3 * cpump.ZERO_COPY_MIN_BYTES  # one chain large enough to go by reference
@@ -43,11 +44,7 @@ class ZcPort:
         self.tx = self.txd.attach(vq_cls, self.ram.backend_memory())
         self.call = os.eventfd(0, os.EFD_NONBLOCK)
         self.tx.call_fd = self.call
-        self.dev, self.host = socket.socketpair()
-        self.dev.setblocking(False)
-        self.host.setblocking(False)
-        if sndbuf:
-            self.dev.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        self.dev, self.host = host_socket_pair(sndbuf)
         self.pump = stream_pump_for(self.tx)
         self.pump.tx = self.tx
         self.pump.write_fd = self.dev.fileno()
@@ -63,16 +60,7 @@ class ZcPort:
             return 0
 
     def host_read(self, limit: int = 1 << 30) -> bytes:
-        data = bytearray()
-        while len(data) < limit:
-            try:
-                chunk = self.host.recv(min(1 << 20, limit - len(data)))
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            data += chunk
-        return bytes(data)
+        return read_available(self.host, limit)
 
     def reclaim(self) -> list[int]:
         return [u.id for u in self.txd.get_bufs()]
