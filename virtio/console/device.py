@@ -717,7 +717,7 @@ class ConsoleDevice:
         if io.carry and not self._write_first(io, fd, io.carry):
             return
         if io.emergency and (handle is None or handle.vq.pending is None):
-            if not self._write_emergency(io, fd):
+            if not self._write_first(io, fd, io.emergency):
                 return
         if handle is None or io.pump is None:
             self._watch_writable(io, None)  # the queue stopped: nothing to wait for
@@ -799,10 +799,6 @@ class ConsoleDevice:
             del io.emergency[:excess]
             self.emergency_dropped += excess
         self._pump_tx(io)
-
-    def _write_emergency(self, io: _PortIO, fd: int) -> bool:
-        """Write buffered emergency bytes; False if the host socket is full."""
-        return self._write_first(io, fd, io.emergency)
 
     def _write_first(self, io: _PortIO, fd: int, buffer: bytearray) -> bool:
         """Write bytes that go before the ring's (emergency bytes, ``io.carry``); False
