@@ -7,7 +7,10 @@ Two drivers:
   figure measures the back-end and not a Python guest model. RX chains are a 44-byte header
   descriptor + one 4 KiB payload descriptor (Linux posts ``VIRTIO_VSOCK_DEFAULT_RX_BUF_SIZE``
   buffers); TX chains are a header descriptor + one 64 KiB payload descriptor
-  (``VIRTIO_VSOCK_MAX_PKT_BUF_SIZE``), filled once. Per batch of used buffers the guest reads
+  (``VIRTIO_VSOCK_MAX_PKT_BUF_SIZE``) pointed, as the chain is posted, at a buffer taken for
+  that packet from a free stack and given back when the chain is used (:class:`TxBuffers`:
+  Linux kmallocs each packet's buffer and frees it then, so a few buffers stay hot). Per
+  batch of used buffers the guest reads
   all headers with one numpy gather and handles the data packets of its connection as a
   vector (byte counts, credit fields); only control packets (REQUEST, CREDIT_UPDATE, ...)
   take Python per packet. Credit follows Linux ``virtio_transport_common.c``: every packet
@@ -33,7 +36,7 @@ import time
 
 import numpy as np
 
-from bench.guest import StreamQueue
+from bench.guest import GuestLayout, StreamQueue
 from bench.guest_proc import Guest
 from virtio.vsock.wire import HOST_CID, Op, Type, VsockHeader
 
@@ -74,6 +77,76 @@ def _stream_ref(length: int) -> bytes:
 
 
 STREAM_REF = _stream_ref(PATTERN_PERIOD + MAX_PKT)
+
+
+class TxBuffers:
+    """The TX payload buffers of the vsock guest: Linux 6.1 ``virtio_transport_alloc_pkt``
+    kmallocs each packet's payload buffer (len > 0 only) and ``virtio_transport_tx_work``
+    frees it once the device has used the chain; 64 KiB blocks come from the buddy
+    allocator, most recently freed first. So: a pool of ``txq.chains`` 64 KiB buffers in
+    guest RAM (64 KiB-aligned, as an order-4 block) and a free stack; a RW packet pops the
+    top buffer and its chain's payload descriptor is pointed at it; a control packet's at
+    the idle buffer after the pool (nothing writes it; the device reads 0 bytes). The C
+    stand-in (bench/limits/vsock_guest.c) keeps the same rule, and either takes the rings
+    over from the other with :meth:`resume`: the outstanding chains' payload descriptors say
+    which buffers are held.
+
+    Spec: virtio 1.2 §2.7.5 (the descriptor table), §2.7.13 (supplying buffers).
+    """
+
+    def __init__(self, layout: GuestLayout, txq: StreamQueue) -> None:
+        if txq.segs != 2:
+            raise ValueError("vsock TX chains are a header and a payload descriptor")
+        self.txq = txq
+        self.count = txq.chains
+        self.gpa = layout.alloc((self.count + 1) * MAX_PKT, MAX_PKT)
+        self.idle_gpa = self.gpa + self.count * MAX_PKT
+        self.layout = layout
+        #: the payload descriptors' ``addr`` fields (u64 each), one per chain
+        self._desc = layout.mv(txq.desc_gpa, 16 * txq.size).cast("Q")
+        self.held: list[int | None] = [None] * txq.chains
+        self.free: list[int] = []
+        self.resume()
+
+    def resume(self) -> None:
+        """Take the TX ring over as it is (after the C stand-in ran, or at start)."""
+        q = self.txq
+        self.held = [None] * q.chains
+        for pos in range(q.last_used, q.last_used + q.outstanding):
+            k = pos % q.chains
+            addr = self._desc[2 * (k * q.segs + 1)]
+            if addr == self.idle_gpa:
+                continue
+            i, rest = divmod(addr - self.gpa, MAX_PKT)
+            if rest or not 0 <= i < self.count or i in self.held:
+                raise RuntimeError(f"TX chain {k} holds {addr:#x}, not a pool buffer of its "
+                                   "own")
+            self.held[k] = i
+        taken = set(self.held)
+        self.free = [i for i in reversed(range(self.count)) if i not in taken]
+
+    def take(self, k: int, length: int) -> memoryview:
+        """Point chain ``k``'s payload descriptor at the top free buffer; its first
+        ``length`` bytes, for the payload."""
+        if self.held[k] is not None:
+            raise RuntimeError(f"TX chain {k} posted while it holds a buffer")
+        i = self.held[k] = self.free.pop()
+        gpa = self.gpa + i * MAX_PKT
+        self._desc[2 * (k * self.txq.segs + 1)] = gpa
+        return self.layout.mv(gpa, length)
+
+    def no_payload(self, k: int) -> None:
+        """Point chain ``k``'s payload descriptor at the idle buffer (a control packet)."""
+        self._desc[2 * (k * self.txq.segs + 1)] = self.idle_gpa
+
+    def reaped(self, first: int, n: int) -> None:
+        """The ``n`` chains posted from ring position ``first`` on were used: their buffers
+        go back on the free stack, in used order."""
+        for pos in range(first, first + n):
+            k = pos % self.txq.chains
+            if self.held[k] is not None:
+                self.free.append(self.held[k])
+                self.held[k] = None
 
 
 class _Conn:
@@ -117,7 +190,7 @@ class FastVsockGuest(Guest):
         self.rx_hdr_idx = (np.array([b[0] - base for b in self.rxq.buffers])[:, None]
                            + np.arange(HDR))
         self.tx_hdr = [self.txq.chain_buffer(k, 0)[:HDR] for k in range(self.txq.chains)]
-        self.tx_payload = [self.txq.chain_buffer(k, 1) for k in range(self.txq.chains)]
+        self.tx_buffers = TxBuffers(self.layout, self.txq)
         #: every RX chain's header buffer, for the few-packets path of `_receive`
         self.rx_hdr = [self.layout.mv(b[0], HDR) for b in self.rxq.buffers]
         self.conns: dict[tuple[int, int], _Conn] = {}
@@ -127,7 +200,10 @@ class FastVsockGuest(Guest):
 
     # -- transmit -------------------------------------------------------------------------
     def _tx_free(self) -> int:
-        self.txq.reap()
+        first = self.txq.last_used
+        n, _ = self.txq.reap()
+        if n:
+            self.tx_buffers.reaped(first, n)
         return self.txq.chains - self.txq.outstanding
 
     def _send(self, packets: list[tuple[_Conn, int, int, int]]) -> None:
@@ -150,8 +226,11 @@ class FastVsockGuest(Guest):
                     conn.buf_alloc, conn.fwd_cnt)
                 if op == _RW and len_:  # the application's bytes: the stream pattern
                     ph = conn.tx_phase
-                    self.tx_payload[pos % self.txq.chains][:len_] = STREAM_REF[ph:ph + len_]
+                    self.tx_buffers.take(pos % self.txq.chains, len_)[:] = \
+                        STREAM_REF[ph:ph + len_]
                     conn.tx_phase = (ph + len_) % PATTERN_PERIOD
+                else:
+                    self.tx_buffers.no_payload(pos % self.txq.chains)
                 pos += 1
             self.txq.publish(len(batch))
             i += len(batch)
@@ -316,7 +395,8 @@ class FastVsockGuest(Guest):
             local_port=conn.local_port, peer_port=conn.peer_port, buf_alloc=conn.buf_alloc,
             fwd_cnt=conn.fwd_cnt, rx_cnt=conn.rx_cnt, last_fwd_cnt=conn.last_fwd_cnt,
             tx_cnt=conn.tx_cnt, peer_buf_alloc=conn.peer_buf_alloc,
-            peer_fwd_cnt=conn.peer_fwd_cnt, owe_credit_update=0, tx_phase=conn.tx_phase)
+            peer_fwd_cnt=conn.peer_fwd_cnt, owe_credit_update=0, tx_phase=conn.tx_phase,
+            tx_pool=self.tx_buffers.gpa, tx_pool_bufs=self.tx_buffers.count)
         proc = subprocess.run([str(helper_path("vsock_guest"))]
                               + [f"{k}={v}" for k, v in args.items()],
                               pass_fds=fds, capture_output=True, text=True)
@@ -325,6 +405,7 @@ class FastVsockGuest(Guest):
         out = json.loads(proc.stdout)
         rxq.avail_idx, rxq.last_used = out["rx_avail_idx"], out["rx_last_used"]
         txq.avail_idx, txq.last_used = out["tx_avail_idx"], out["tx_last_used"]
+        self.tx_buffers.resume()
         for name in ("fwd_cnt", "rx_cnt", "last_fwd_cnt", "tx_cnt", "peer_buf_alloc",
                      "peer_fwd_cnt", "tx_phase"):
             setattr(conn, name, out[name])
@@ -424,4 +505,4 @@ def VsockGuest(spec: dict):  # noqa: N802 - the name bench.guest_proc.make_guest
     return ModelVsockGuest(spec)
 
 
-__all__ = ["VsockGuest", "FastVsockGuest", "ModelVsockGuest", "Guest"]
+__all__ = ["VsockGuest", "FastVsockGuest", "ModelVsockGuest", "Guest", "TxBuffers"]

@@ -14,6 +14,9 @@
  *     (virtio_transport_stream_do_dequeue); a CREDIT_REQUEST is answered;
  *   - TX packets carry at most 64 KiB (VIRTIO_VSOCK_MAX_PKT_BUF_SIZE) and never exceed the
  *     peer's credit (virtio_transport_get_credit);
+ *   - each TX packet's payload is copied into a buffer taken for that packet, given back
+ *     once the device has used it, and the most recently given back is taken first (see
+ *     "TX buffers" below);
  *   - VIRTIO_RING_F_EVENT_IDX: kick only when avail_event says (virtqueue_kick_prepare's
  *     vring_need_event); while it works it suppresses interrupts (disable_cb writes
  *     used_event far behind), and before sleeping it asks for an interrupt at the next used
@@ -26,7 +29,31 @@
  * byte sequence, also in bench/limits/peer.c, whose sink checks every byte, and
  * bench/vsock_guest.py), so a lost, reordered or invented byte fails the run.
  *
- * usage: vsock_guest KEY=VALUE... (see parse(); fds are inherited). Prints one JSON line with
+ * TX buffers. Linux 6.1 allocates each packet's payload buffer as it sends it and frees it
+ * when the device has used it: virtio_transport_send_pkt_info -> virtio_transport_alloc_pkt
+ * (virtio_transport_common.c) does `pkt->buf = kmalloc(len, GFP_KERNEL)` and
+ * memcpy_from_msg, only when len > 0 (control packets have no buffer);
+ * virtio_transport_tx_work (virtio_transport.c) takes used chains with virtqueue_get_buf
+ * and calls virtio_transport_free_pkt, which kfree()s pkt->buf. 64 KiB is above SLUB's
+ * largest kmalloc cache (8 KiB), so it is kmalloc_large: an order-4 block from the buddy
+ * allocator, whose free lists hand out from the head, where a freed block is put (unless
+ * it merges with a free buddy). The few packets in flight, about credit-worth (256 KiB),
+ * thus reuse a few hot buffers, not one buffer per ring entry. Here: a pool of 64 KiB
+ * buffers in guest RAM (tx_pool=, tx_pool_bufs=: one per TX chain, so it never runs dry)
+ * with a free stack; each RW packet pops the top one and its chain's payload descriptor is
+ * pointed at it as the chain is posted; a used chain pushes its buffer back. A control
+ * packet's payload descriptor points at the idle buffer after the pool, which nothing
+ * writes (the chains keep their two descriptors; the device reads hdr.len = 0 bytes). At
+ * start, the outstanding chains' payload descriptors say which buffers are held, so this
+ * program and the Python model (bench/vsock_guest.py, same rule) can take the rings over
+ * from each other. The 44-byte headers stay in one small buffer per chain (Linux's are
+ * in the kzalloc'd struct virtio_vsock_pkt, as hot).
+ * RX buffers stay fixed, one per chain: the device fills the posted buffers in turn and
+ * Linux keeps as many posted (virtio_vsock_rx_fill: kmalloc(4096) each, refilling from the
+ * slab the buffers the application just freed), so what the device writes cycles over
+ * the ring's worth of 4 KiB buffers in both (128 x 4 KiB = 512 KiB in the bench).
+ *
+ * usage: vsock_guest KEY=VALUE... (see main(); fds are inherited). Prints one JSON line with
  * the bytes moved and the final ring and connection state (the Python guest resumes from it).
  * Exit 3: a data or protocol check failed (message on stderr).
  *
@@ -45,6 +72,9 @@
 #define HOST_CID 2
 /* The guest->host stream pattern's period (a prime: no packet or buffer size divides it). */
 #define PATTERN_PERIOD 4093u
+/* The most TX chains (queue size 32768 descriptors / 2 per chain) and "no pool buffer". */
+#define MAX_CHAINS 16384u
+#define NO_BUF 0xffffu
 
 struct ring {
     uint16_t size, segs, chains;
@@ -55,6 +85,15 @@ struct ring {
     volatile uint64_t *desc;      /* addr, (len | flags << 32 | next << 48) pairs */
     int kick_fd, call_fd;
     uint64_t kicks;
+};
+
+/* The TX payload buffers (see the top comment): buffer i at gpa + i * MAX_PKT, the idle
+ * buffer (control packets) at gpa + count * MAX_PKT. */
+struct tx_pool {
+    uint64_t gpa;
+    unsigned count, top;
+    uint16_t free[MAX_CHAINS];    /* free[0..top): the free stack, free[top - 1] next out */
+    uint16_t held[MAX_CHAINS];    /* per chain: the buffer its packet holds, or NO_BUF */
 };
 
 static uint8_t *ram;
@@ -237,23 +276,66 @@ static uint64_t receive(struct ring *rx, struct conn *c)
     return total;
 }
 
-static void reap(struct ring *tx)
+/* The payload descriptor (descriptor 1) of chain k. */
+static volatile uint64_t *payload_desc(const struct ring *r, unsigned k)
+{
+    return &r->desc[2 * (k * r->segs + 1)];
+}
+
+/* Take over the TX rings as they are: every outstanding chain whose payload descriptor
+ * points at a pool buffer holds it; the other buffers are free (lowest index on top). */
+static void pool_init(struct tx_pool *p, const struct ring *tx, uint64_t gpa, unsigned count)
+{
+    uint16_t pos;
+    unsigned i, k;
+    static uint8_t taken[MAX_CHAINS];
+    if (count < tx->chains || count > MAX_CHAINS)
+        fail("the TX buffer pool needs one buffer per TX chain");
+    p->gpa = gpa;
+    p->count = count;
+    gpa_ptr(gpa, (uint64_t)(count + 1) * MAX_PKT); /* pool and idle buffer inside RAM */
+    for (k = 0; k < tx->chains; k++)
+        p->held[k] = NO_BUF;
+    for (pos = tx->last_used; pos != tx->avail_idx; pos++) {
+        uint64_t addr = *payload_desc(tx, k = pos % tx->chains);
+        if (addr == gpa + (uint64_t)count * MAX_PKT)
+            continue; /* a control packet: no buffer */
+        i = (unsigned)((addr - gpa) / MAX_PKT);
+        if (addr < gpa || (addr - gpa) % MAX_PKT || i >= count || taken[i])
+            fail("an outstanding TX chain's payload is not a pool buffer of its own");
+        taken[i] = 1;
+        p->held[k] = (uint16_t)i;
+    }
+    p->top = 0;
+    for (i = count; i-- > 0;)
+        if (!taken[i])
+            p->free[p->top++] = (uint16_t)i;
+}
+
+/* Take the chains the device used (in order, as posted) and give their buffers back. */
+static void reap(struct ring *tx, struct tx_pool *p)
 {
     uint16_t used = used_idx(tx);
-    if (used != tx->last_used) {
-        unsigned n = (uint16_t)(used - tx->last_used);
-        unsigned first = tx->used_ring[2 * (tx->last_used & (tx->size - 1))];
-        if (n > outstanding(tx) || first != (tx->last_used % tx->chains) * tx->segs)
+    if ((uint16_t)(used - tx->last_used) > outstanding(tx))
+        fail("TX used ring inconsistent");
+    for (; tx->last_used != used; tx->last_used++) {
+        unsigned k = tx->last_used % tx->chains;
+        if (tx->used_ring[2 * (tx->last_used & (tx->size - 1))] != k * tx->segs)
             fail("TX used ring inconsistent");
-        tx->last_used = used;
+        if (p->held[k] != NO_BUF) { /* virtio_transport_free_pkt: kfree(pkt->buf) */
+            p->free[p->top++] = p->held[k];
+            p->held[k] = NO_BUF;
+        }
     }
 }
 
 /* Queue one packet into the next free TX chain (the caller checked there is one). */
-static void put_tx(struct ring *tx, struct conn *c, unsigned pos, uint16_t op, uint32_t len)
+static void put_tx(struct ring *tx, struct tx_pool *p, struct conn *c, unsigned pos,
+                   uint16_t op, uint32_t len)
 {
+    unsigned k = pos % tx->chains;
     uint32_t hlen;
-    uint8_t *h = chain_buf(tx, pos % tx->chains, 0, &hlen);
+    uint8_t *h = chain_buf(tx, k, 0, &hlen);
     uint64_t v64;
     uint32_t v32;
     uint16_t v16;
@@ -268,31 +350,38 @@ static void put_tx(struct ring *tx, struct conn *c, unsigned pos, uint16_t op, u
     memcpy(h + 36, &c->buf_alloc, 4);
     memcpy(h + 40, &c->fwd_cnt, 4);
     c->last_fwd_cnt = c->fwd_cnt;
-    if (op == OP_RW && len) { /* the application's bytes: the stream pattern */
-        uint8_t *b = chain_buf(tx, pos % tx->chains, 1, &hlen);
-        if (len > hlen)
-            fail("TX payload larger than its buffer");
-        memcpy(b, stream_ref + c->tx_phase, len);
+    if (op == OP_RW && len) { /* kmalloc(len), then the application's bytes: the pattern */
+        uint64_t gpa;
+        if (p->held[k] != NO_BUF || !p->top)
+            fail("TX buffer pool inconsistent");
+        p->held[k] = p->free[--p->top];
+        gpa = p->gpa + (uint64_t)p->held[k] * MAX_PKT;
+        if (len > (uint32_t)(payload_desc(tx, k)[1]))
+            fail("TX payload larger than its descriptor");
+        *payload_desc(tx, k) = gpa;
+        memcpy(gpa_ptr(gpa, len), stream_ref + c->tx_phase, len);
         c->tx_phase = (uint32_t)((c->tx_phase + len) % PATTERN_PERIOD);
+    } else {
+        *payload_desc(tx, k) = p->gpa + (uint64_t)p->count * MAX_PKT; /* the idle buffer */
     }
 }
 
 /* Control packets owed, then (tx workload) RW packets within credit and free chains. */
-static uint64_t send(struct ring *tx, struct conn *c, int stream)
+static uint64_t send(struct ring *tx, struct tx_pool *p, struct conn *c, int stream)
 {
     unsigned free_chains, n = 0;
     uint64_t sent = 0;
-    reap(tx);
+    reap(tx, p);
     free_chains = tx->chains - outstanding(tx);
     if (c->owe_credit_update && free_chains) {
-        put_tx(tx, c, tx->avail_idx + n++, OP_CREDIT_UPDATE, 0);
+        put_tx(tx, p, c, tx->avail_idx + n++, OP_CREDIT_UPDATE, 0);
         c->owe_credit_update = 0;
     }
     if (stream) {
         uint32_t credit = peer_credit(c);
         while (n < free_chains && credit) {
             uint32_t len = credit < MAX_PKT ? credit : MAX_PKT;
-            put_tx(tx, c, tx->avail_idx + n++, OP_RW, len);
+            put_tx(tx, p, c, tx->avail_idx + n++, OP_RW, len);
             c->tx_cnt += len;
             c->tx_bytes += len;
             credit -= len;
@@ -318,6 +407,7 @@ int main(int argc, char **argv)
 {
     struct ring rx = {0}, tx = {0};
     struct conn c = {0};
+    static struct tx_pool pool;
     int stream = (int)arg(argc, argv, "tx_workload");
     double seconds = (double)arg(argc, argv, "micros") / 1e6;
     uint64_t t0, end, moved0, wakeups = 0;
@@ -354,6 +444,8 @@ int main(int argc, char **argv)
     c.peer_fwd_cnt = (uint32_t)arg(argc, argv, "peer_fwd_cnt");
     c.owe_credit_update = (int)arg(argc, argv, "owe_credit_update");
     c.tx_phase = (uint32_t)(arg(argc, argv, "tx_phase") % PATTERN_PERIOD);
+    pool_init(&pool, &tx, arg(argc, argv, "tx_pool"),
+              (unsigned)arg(argc, argv, "tx_pool_bufs"));
 
     moved0 = 0;
     t0 = now_ns();
@@ -364,7 +456,7 @@ int main(int argc, char **argv)
         *rx.used_event = (uint16_t)(rx.last_used - 1);
         *tx.used_event = (uint16_t)(tx.last_used - 1);
         got = receive(&rx, &c);
-        sent = send(&tx, &c, stream);
+        sent = send(&tx, &pool, &c, stream);
         moved0 += stream ? sent : got;
         if (now_ns() >= end)
             break;

@@ -16,6 +16,7 @@ import pytest
 
 from bench.guest import GuestLayout, StreamQueue
 from bench.limits.build import helper_path
+from bench.vsock_guest import TxBuffers
 from vhost_user.frontend import GuestRam
 from virtio.vsock.wire import Op, Type, VsockHeader
 
@@ -33,6 +34,7 @@ def _run(payload: bytes, used_len_delta: int = 0, len_field: int | None = None,
         layout = GuestLayout(ram.memory.regions[0].view, 0)
         rxq = StreamQueue(layout, 0, 16, [44, 4096], writable=True)
         txq = StreamQueue(layout, 1, 16, [44, 65536])
+        pool = TxBuffers(layout, txq)
         rxq.publish()
         n = len(payload) if len_field is None else len_field
         hdr = VsockHeader(src_cid=2, dst_cid=CID, src_port=HOST_PORT, dst_port=GUEST_PORT,
@@ -53,7 +55,8 @@ def _run(payload: bytes, used_len_delta: int = 0, len_field: int | None = None,
                     tx_kick=txq.kick_fd, tx_call=txq.call_fd, cid=CID,
                     local_port=GUEST_PORT, peer_port=HOST_PORT, buf_alloc=262144,
                     fwd_cnt=0, rx_cnt=0, last_fwd_cnt=0, tx_cnt=0, peer_buf_alloc=262144,
-                    peer_fwd_cnt=0, owe_credit_update=0, tx_phase=0)
+                    peer_fwd_cnt=0, owe_credit_update=0, tx_phase=0, tx_pool=pool.gpa,
+                    tx_pool_bufs=pool.count)
         if tx is not None:
             args.update(tx_workload=1, tx_phase=tx["phase"])  # credit: the RX header's
         proc = subprocess.run([str(helper_path("vsock_guest"))]
@@ -62,9 +65,11 @@ def _run(payload: bytes, used_len_delta: int = 0, len_field: int | None = None,
         sent = b""
         if tx is not None and proc.returncode == 0:
             out = json.loads(proc.stdout)
+            desc = layout.mv(txq.desc_gpa, 16 * txq.size).cast("Q")
             for k in range(out["tx_avail_idx"]):
                 hdr = VsockHeader.unpack(bytes(txq.chain_buffer(k % txq.chains, 0)[:44]))
-                sent += bytes(txq.chain_buffer(k % txq.chains, 1)[:hdr.len_])
+                payload = desc[2 * (2 * (k % txq.chains) + 1)]  # chain k's descriptor 1
+                sent += bytes(layout.mv(payload, hdr.len_))
         rxq.close()
         txq.close()
         return proc if tx is None else (proc, sent)
