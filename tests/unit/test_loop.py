@@ -331,3 +331,32 @@ def test_loop_close_removes_the_edge_writers():
     p.a.close()
     assert _peer_sees_eof(p.b)
     p.b.close()
+
+
+def test_run_serves_readers_writers_timers_and_soon_callbacks_in_one_pass_each():
+    """``run`` inlines ``run_once``: a turn dispatches the ready fds (the reader, then the
+    writer of an fd ready both ways, the writer skipped once the reader removed it), then
+    the due timers, then the soon-callbacks those queued; a cancelled timer never runs and
+    a later timer still wakes the loop."""
+    loop = EventLoop()
+    a, b = socket.socketpair()
+    order: list[str] = []
+
+    def reader() -> None:
+        order.append("read")
+        a.recv(16)
+        loop.remove_writer(a.fileno())
+
+    loop.add_reader(a.fileno(), reader)
+    loop.add_writer(a.fileno(), lambda: order.append("write (must not run)"))
+    b.send(b"x")
+    loop.call_later(0.0, lambda: (order.append("timer"),
+                                  loop.call_soon(lambda: order.append("soon"))))
+    loop.call_later(0.0, lambda: order.append("cancelled (must not run)")).cancel()
+    loop.call_later(0.02, loop.stop)
+    loop.run()
+    assert order == ["read", "timer", "soon"]
+    loop.remove_reader(a.fileno())
+    a.close()
+    b.close()
+    loop.close()
