@@ -415,7 +415,7 @@ class FastVsockGuest(Guest):
             self._send([(conn, _CREDIT_UPDATE, 0, 0)])
         return {"bytes": out["bytes"], "seconds": out["seconds"], "engine": "c",
                 "sleeps": out["sleeps"], "rx_kicks": out["rx_kicks"],
-                "tx_kicks": out["tx_kicks"]}
+                "tx_kicks": out["tx_kicks"], "tx_buffers_peak": out["tx_buffers_peak"]}
 
     def run_py(self, seconds: float) -> dict:
         conn = self.accepted[0]

@@ -91,7 +91,7 @@ struct ring {
  * buffer (control packets) at gpa + count * MAX_PKT. */
 struct tx_pool {
     uint64_t gpa;
-    unsigned count, top;
+    unsigned count, top, low; /* low: the fewest free buffers seen (peak use = count - low) */
     uint16_t free[MAX_CHAINS];    /* free[0..top): the free stack, free[top - 1] next out */
     uint16_t held[MAX_CHAINS];    /* per chain: the buffer its packet holds, or NO_BUF */
 };
@@ -310,6 +310,7 @@ static void pool_init(struct tx_pool *p, const struct ring *tx, uint64_t gpa, un
     for (i = count; i-- > 0;)
         if (!taken[i])
             p->free[p->top++] = (uint16_t)i;
+    p->low = p->top;
 }
 
 /* Take the chains the device used (in order, as posted) and give their buffers back. */
@@ -355,6 +356,8 @@ static void put_tx(struct ring *tx, struct tx_pool *p, struct conn *c, unsigned 
         if (p->held[k] != NO_BUF || !p->top)
             fail("TX buffer pool inconsistent");
         p->held[k] = p->free[--p->top];
+        if (p->top < p->low)
+            p->low = p->top;
         gpa = p->gpa + (uint64_t)p->held[k] * MAX_PKT;
         if (len > (uint32_t)(payload_desc(tx, k)[1]))
             fail("TX payload larger than its descriptor");
@@ -487,12 +490,12 @@ int main(int argc, char **argv)
            "\"tx_avail_idx\": %u, \"tx_last_used\": %u, \"fwd_cnt\": %u, \"rx_cnt\": %u, "
            "\"last_fwd_cnt\": %u, \"tx_cnt\": %u, \"peer_buf_alloc\": %u, "
            "\"peer_fwd_cnt\": %u, \"rx_bytes\": %llu, \"tx_bytes\": %llu, "
-           "\"owe_credit_update\": %d, \"tx_phase\": %u}\n",
+           "\"owe_credit_update\": %d, \"tx_phase\": %u, \"tx_buffers_peak\": %u}\n",
            (unsigned long long)moved0, (double)(now_ns() - t0) / 1e9,
            (unsigned long long)wakeups, (unsigned long long)rx.kicks,
            (unsigned long long)tx.kicks, rx.avail_idx, rx.last_used, tx.avail_idx,
            tx.last_used, c.fwd_cnt, c.rx_cnt, c.last_fwd_cnt, c.tx_cnt, c.peer_buf_alloc,
            c.peer_fwd_cnt, (unsigned long long)c.rx_bytes, (unsigned long long)c.tx_bytes,
-           c.owe_credit_update, c.tx_phase);
+           c.owe_credit_update, c.tx_phase, pool.count - pool.low);
     return 0;
 }

@@ -97,8 +97,10 @@ def test_spec_5_10_6_rejects_a_wrong_packet(payload, delta, len_field, message):
 @pytest.mark.parametrize("phase", [0, 4092, 1000])
 def test_sends_the_guest_to_host_stream_pattern(phase):
     """Guest->host payload is the stream pattern from the given phase on, the bytes the
-    host sink checks (bench/limits/peer.c; the Python model writes the same), and the
-    phase it ends at is reported. Spec: virtio 1.2 §5.10.6 (header, then ``len`` bytes)."""
+    host sink checks (bench/limits/peer.c; the Python model writes the same); the phase it
+    ends at is reported, and so is its peak use of TX pool buffers: one per RW packet in
+    flight (4 here: the device uses none). Spec: virtio 1.2 §5.10.6 (header, then ``len``
+    bytes)."""
     from bench.vsock_guest import PATTERN_PERIOD, _stream_ref
 
     credit = 3 * 65536 + 1234
@@ -106,4 +108,6 @@ def test_sends_the_guest_to_host_stream_pattern(phase):
     assert proc.returncode == 0, proc.stderr
     ref = _stream_ref(phase + credit)
     assert sent == ref[phase:]
-    assert json.loads(proc.stdout)["tx_phase"] == (phase + credit) % PATTERN_PERIOD
+    out = json.loads(proc.stdout)
+    assert out["tx_phase"] == (phase + credit) % PATTERN_PERIOD
+    assert out["tx_buffers_peak"] == 4  # one pool buffer per RW packet in flight
