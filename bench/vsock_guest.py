@@ -10,10 +10,9 @@ Two drivers:
   (``VIRTIO_VSOCK_MAX_PKT_BUF_SIZE``) pointed, as the chain is posted, at a buffer taken for
   that packet from a free stack and given back when the chain is used (:class:`TxBuffers`:
   Linux kmallocs each packet's buffer and frees it then, so a few buffers stay hot). Per
-  batch of used buffers the guest reads
-  all headers with one numpy gather and handles the data packets of its connection as a
-  vector (byte counts, credit fields); only control packets (REQUEST, CREDIT_UPDATE, ...)
-  take Python per packet. Credit follows Linux ``virtio_transport_common.c``: every packet
+  batch of used buffers the guest reads all headers with one numpy gather and handles the
+  data packets of its connection as a vector (byte counts, credit fields); only control
+  packets (REQUEST, CREDIT_UPDATE, ...) take Python per packet. Credit follows Linux ``virtio_transport_common.c``: every packet
   carries ``buf_alloc``/``fwd_cnt``, the application consumes everything at once, a
   CREDIT_UPDATE is sent when the peer's view of our free space falls below 64 KiB, RW
   packets never exceed the peer's credit.
