@@ -479,6 +479,48 @@ def test_settle_quiet_matches_settle(window, put, owed_before):
     assert state(fast, key, fconn) == state(ref, key, rconn)
 
 
+@pytest.mark.parametrize("window, owed_before", [
+    (GUEST_BUF, False), (GUEST_BUF - 1000, False),  # the run made the update due
+    (GUEST_BUF, True), (1000, True)])  # owed already (a CREDIT_REQUEST came first)
+def test_update_sent_in_one_step_matches_rw_lane_then_credit_update_sent(window,
+                                                                         owed_before):
+    """When a quiet TX lane run put our CREDIT_UPDATE (due after the run, or owed before
+    it), ``Connection.rw_lane_update_sent`` + ``settle_update_sent`` leave what
+    ``rw_lane``, ``credit_update_sent`` and the full ``settle`` leave: actions, counters,
+    interest, timers, RX scheduling, statistics, the packets the guest gets next.
+    Spec: virtio 1.2 §5.10.6.3 (credit)."""
+    def build():
+        h = Harness()
+        key = h.open_guest_conn()
+        conn = h.mux._vms[3].conns[key]
+        if owed_before:
+            h.send(pkt(Op.CREDIT_REQUEST, key.peer_port, key.local_port))
+        return h, key, conn
+
+    def state(h, key, conn):
+        s = h.socks[key]
+        return ((conn.recv_cnt, conn.fwd_cnt, conn.adv_fwd_cnt, conn._pending,
+                 conn.bytes_to_host, conn.wants_read, conn.wants_write, conn.deadline,
+                 conn.has_rx),
+                (s.read, s.write), dict(h.timers), list(h.mux._vms[3].rxq), h.mux.stats(3),
+                h.rx(max_payload=1 << 20))
+
+    ref, key, rconn = build()
+    before = ref.mux.snapshot(rconn)
+    rconn.rw_lane(window, window, b"", rconn.peer_buf_alloc, rconn.peer_fwd_cnt, False)
+    assert ref.mux.lone_credit_update(rconn) is not None  # the lane would have put it
+    ref.mux.credit_update_sent(rconn)
+    want = ref.mux.settle(rconn, before, 4, ref.now)
+    ref.run(want)
+    fast, _, fconn = build()
+    changed = fconn.rw_lane_update_sent(window, window)
+    assert changed == owed_before
+    got = fast.mux.settle_update_sent(fconn, 4, changed, fast.now)
+    fast.run(got)
+    assert got == want
+    assert state(fast, key, fconn) == state(ref, key, rconn)
+
+
 @pytest.mark.parametrize("used", [0, 1000, GUEST_BUF])
 @pytest.mark.parametrize("guest_read", [True, False])
 @pytest.mark.parametrize("packets", [1, 3])

@@ -827,6 +827,22 @@ class Connection:
         self.bytes_to_host += written
         self._credit_check()
 
+    def rw_lane_update_sent(self, total: int, written: int) -> bool:
+        """A quiet TX lane run (no tail, no send error, every packet carrying the credit
+        fields this connection holds) whose CREDIT_UPDATE the lane put into the guest's RX
+        queue: the state of `rw_lane` then `credit_update_sent`, in one step (a streaming
+        guest's every credit window). True when ``_pending`` changed (an update was owed
+        before the run).
+
+        Spec: virtio 1.2 §5.10.6.3 (CREDIT_UPDATE carries our fwd_cnt)."""
+        self.recv_cnt = (self.recv_cnt + total) & U32_MASK
+        self.fwd_cnt = fwd_cnt = (self.fwd_cnt + written) & U32_MASK  # _forwarded, inline
+        self.bytes_to_host += written
+        self.adv_fwd_cnt = fwd_cnt
+        pending = self._pending
+        self._pending = pending & ~_Pending.CREDIT_UPDATE
+        return self._pending != pending
+
     def credit_update_packet(self) -> bytes:
         """The CREDIT_UPDATE header `next_rx` would produce now, packed, changing nothing;
         `credit_update_sent` once it is in an RX buffer (Spec: virtio 1.2 §5.10.6.3)."""

@@ -305,10 +305,22 @@ class VsockDevice:
             if (not res.tail and res.error is None and not res.credit_changed
                     and res.peer_buf_alloc == conn.peer_buf_alloc
                     and res.peer_fwd_cnt == conn.peer_fwd_cnt):
+                put = res.put
+                if put is not None and put.status == Put.DONE:
+                    # a streaming guest's window: the lane wrote it all and put our
+                    # CREDIT_UPDATE (rw_lane, credit_update_sent, settle_quiet in one)
+                    if put.call_errno is not None:
+                        self.log.warning("RX call eventfd: %s", os.strerror(put.call_errno))
+                    actions = muxer.settle_update_sent(
+                        conn, res.chains, conn.rw_lane_update_sent(res.bytes, res.written),
+                        now)
+                    if actions:
+                        run(actions)
+                    return res
                 pending = conn._pending
                 conn.rw_lane(res.bytes, res.written, res.tail, res.peer_buf_alloc,
                              res.peer_fwd_cnt, res.credit_changed)
-                if res.put is None:
+                if put is None:
                     self._credit_update_now(conn)
                 else:  # the lane put it (LaneUpdate)
                     self._update_put(rx, conn, res.put)

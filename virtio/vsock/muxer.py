@@ -405,6 +405,23 @@ class VsockMuxer:
         before = (conn.wants_read, conn.wants_write, conn.deadline, key in vm.rxq)
         return self._reconcile(key, before, now=now)
 
+    def settle_update_sent(self, conn: Connection, packets: int, pending_changed: bool,
+                           now: float | None = None) -> list[Action]:
+        """`credit_update_sent` then `settle_quiet` after ``Connection.rw_lane_update_sent``
+        (``pending_changed``: its result): the packets and the update are counted, and a
+        reconcile runs only when an update owed before the run went out with it.
+
+        Spec: virtio 1.2 §5.10.6.3 (credit)."""
+        vm = self._vms[conn.key.cid]
+        stats = vm.stats
+        stats.tx_packets += packets
+        stats.rx_packets += 1
+        if not pending_changed:
+            return []
+        key = conn.key
+        before = (conn.wants_read, conn.wants_write, conn.deadline, key in vm.rxq)
+        return self._reconcile(key, before, now=now)
+
     def credit_only_quiet(self, conn: Connection, packets: int, buf_alloc: int,
                           fwd_cnt: int, credit_changed: bool, now: float
                           ) -> list[Action] | None:
