@@ -436,6 +436,27 @@ def test_credit_reopens_rx_declines_and_changes_nothing():
                                    h.now) is not None
 
 
+def _conn_for_lane_run(owed_before: bool):
+    """A harness with one established guest connection; ``owed_before``: a CREDIT_REQUEST
+    made a CREDIT_UPDATE owed."""
+    h = Harness()
+    key = h.open_guest_conn()
+    conn = h.mux._vms[3].conns[key]
+    if owed_before:
+        h.send(pkt(Op.CREDIT_REQUEST, key.peer_port, key.local_port))
+    return h, key, conn
+
+
+def _lane_state(h, key, conn):
+    """What a TX lane run's settling may change, and the packets the guest gets next."""
+    s = h.socks[key]
+    return ((conn.recv_cnt, conn.fwd_cnt, conn.adv_fwd_cnt, conn._pending,
+             conn.bytes_to_host, conn.wants_read, conn.wants_write, conn.deadline,
+             conn.has_rx),
+            (s.read, s.write), dict(h.timers), list(h.mux._vms[3].rxq), h.mux.stats(3),
+            h.rx(max_payload=1 << 20))
+
+
 @pytest.mark.parametrize("window", [1000, GUEST_BUF - 1000, GUEST_BUF])
 @pytest.mark.parametrize("put", [True, False])
 @pytest.mark.parametrize("owed_before", [False, True])
@@ -446,14 +467,6 @@ def test_settle_quiet_matches_settle(window, put, owed_before):
     statistics, the packets the guest gets next. ``put``: the device put the update
     straight into an RX buffer (lone_credit_update); ``owed_before``: an update was
     already owed before the run. Spec: virtio 1.2 §5.10.6.3 (credit)."""
-    def build():
-        h = Harness()
-        key = h.open_guest_conn()
-        conn = h.mux._vms[3].conns[key]
-        if owed_before:
-            h.send(pkt(Op.CREDIT_REQUEST, key.peer_port, key.local_port))
-        return h, key, conn
-
     def lane(h, conn, settle):
         conn.rw_lane(window, window, b"", conn.peer_buf_alloc, conn.peer_fwd_cnt, False)
         if put and h.mux.lone_credit_update(conn) is not None:
@@ -462,21 +475,14 @@ def test_settle_quiet_matches_settle(window, put, owed_before):
         h.run(actions)
         return actions
 
-    def state(h, key, conn):
-        s = h.socks[key]
-        return ((conn.recv_cnt, conn.fwd_cnt, conn.adv_fwd_cnt, conn._pending,
-                 conn.wants_read, conn.wants_write, conn.deadline, conn.has_rx),
-                (s.read, s.write), dict(h.timers), list(h.mux._vms[3].rxq), h.mux.stats(3),
-                h.rx(max_payload=1 << 20))
-
-    ref, key, rconn = build()
+    ref, key, rconn = _conn_for_lane_run(owed_before)
     before = ref.mux.snapshot(rconn)
     want = lane(ref, rconn, lambda: ref.mux.settle(rconn, before, 4, ref.now))
-    fast, _, fconn = build()
+    fast, _, fconn = _conn_for_lane_run(owed_before)
     pending = fconn._pending
     got = lane(fast, fconn, lambda: fast.mux.settle_quiet(fconn, pending, 4, fast.now))
     assert got == want
-    assert state(fast, key, fconn) == state(ref, key, rconn)
+    assert _lane_state(fast, key, fconn) == _lane_state(ref, key, rconn)
 
 
 @pytest.mark.parametrize("window, owed_before", [
@@ -489,36 +495,20 @@ def test_update_sent_in_one_step_matches_rw_lane_then_credit_update_sent(window,
     ``rw_lane``, ``credit_update_sent`` and the full ``settle`` leave: actions, counters,
     interest, timers, RX scheduling, statistics, the packets the guest gets next.
     Spec: virtio 1.2 §5.10.6.3 (credit)."""
-    def build():
-        h = Harness()
-        key = h.open_guest_conn()
-        conn = h.mux._vms[3].conns[key]
-        if owed_before:
-            h.send(pkt(Op.CREDIT_REQUEST, key.peer_port, key.local_port))
-        return h, key, conn
-
-    def state(h, key, conn):
-        s = h.socks[key]
-        return ((conn.recv_cnt, conn.fwd_cnt, conn.adv_fwd_cnt, conn._pending,
-                 conn.bytes_to_host, conn.wants_read, conn.wants_write, conn.deadline,
-                 conn.has_rx),
-                (s.read, s.write), dict(h.timers), list(h.mux._vms[3].rxq), h.mux.stats(3),
-                h.rx(max_payload=1 << 20))
-
-    ref, key, rconn = build()
+    ref, key, rconn = _conn_for_lane_run(owed_before)
     before = ref.mux.snapshot(rconn)
     rconn.rw_lane(window, window, b"", rconn.peer_buf_alloc, rconn.peer_fwd_cnt, False)
     assert ref.mux.lone_credit_update(rconn) is not None  # the lane would have put it
     ref.mux.credit_update_sent(rconn)
     want = ref.mux.settle(rconn, before, 4, ref.now)
     ref.run(want)
-    fast, _, fconn = build()
+    fast, _, fconn = _conn_for_lane_run(owed_before)
     changed = fconn.rw_lane_update_sent(window, window)
     assert changed == owed_before
     got = fast.mux.settle_update_sent(fconn, 4, changed, fast.now)
     fast.run(got)
     assert got == want
-    assert state(fast, key, fconn) == state(ref, key, rconn)
+    assert _lane_state(fast, key, fconn) == _lane_state(ref, key, rconn)
 
 
 @pytest.mark.parametrize("used", [0, 1000, GUEST_BUF])
@@ -567,11 +557,11 @@ def test_credit_only_quiet_matches_rw_lane_and_settle(used, guest_read, packets,
     assert got == want
     fast.run(got)
     assert (got != []) == (armed or (used == GUEST_BUF and guest_read))  # interest back on
-    assert state(fast, key, fconn) == state(ref, key, rconn)
+    assert _lane_state(fast, key, fconn) == _lane_state(ref, key, rconn)
     ref.host_sends(key, b"h" * 5000)
     fast.host_sends(key, b"h" * 5000)
     assert fast.rx(max_payload=1 << 20) == ref.rx(max_payload=1 << 20)
-    assert state(fast, key, fconn) == state(ref, key, rconn)
+    assert _lane_state(fast, key, fconn) == _lane_state(ref, key, rconn)
 
 
 def test_credit_only_quiet_declines_and_changes_nothing():
