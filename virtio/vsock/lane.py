@@ -30,6 +30,7 @@ import enum
 import errno as _errno
 import os
 import socket
+import struct
 import sys
 from functools import partial
 from typing import Any, NamedTuple, Sequence
@@ -271,6 +272,10 @@ class CTxLane:
         #: call: a streaming connection runs the lane once per credit window)
         self._fixed: tuple | None = None
         self._update_fixed: tuple | None = None
+        #: every output field with one unpack of the struct's memory (fourteen cffi
+        #: attribute reads cost several microseconds per run)
+        self._outputs = partial(_output_struct(ffi).unpack_from, ffi.buffer(lane),
+                                ffi.offsetof("struct vs_tx_lane", _OUTPUT_FIELDS[0][0]))
 
     def run(self, vq: Any, sock: socket.socket, cid: int, host_port: int, guest_port: int,
             credit: int, peer_buf_alloc: int, peer_fwd_cnt: int,
@@ -301,29 +306,53 @@ class CTxLane:
         if rc < 0:
             from ring.cring import _raise_for
             raise _raise_for(rc, vq.index)
-        stop, tail_len, error, call_errno = lane.stop, lane.tail_len, lane.error, lane.call_errno
-        if update is not None and lane.put_status != -1:
-            put = _put_outcome(self._put, lane.put_status, update.rxq)
-            return _lane_result((lane.chains, _STOPS[stop], lane.bytes, lane.written, b"",
-                                 None, vq._error(lane.broken) if stop == 4 else None,
-                                 lane.peer_buf_alloc, lane.peer_fwd_cnt, False,
-                                 lane.notify != 0, call_errno or None, lane.credit_updates,
-                                 put))
+        (ba, fc, put_status, chains, stop, nbytes, written, tail_len, error, broken, changed,
+         notify, call_errno, updates) = self._outputs()
+        if update is not None and put_status != -1:
+            put = _put_outcome(self._put, put_status, update.rxq)
+            return _lane_result((chains, _STOPS[stop], nbytes, written, b"", None,
+                                 vq._error(broken) if stop == 4 else None, ba, fc, False,
+                                 notify != 0, call_errno or None, updates, put))
         if stop == 4 or tail_len or error or call_errno:
-            return _lane_result((lane.chains, _STOPS[stop], lane.bytes, lane.written,
+            return _lane_result((chains, _STOPS[stop], nbytes, written,
                                  bytes(memoryview(self._tail)[:tail_len]) if tail_len else b"",
-                                 error or None, vq._error(lane.broken) if stop == 4 else None,
-                                 lane.peer_buf_alloc, lane.peer_fwd_cnt,
-                                 lane.credit_changed != 0, lane.notify != 0,
-                                 call_errno or None, lane.credit_updates, None))
-        return _lane_result((lane.chains, _STOPS[stop], lane.bytes, lane.written, b"", None,
-                             None, lane.peer_buf_alloc, lane.peer_fwd_cnt,
-                             lane.credit_changed != 0, lane.notify != 0, None,
-                             lane.credit_updates, None))
+                                 error or None, vq._error(broken) if stop == 4 else None,
+                                 ba, fc, changed != 0, notify != 0, call_errno or None,
+                                 updates, None))
+        return _lane_result((chains, _STOPS[stop], nbytes, written, b"", None, None, ba, fc,
+                             changed != 0, notify != 0, None, updates, None))
 
 
 #: a LaneResult from a tuple of all its fields, without the NamedTuple's Python __new__
 _lane_result = partial(tuple.__new__, LaneResult)
+
+#: The fields ``CTxLane.run`` reads after a call, in struct order, with their ``struct``
+#: codes (csrc/vsock_path.h ``struct vs_tx_lane``).
+_OUTPUT_FIELDS = (("peer_buf_alloc", "I"), ("peer_fwd_cnt", "I"), ("put_status", "i"),
+                  ("chains", "I"), ("stop", "I"), ("bytes", "Q"), ("written", "Q"),
+                  ("tail_len", "Q"), ("error", "i"), ("broken", "i"),
+                  ("credit_changed", "i"), ("notify", "i"), ("call_errno", "i"),
+                  ("credit_updates", "I"))
+
+
+def _output_struct(ffi: Any) -> struct.Struct:
+    """A ``struct.Struct`` unpacking `_OUTPUT_FIELDS` from the bytes of a ``struct
+    vs_tx_lane`` starting at the first one: the layout (offsets, sizes) is taken from the
+    compiled struct, skipped fields become pad bytes."""
+    fmt, at = "=", None
+    fields = dict(ffi.typeof("struct vs_tx_lane").fields)
+    for name, code in _OUTPUT_FIELDS:
+        offset = fields[name].offset
+        size = struct.calcsize("=" + code)
+        if ffi.sizeof(fields[name].type) != size:
+            raise ImportError(f"struct vs_tx_lane.{name} is not {size} bytes")
+        if at is not None:
+            if offset < at:
+                raise ImportError(f"struct vs_tx_lane.{name} is out of order")
+            fmt += "x" * (offset - at)
+        fmt += code
+        at = offset + size
+    return struct.Struct(fmt)
 
 
 def make_tx_lane(vq: Any, tail_cap: int) -> PyTxLane | CTxLane:
