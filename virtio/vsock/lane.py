@@ -30,11 +30,11 @@ import enum
 import errno as _errno
 import os
 import socket
-import struct
 import sys
 from functools import partial
 from typing import Any, NamedTuple, Sequence
 
+from ring.cstruct import field_codec
 from ring.errors import DriverError
 
 from .conn import _tail, credit_update_due
@@ -274,8 +274,8 @@ class CTxLane:
         self._update_fixed: tuple | None = None
         #: every output field with one unpack of the struct's memory (fourteen cffi
         #: attribute reads cost several microseconds per run)
-        self._outputs = partial(_output_struct(ffi).unpack_from, ffi.buffer(lane),
-                                ffi.offsetof("struct vs_tx_lane", _OUTPUT_FIELDS[0][0]))
+        codec, offset = field_codec(ffi, "struct vs_tx_lane", _OUTPUT_FIELDS)
+        self._outputs = partial(codec.unpack_from, ffi.buffer(lane), offset)
 
     def run(self, vq: Any, sock: socket.socket, cid: int, host_port: int, guest_port: int,
             credit: int, peer_buf_alloc: int, peer_fwd_cnt: int,
@@ -333,26 +333,6 @@ _OUTPUT_FIELDS = (("peer_buf_alloc", "I"), ("peer_fwd_cnt", "I"), ("put_status",
                   ("tail_len", "Q"), ("error", "i"), ("broken", "i"),
                   ("credit_changed", "i"), ("notify", "i"), ("call_errno", "i"),
                   ("credit_updates", "I"))
-
-
-def _output_struct(ffi: Any) -> struct.Struct:
-    """A ``struct.Struct`` unpacking `_OUTPUT_FIELDS` from the bytes of a ``struct
-    vs_tx_lane`` starting at the first one: the layout (offsets, sizes) is taken from the
-    compiled struct, skipped fields become pad bytes."""
-    fmt, at = "=", None
-    fields = dict(ffi.typeof("struct vs_tx_lane").fields)
-    for name, code in _OUTPUT_FIELDS:
-        offset = fields[name].offset
-        size = struct.calcsize("=" + code)
-        if ffi.sizeof(fields[name].type) != size:
-            raise ImportError(f"struct vs_tx_lane.{name} is not {size} bytes")
-        if at is not None:
-            if offset < at:
-                raise ImportError(f"struct vs_tx_lane.{name} is out of order")
-            fmt += "x" * (offset - at)
-        fmt += code
-        at = offset + size
-    return struct.Struct(fmt)
 
 
 def make_tx_lane(vq: Any, tail_cap: int) -> PyTxLane | CTxLane:

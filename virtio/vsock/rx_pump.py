@@ -26,6 +26,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Any, NamedTuple
 
+from ring.cstruct import field_codec
+
 from .lane import _signal
 from .wire import HOST_CID, Op, Type, VsockHeader
 
@@ -80,38 +82,43 @@ class CRxPump:
         from ring.cring import _BROKEN, ffi, lib  # C only when it is used
 
         self._p = ffi.new("struct vs_rx_pump *")
-        self._out = self._p.out
         self._call = lib.vs_rx_pump
         self._broken = _BROKEN
+        # every input with one pack, every output with one unpack (ring/cstruct.py)
+        view = ffi.buffer(self._p)
+        codec, offset = field_codec(ffi, "struct vs_rx_pump", _INPUT_FIELDS)
+        self._inputs = partial(codec.pack_into, view, offset)
+        codec, offset = field_codec(ffi, "struct vs_rx_pump", _OUTPUT_FIELDS)
+        self._outputs = partial(codec.unpack_from, view, offset)
 
     def __call__(self, vq: Any, fd: int, cid: int, host_port: int, guest_port: int,
                  buf_alloc: int, fwd_cnt: int, credit: int) -> RxPumpResult:
         if credit <= 0:
             return _NOTHING
         q, s = vq.c_state()
-        p = self._p
-        p.cid = cid
-        p.host_port = host_port
-        p.guest_port = guest_port
-        p.buf_alloc = buf_alloc
-        p.fwd_cnt = fwd_cnt
-        p.credit = credit
-        p.fd = fd
-        rc = self._call(q, s, p)
+        self._inputs(cid, host_port, guest_port, buf_alloc, fwd_cnt, credit, fd)
+        rc = self._call(q, s, self._p)
         if rc < 0:
             from ring.cring import _raise_for
             raise _raise_for(rc, vq.index)
-        out = self._out
-        broken, error, call_errno = out.broken, out.error, p.call_errno
+        call_errno, nbytes, chains, notify, eof, starved, error, drained, broken = (
+            self._outputs())
         if broken or error or call_errno:
-            return _result((out.bytes, out.chains, out.notify != 0, out.eof != 0,
-                            out.starved != 0, error or None, out.drained != 0,
+            return _result((nbytes, chains, notify != 0, eof != 0, starved != 0,
+                            error or None, drained != 0,
                             self._broken[broken] if broken else None, call_errno or None))
-        return _result((out.bytes, out.chains, out.notify != 0, out.eof != 0,
-                        out.starved != 0, None, out.drained != 0, None, None))
+        return _result((nbytes, chains, notify != 0, eof != 0, starved != 0, None,
+                        drained != 0, None, None))
 
 
 _result = partial(tuple.__new__, RxPumpResult)  # a RxPumpResult without its Python __new__
+
+#: ``struct vs_rx_pump`` (csrc/vsock_path.h): the inputs and the outputs, in struct order
+_INPUT_FIELDS = (("cid", "Q"), ("host_port", "I"), ("guest_port", "I"), ("buf_alloc", "I"),
+                 ("fwd_cnt", "I"), ("credit", "Q"), ("fd", "i"))
+_OUTPUT_FIELDS = (("call_errno", "i"), ("out.bytes", "Q"), ("out.chains", "I"),
+                  ("out.notify", "i"), ("out.eof", "i"), ("out.starved", "i"),
+                  ("out.error", "i"), ("out.drained", "i"), ("out.broken", "i"))
 
 
 def make_rx_pump(vq: Any):
