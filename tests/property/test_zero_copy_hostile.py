@@ -12,7 +12,9 @@ own AF_UNIX socketpair. The same steps run on both sides: ``pump_tx``, then the 
 reads a drawn number of bytes (or all), repeated; finally the peer reads everything and
 ``pump_tx`` runs until it returns neither TX_DEFERRED nor TX_BLOCKED nor TX_MORE (a bounded
 loop: a valid chain's readable bytes all translate, so each descriptor is at most the 96 KiB
-of guest RAM and the whole stream is bounded by ring size x descriptors x RAM). Then:
+of guest RAM and the whole stream is bounded by ring size x descriptors x RAM; ``drain``
+fails with a message after rounds that move nothing, or too many rounds for the chains'
+bytes). Then:
 
 * neither side raised anything but the ring's typed errors (ring.errors), and both raised
   the same ones in the same order;
@@ -40,6 +42,16 @@ packed ring whose used position starts away from its avail position (used writes
 descriptors not yet popped). For those only the error types, the final drain and
 ``deferred == 0`` are checked. Bytes are never compared against a queue that raised.
 
+A broken queue may also differ, and then ``check_broken_apart`` checks what still holds.
+When a round pops the breaking chain, the copying pump returns the chains it popped with it
+that the full socket had no room for unsent (csrc/vring.c cannot rewind across a broken
+chain and keeps at most one chain pending), while the zero-copy pump's pipe may already have
+taken them, in this round or an earlier call; and the breaking chain (published by the walk
+itself) and those unsent chains go back ahead of chains still waiting for the peer. So each
+stream must be whole chains from the start of the chains' bytes, the used ring must hold the
+same elements (split; packed: the same memory outside the descriptor ring) and the rest of
+guest memory and the queue states must be equal.
+
 C rings only (zero copy is a C-pump feature). Guest memory is ``make_memory``'s bytearrays:
 private anonymous memory, on which vmsplice takes page references as well; the test is about
 the pump's bookkeeping, not page sharing with a guest.
@@ -53,6 +65,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from collections.abc import Callable, Sequence
 
 import pytest
 from hypothesis import event, given, target
@@ -71,7 +84,9 @@ from tests.support.host_socket import host_socket_pair, read_available
 
 MIN_BYTES, MIN_PIECE = cpump.ZERO_COPY_MIN_BYTES, cpump.ZERO_COPY_MIN_PIECE
 DATA_END = R1[0] + R1[1]  # R0 from DATA_GPA and R1 are contiguous guest RAM
-FINAL_ROUNDS = 2000
+FINAL_ROUNDS = 2000  # final drain rounds, plus one per ROUND_BYTES of the chains' bytes
+ROUND_BYTES = 512  # less than one round moves through the smallest SO_SNDBUF (4608)
+STUCK_ROUNDS = 64  # final drain rounds in a row that move nothing: the pump is stuck
 ALL = 1 << 30
 USED_ELEM = struct.Struct("<II")
 U16 = struct.Struct("<H")
@@ -80,6 +95,33 @@ LATER = PumpFlag.TX_DEFERRED | PumpFlag.TX_BLOCKED | PumpFlag.TX_MORE
 # publishes in other batches, so its notification decisions are made at other moments.
 STATE_FIELDS = ("last_avail_idx", "used_idx", "avail_wrap", "used_wrap", "in_flight", "broken",
                 "pending", "base")
+
+
+Writes = Sequence[tuple[int, bytes]]  # guest writes: (gpa, bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Staging:
+    """How the guest posts the ring's chains in stages (tests/property/test_zero_copy_staged):
+    ``hide`` makes none available; ``post(before, after)`` takes the guest from ``before`` to
+    ``after`` of ``units`` posted; ``last`` is written once all are posted and drained (a
+    hostile write that must meet both pumps in the same state); ``areas`` ([start, end)) is
+    what those writes change."""
+
+    units: int
+    hide: Writes
+    post: Callable[[int, int], Writes]
+    last: Writes
+    areas: tuple[tuple[int, int], ...]
+
+
+def guest_write(mem, writes: Writes) -> None:
+    """The guest's writes into ``mem`` (not dirty-logged: the device did not write them)."""
+    for gpa, data in writes:
+        pos = 0
+        for view in mem.translate(gpa, len(data)):
+            view[:] = data[pos: pos + len(view)]
+            pos += len(view)
 
 
 # -- the rings -----------------------------------------------------------------------------
@@ -130,8 +172,9 @@ def device_areas(raw: RawRing) -> list[tuple[int, int]]:
     return [(USED_GPA, USED_GPA + 6 + 8 * raw.size)]
 
 
-def racy(raw: RawRing, mem) -> str | None:
-    """Why the two sides may legitimately differ (module docstring), or None."""
+def racy(raw: RawRing, mem, guest_areas: Sequence[tuple[int, int]] = ()) -> str | None:
+    """Why the two sides may legitimately differ (module docstring), or None.
+    ``guest_areas``: what the guest writes while the pumps run (staged posting)."""
     if raw.packed and (raw.base & 0xFFFF) != (raw.base >> 16):
         return "packed used position away from avail position"
     for d in list(raw.descs) + [d for table in raw.tables for d in table]:
@@ -143,6 +186,8 @@ def racy(raw: RawRing, mem) -> str | None:
             continue  # never translates: the same error on both sides, whenever it is read
         if any(d.addr < hi and lo < d.addr + d.len_ for lo, hi in device_areas(raw)):
             return "a buffer or table lies in a device-written area"
+        if any(d.addr < hi and lo < d.addr + d.len_ for lo, hi in guest_areas):
+            return "a buffer or table lies in an area the guest writes while it runs"
     return None
 
 
@@ -154,37 +199,55 @@ class ChainSpan:
     end: int  # just past its last one
 
 
-def chain_spans(raw: RawRing, mem) -> tuple[list[ChainSpan], bool, int | None] | None:
-    """The chains the pump will take, in order, with their stream spans, whether a chain
-    breaks the queue and its head (None: none, or no head); None when configuring fails."""
-    vq = Virtqueue(clone_memory(mem), raw.size, packed=raw.packed, event_idx=raw.event_idx,
+@dataclasses.dataclass
+class Reference:
+    """What a plain queue pops: the chains in order, whether one breaks the queue and its
+    head (None: none, or no head), and the chains' readable bytes one after another."""
+
+    spans: list[ChainSpan]
+    broken: bool
+    broken_head: int | None
+    stream: bytes
+
+
+def chain_spans(raw: RawRing, mem, posts: Sequence[Writes] = ()) -> Reference | None:
+    """The chains the pump will take (:class:`Reference`); None when configuring fails.
+    ``posts``: the guest's later writes, each stage popped after the one before it."""
+    memory = clone_memory(mem)
+    vq = Virtqueue(memory, raw.size, packed=raw.packed, event_idx=raw.event_idx,
                    notify_on_empty=raw.notify_on_empty)
     try:
         vq.configure(DESC_GPA, AVAIL_GPA, USED_GPA)
         vq.set_base(raw.base)
     except Exception:  # noqa: BLE001 (the pair compared these outcomes already)
         return None
-    spans, pos, broken, broken_head = [], 0, False, None
-    for _ in range(4 * raw.size + 4):
-        try:
-            chain = vq.pop()
-        except DriverError as exc:
-            broken, broken_head = True, exc.head
+    spans, pos, broken, broken_head, stream = [], 0, False, None, bytearray()
+    for writes in [()] + list(posts):
+        for gpa, data in writes:
+            memory.write(gpa, data)
+        for _ in range(4 * raw.size + 4):
+            try:
+                chain = vq.pop()
+            except DriverError as exc:
+                broken, broken_head = True, exc.head
+                break
+            if chain is None:
+                break
+            spans.append(ChainSpan(chain.head, pos, pos + chain.readable_bytes))
+            pos += chain.readable_bytes
+            stream += b"".join(bytes(view) for view in chain.readable)
+        if broken:
             break
-        if chain is None:
-            break
-        spans.append(ChainSpan(chain.head, pos, pos + chain.readable_bytes))
-        pos += chain.readable_bytes
-    return spans, broken, broken_head
+    return Reference(spans, broken, broken_head, bytes(stream))
 
 
 # -- one side ---------------------------------------------------------------------------------
 class Side:
     """A queue, its pump (zero copy or not) and the socketpair's host peer."""
 
-    def __init__(self, vq: Virtqueue, zero_copy: bool) -> None:
+    def __init__(self, vq: Virtqueue, zero_copy: bool, sndbuf: int | None = None) -> None:
         self.vq = vq
-        self.dev, self.host = host_socket_pair()
+        self.dev, self.host = host_socket_pair(sndbuf)
         self.pump = cpump.StreamPump()
         self.pump.tx = vq
         self.pump.write_fd = self.dev.fileno()
@@ -237,6 +300,60 @@ def split_used(side: Side, size: int, first: int, last: int) -> list[tuple[int, 
     return out
 
 
+def drain(copy: Side, zc: Side, step: Callable[[str, int], int], stream_bytes: int) -> None:
+    """The final drain: the peers read all, the pumps run, until neither pump returns
+    TX_DEFERRED, TX_BLOCKED or TX_MORE. Bounded twice, so that a stuck or slow pump fails
+    with a message instead of a timeout: rounds in a row that move nothing (no byte read, no
+    chain used), and rounds in all (at least ROUND_BYTES move per round)."""
+    limit = FINAL_ROUNDS + stream_bytes // ROUND_BYTES
+    idle, last = 0, None
+    for rounds in range(1, limit + 1):
+        step("read", ALL)
+        flags = step("pump", 0)
+        if not flags & LATER:
+            return
+        now = tuple((len(s.received), s.vq.used_idx, s.pump.deferred) for s in (copy, zc))
+        idle = idle + 1 if now == last else 0
+        last = now
+        if idle >= STUCK_ROUNDS:
+            break
+    raise AssertionError(
+        f"the pumps do not finish: {rounds} final rounds ({idle} idle), flags "
+        f"{PumpFlag(flags)!r}; (received, used idx, deferred) copy/zc {last}, "
+        f"{stream_bytes} bytes in the chains")
+
+
+def assert_whole_chains(received: bytearray, ref: Reference) -> None:
+    """What a broken queue's peer got: the first chains' bytes, whole (see the docstring)."""
+    ends = {0} | {span.end for span in ref.spans}
+    assert len(received) in ends and ref.stream.startswith(received), (
+        "a broken queue's stream is not whole chains from the start", len(received))
+
+
+def check_broken_apart(raw: RawRing, copy: Side, zc: Side, ref: Reference) -> None:
+    """A broken queue on which the two sides legitimately differ (module docstring): each
+    stream is whole chains from the start of the chains' bytes, and the used ring holds the
+    same elements (split rings; packed: the same memory outside the descriptor ring)."""
+    event("broken queue: the sides differ as allowed")
+    for side in (copy, zc):
+        assert_whole_chains(side.received, ref)
+    (regions_a, log_a), (regions_b, log_b) = (memory_bytes(s.vq.memory) for s in (copy, zc))
+    assert log_a == log_b, "the dirty logs differ"
+    assert copy.vq.memory.regions[0].gpa == 0  # ring areas are offsets into region 0
+    if raw.packed:
+        lo, hi = DESC_GPA, DESC_GPA + 16 * raw.size
+    else:
+        lo, hi = USED_GPA + 4, USED_GPA + 4 + 8 * raw.size
+        elems = [sorted(r[0][i: i + 8] for i in range(lo, hi, 8)) for r in (regions_a, regions_b)]
+        assert elems[0] == elems[1], "the used rings hold different elements"
+
+    def outside(regions: tuple) -> tuple:
+        return (regions[0][:lo] + regions[0][hi:],) + regions[1:]
+
+    assert outside(regions_a) == outside(regions_b), (
+        "guest memory outside the used elements differs")
+
+
 @dataclasses.dataclass
 class Outcome:
     by_reference: int
@@ -245,13 +362,33 @@ class Outcome:
     released_checked: int = 0  # by-reference chains whose release was checked
 
 
-def run(raw: RawRing, plan: list[tuple]) -> Outcome | None:
-    """Both sides through ``plan`` and the final drain; asserts every property."""
+def post_writes(plan: list[tuple], staging: Staging | None) -> list[Writes]:
+    """The guest's writes at each ``("post", n)`` step of ``plan`` (n more units), then the
+    writes that post every unit before the final drain."""
+    if staging is None:
+        return []
+    out, posted = [], 0
+    for name, *args in plan:
+        if name == "post":
+            now = min(staging.units, posted + args[0])
+            out.append(staging.post(posted, now))
+            posted = now
+    return out + [staging.post(posted, staging.units), staging.last]
+
+
+def run(raw: RawRing, plan: list[tuple], *, sndbuf: int | None = None,
+        staging: Staging | None = None) -> Outcome | None:
+    """Both sides through ``plan`` and the final drain; asserts every property. With
+    ``staging`` the ring starts with nothing available and ``("post", n)`` steps post more
+    (all of it before the final drain); ``sndbuf`` is both device ends' SO_SNDBUF."""
     mem = make_memory(log=raw.log)
     fill_pattern(mem)
     raw.lay(mem)
-    why = racy(raw, mem)
-    spans = chain_spans(raw, mem)
+    posts = post_writes(plan, staging)
+    if staging is not None:
+        guest_write(mem, staging.hide)
+    why = racy(raw, mem, staging.areas if staging is not None else ())
+    spans = chain_spans(raw, mem, posts)
     pair = RingPair({"copy": Virtqueue, "zc": Virtqueue}, mem)
     pair.build(raw.size, packed=raw.packed, event_idx=raw.event_idx,
                notify_on_empty=raw.notify_on_empty)
@@ -261,7 +398,7 @@ def run(raw: RawRing, plan: list[tuple]) -> Outcome | None:
         event("configure or set_base refused")
         return None
     assert spans is not None
-    spans_list, broken, broken_head = spans
+    spans_list, broken, broken_head = spans.spans, spans.broken, spans.broken_head
     heads = [s.head for s in spans_list]
     # Split rings only (a used element names its head). Chains that a broken walk returns
     # untouched jump ahead of waiting ones: then heads must be unique for a used element to
@@ -272,7 +409,12 @@ def run(raw: RawRing, plan: list[tuple]) -> Outcome | None:
     for span in spans_list:
         waiting.setdefault(span.head, []).append(span)
     checked: list[ChainSpan] = []
-    copy, zc = (Side(pair.sides[0].vq, False), Side(pair.sides[1].vq, True))
+    copy, zc = (Side(pair.sides[0].vq, False, sndbuf), Side(pair.sides[1].vq, True, sndbuf))
+    next_post = iter(posts)
+
+    def post(writes: Writes) -> None:
+        for gpa, data in writes:
+            pair.guest_write(gpa, data)
     try:
         used_seen = zc.vq.used_idx
 
@@ -305,16 +447,19 @@ def run(raw: RawRing, plan: list[tuple]) -> Outcome | None:
             return flags
 
         for name, *args in plan:
+            if name == "post":
+                post(next(next_post))
+                continue
             step(name, args[0] if args else 0)
             n = min(len(copy.received), len(zc.received))
             if why is None:
                 assert zc.received[:n] == copy.received[:n], "the streams differ mid-run"
-        for _ in range(FINAL_ROUNDS):
-            step("read", ALL)
-            if not step("pump", 0) & LATER:
-                break
-        else:
-            raise AssertionError(f"no end after {FINAL_ROUNDS} rounds")
+        if staging is not None:
+            post(next(next_post))
+        drain(copy, zc, step, sum(s.end - s.start for s in spans_list))
+        if staging is not None and staging.last:
+            post(staging.last)
+            drain(copy, zc, step, sum(s.end - s.start for s in spans_list))
         step("read", ALL)
         assert zc.pump.deferred == 0
         assert not zc.pump_tx() & PumpFlag.TX_DEFERRED
@@ -322,13 +467,19 @@ def run(raw: RawRing, plan: list[tuple]) -> Outcome | None:
         if why is not None:
             event(f"racy: {why}")
             return Outcome(zc.pump.bytes_by_reference, why, len(copy.received))
+        a, b = queue_state(copy.vq), queue_state(zc.vq)
+        assert {k: a[k] for k in STATE_FIELDS} == {k: b[k] for k in STATE_FIELDS}
+        if copy.vq.broken is not None and (zc.received != copy.received or memory_bytes(
+                copy.vq.memory) != memory_bytes(zc.vq.memory)):
+            check_broken_apart(raw, copy, zc, spans)
+            return Outcome(zc.pump.bytes_by_reference, None, len(copy.received), len(checked))
         assert len(zc.received) == len(copy.received)
         assert zc.received == copy.received
         if not copy.errors:
-            assert len(copy.received) == sum(s.end - s.start for s in spans_list) or (
-                copy.vq.broken is not None), "the stream is not the chains' bytes"
-        a, b = queue_state(copy.vq), queue_state(zc.vq)
-        assert {k: a[k] for k in STATE_FIELDS} == {k: b[k] for k in STATE_FIELDS}
+            if copy.vq.broken is None:
+                assert copy.received == spans.stream, "the stream is not the chains' bytes"
+            else:
+                assert_whole_chains(copy.received, spans)
         assert memory_bytes(copy.vq.memory) == memory_bytes(zc.vq.memory), (
             "guest memory (used ring) differs")
         event("by reference" if zc.pump.bytes_by_reference else "copied only")
