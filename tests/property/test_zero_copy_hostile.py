@@ -245,10 +245,13 @@ def chain_spans(raw: RawRing, mem, posts: Sequence[Writes] = ()) -> Reference | 
 class Side:
     """A queue, its pump (zero copy or not) and the socketpair's host peer."""
 
-    def __init__(self, vq: Virtqueue, zero_copy: bool, sndbuf: int | None = None) -> None:
+    def __init__(self, vq: Virtqueue, zero_copy: bool, sndbuf: int | None = None,
+                 tx_budget: int | None = None) -> None:
         self.vq = vq
         self.dev, self.host = host_socket_pair(sndbuf)
         self.pump = cpump.StreamPump()
+        if tx_budget is not None:
+            self.pump.tx_budget = tx_budget
         self.pump.tx = vq
         self.pump.write_fd = self.dev.fileno()
         self.zero_copy = zero_copy
@@ -304,8 +307,8 @@ def drain(copy: Side, zc: Side, step: Callable[[str, int], int], stream_bytes: i
     """The final drain: the peers read all, the pumps run, until neither pump returns
     TX_DEFERRED, TX_BLOCKED or TX_MORE. Bounded twice, so that a stuck or slow pump fails
     with a message instead of a timeout: rounds in a row that move nothing (no byte read, no
-    chain used), and rounds in all (at least ROUND_BYTES move per round)."""
-    limit = FINAL_ROUNDS + stream_bytes // ROUND_BYTES
+    chain used), and rounds in all (at least ROUND_BYTES, or the budget, move per round)."""
+    limit = FINAL_ROUNDS + stream_bytes // min(ROUND_BYTES, copy.pump.tx_budget)
     idle, last = 0, None
     for rounds in range(1, limit + 1):
         step("read", ALL)
@@ -377,10 +380,11 @@ def post_writes(plan: list[tuple], staging: Staging | None) -> list[Writes]:
 
 
 def run(raw: RawRing, plan: list[tuple], *, sndbuf: int | None = None,
-        staging: Staging | None = None) -> Outcome | None:
+        tx_budget: int | None = None, staging: Staging | None = None) -> Outcome | None:
     """Both sides through ``plan`` and the final drain; asserts every property. With
     ``staging`` the ring starts with nothing available and ``("post", n)`` steps post more
-    (all of it before the final drain); ``sndbuf`` is both device ends' SO_SNDBUF."""
+    (all of it before the final drain); ``sndbuf`` is both device ends' SO_SNDBUF and
+    ``tx_budget`` both pumps' bytes per call (None: the defaults)."""
     mem = make_memory(log=raw.log)
     fill_pattern(mem)
     raw.lay(mem)
@@ -409,7 +413,8 @@ def run(raw: RawRing, plan: list[tuple], *, sndbuf: int | None = None,
     for span in spans_list:
         waiting.setdefault(span.head, []).append(span)
     checked: list[ChainSpan] = []
-    copy, zc = (Side(pair.sides[0].vq, False, sndbuf), Side(pair.sides[1].vq, True, sndbuf))
+    copy, zc = (Side(pair.sides[0].vq, False, sndbuf, tx_budget),
+                Side(pair.sides[1].vq, True, sndbuf, tx_budget))
     next_post = iter(posts)
 
     def post(writes: Writes) -> None:

@@ -5,20 +5,21 @@ bookkeeping of the copying pump.
 tests/property/test_zero_copy_hostile.py posts every chain before the first pump call, so a
 chain waiting for the peer's read never meets a chain posted after it was taken, a copied
 round behind a waiting one, or a pending chain finished in a later call. Here each example
-is one of that file's rings (hostile descriptors mixed with large benign buffers) laid with
-nothing available, and a drawn plan of steps: ``post`` (make the next chains available:
-split rings raise avail idx, packed rings give the next chains' first descriptors their
-AVAIL/USED bits),
-``pump`` and ``read`` (the peer reads a drawn number of bytes, or all). Both device ends get
-the same drawn SO_SNDBUF (None: the default), so the socket often fills and the pipe keeps
-leftovers. Everything left is posted before the final drain. The properties and the
-excluded "racy" comparisons are test_zero_copy_hostile's (``run``): equal error sequences,
-equal byte streams (the chains' bytes), byte-identical guest memory (used ring ids, lengths
-and order), equal queue state, ``deferred == 0``, and no by-reference chain back before the
-peer read its last byte; a broken queue may differ only as ``check_broken_apart`` allows; a
-buffer over what the guest writes while the pumps run (avail idx) is racy too. A second
-ring strategy (valid split chains) keeps the release check busy.
-Every loop is bounded: a stuck or slow drain fails with a message, not a timeout.
+is one of that file's rings (hostile descriptors mixed with large benign buffers), or a ring
+of large valid split chains (which keeps the release check busy), laid with nothing
+available, and a drawn plan of steps: ``post`` (make the next chains available: split rings
+raise avail idx, packed rings give the next chains' first descriptors their AVAIL/USED
+bits), ``pump`` and ``read`` (the peer reads a drawn number of bytes, or all). Both device
+ends get the same drawn SO_SNDBUF (None: the default), so the socket often fills and the
+pipe keeps leftovers, and both pumps the same drawn tx budget (bytes per call), so calls
+often end in the middle of a chain. Everything left is posted before the final drain. The
+properties and the excluded "racy" comparisons are test_zero_copy_hostile's (``run``):
+equal error sequences, equal byte streams (the chains' bytes), byte-identical guest memory
+(used ring ids, lengths and order), equal queue state, ``deferred == 0``, and no
+by-reference chain back before the peer read its last byte; a broken queue may differ only
+as ``check_broken_apart`` allows; a buffer over what the guest writes while the pumps run
+(avail idx) is racy too. Every loop is bounded: a stuck or slow drain fails with a message,
+not a timeout.
 
 An avail idx more than a queue size ahead (a hostile "avail idx jump", which breaks the queue
 at the next pop whichever chains it leaves unpopped) is written only after the rest was
@@ -45,7 +46,7 @@ from tests.property.ringpair import make_memory
 from tests.property.rings import (
     AVAIL, AVAIL_GPA, DATA_GPA, DESC_GPA, NEXT, USED, USED_GPA, Desc, RawRing, raw_rings)
 from tests.property.test_zero_copy_hostile import (
-    ALL, U16, Staging, big_descs, fill_pattern, run, zc_rings)
+    ALL, MIN_BYTES, U16, Staging, big_descs, fill_pattern, run, zc_rings)
 
 
 @st.composite
@@ -67,6 +68,9 @@ def valid_split_rings(draw) -> RawRing:
 rings = st.one_of(zc_rings(), valid_split_rings())
 SNDBUFS = st.one_of(st.none(), st.sampled_from([1, 4608, 8192, 16384]),
                     st.integers(4608, 300_000))
+TX_BUDGETS = st.one_of(st.none(), st.none(),  # at least 512: a drain stays quick
+                       st.sampled_from([512, 4096, MIN_BYTES - 1, MIN_BYTES, MIN_BYTES + 1]),
+                       st.integers(512, 200_000))
 
 plan_steps = st.lists(st.one_of(
     st.tuples(st.just("post"), st.integers(1, 4)),
@@ -141,24 +145,24 @@ NOT_AVAIL = Desc(DATA_GPA, 0, AVAIL, 0)  # not available under wrap counter 0
 
 
 @scaled(1.0)
-@given(rings, plan_steps, SNDBUFS)
+@given(rings, plan_steps, SNDBUFS, TX_BUDGETS)
 # An avail idx jump written while the copying pump, blocked on its small socket, had taken
 # three chains and the zero-copy pump four: the queues broke at different chains (the jump
 # is now written after a drain; found by the nightly run).
 @example(split_ring((EMPTY, BIG, BIG) + (EMPTY,) * 13, (0, 0, 1, 0) + (0,) * 12, 17),
-         [("post", 4), ("pump",)], 1)
+         [("post", 4), ("pump",)], 1, None)
 # A queue that breaks while the socket is full: the copying pump returns the chains it
 # popped with the broken one unsent (chain 4's next descriptor has the wrong wrap bits),
 # the zero-copy pump's pipe had taken them (module docstring; found by the nightly run).
 @example(packed_ring(BIG, BIG, BIG, BIG, Desc(DATA_GPA, 0x4000, USED | NEXT, 0), NOT_AVAIL,
-                     NOT_AVAIL, NOT_AVAIL), [], 1)
+                     NOT_AVAIL, NOT_AVAIL), [], 1, None)
 # A chain posted in two halves looks broken to a device that pops in between: packed
 # posting goes chain by chain (found by the nightly run).
 @example(packed_ring(BIG, BIG, BIG, BIG, Desc(DATA_GPA, 0x4000, USED | NEXT, 0),
                      Desc(DATA_GPA, 0x4000, USED, 6), NOT_AVAIL,
                      Desc(0x98A0, 42848, USED | NEXT, 1)),
          [("post", 4), ("post", 1), ("read", 253), ("post", 4), ("post", 2), ("post", 1),
-          ("read", ALL), ("pump",), ("post", 2), ("post", 1), ("pump",)], 50665)
-def test_zero_copy_and_copy_agree_when_chains_come_in_stages(raw, plan, sndbuf):
-    run(raw, plan, sndbuf=sndbuf,
+          ("read", ALL), ("pump",), ("post", 2), ("post", 1), ("pump",)], 50665, None)
+def test_zero_copy_and_copy_agree_when_chains_come_in_stages(raw, plan, sndbuf, tx_budget):
+    run(raw, plan, sndbuf=sndbuf, tx_budget=tx_budget,
         staging=packed_staging(raw) if raw.packed else split_staging(raw))
