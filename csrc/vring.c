@@ -1663,3 +1663,54 @@ int vr_pump_tx_release(struct vr_pump *p)
         return rc;
     return notify ? signal_call(p, p->tx) : 0;
 }
+
+/* Publish to p->tx the kept chains whose bytes the peer has read (vr_pump_tx_stop,
+ * vr_pump_tx_resume). */
+static int release_read(struct vr_pump *p, struct vr_zc *z)
+{
+    struct vr_scratch *s = p->tx_scratch;
+    int32_t notify = 0;
+    uint32_t n = zc_release(z, p->write_fd, s->done_head, s->done_len, s->done_slots,
+                            s->done_cap);
+    int rc = publish_batch(p->tx, s, n, 0, &notify);
+    if (rc < 0)
+        return rc;
+    return notify ? signal_call(p, p->tx) : 0;
+}
+
+/* Spec: vhost-user VHOST_USER_GET_VRING_BASE (the base counts the kept chains consumed: the
+ * device still holds them); virtio 1.2 §2.7.8 (a buffer is used once the device is done with
+ * it: here once the peer has read its bytes). */
+int vr_pump_tx_stop(struct vr_pump *p, struct vr_zc *z)
+{
+    struct vr_queue *q = p->tx;
+    int rc;
+    if (q == NULL || p->tx_scratch == NULL || z == NULL || z->fifo == NULL)
+        return 0;
+    zc_clamp(z);
+    if (q->pending_valid && !q->broken &&
+        zc_defer(z, q->pending_head, q->pending_slots, z->in_socket) == 0)
+        q->pending_valid = 0; /* the caller copies its rest out, after the pipe's bytes */
+    rc = release_read(p, z);
+    /* the kept chains leave this queue's count; vr_pump_tx_resume adds them to the next */
+    q->in_flight = q->in_flight > z->count ? q->in_flight - z->count : 0;
+    return rc;
+}
+
+int vr_pump_tx_resume(struct vr_pump *p, struct vr_zc *z, int continuing)
+{
+    struct vr_queue *q = p->tx;
+    if (z == NULL || z->count == 0)
+        return 0;
+    if (!continuing || q == NULL || p->tx_scratch == NULL) {
+        zc_release_all(z, NULL, NULL, NULL, 0);
+        return 0;
+    }
+    q->in_flight += z->count;
+    return release_read(p, z);
+}
+
+void vr_zc_unpin(struct vr_zc *z)
+{
+    zc_unpin(z);
+}

@@ -329,6 +329,28 @@ int vr_pump_tx(struct vr_pump *p, int kick_fd);
 int vr_pump_rx(struct vr_pump *p);
 
 /* Zero copy: return every waiting chain to tx (used length 0, published, call signalled if
- * the ring asks) and drop what the pipe holds unsent. For a write fd or queue about to go
- * away: the chains may not outlive either. VR_PUMP_CALL_ERROR, 0, or a negative VR_E_*. */
+ * the ring asks) and drop what the pipe holds unsent. For a write fd about to go away (or the
+ * pump's end; a stopping queue keeps them: vr_pump_tx_stop). VR_PUMP_CALL_ERROR, 0, or a
+ * negative VR_E_*. */
 int vr_pump_tx_release(struct vr_pump *p);
+
+/* Zero copy (z: the pump's state; p->tx_zc may be NULL here), the transmitq p->tx stops while
+ * the host peer stays (vhost-user GET_VRING_BASE). The caller has read what the pipe held
+ * (taken == in_socket: those bytes are copies now). Every waiting chain's end is clamped to
+ * in_socket; a partly sent chain (p->tx's pending one, unless the ring is broken) joins
+ * them, ending at in_socket, and stops being pending; the chains the peer has read go back to p->tx now (published, call
+ * signalled if the ring asks); the others stay in z, in flight: the queue's base counts them
+ * consumed, and the socket still refers to their pages. VR_PUMP_CALL_ERROR, 0, or a negative
+ * VR_E_*. */
+int vr_pump_tx_stop(struct vr_pump *p, struct vr_zc *z);
+
+/* Zero copy, a transmitq p->tx starts after vr_pump_tx_stop. continuing: it is the stopped
+ * ring going on (same areas, size and indices): the kept chains count in flight in it and
+ * those the peer has read go back now (the rest with the next vr_pump_tx calls, as ever).
+ * Otherwise (a reset ring) they are forgotten: their heads mean nothing there.
+ * VR_PUMP_CALL_ERROR, 0, or a negative VR_E_*. */
+int vr_pump_tx_resume(struct vr_pump *p, struct vr_zc *z, int continuing);
+
+/* Zero copy, the write fd changes while chains are kept: every kept chain waits for no read
+ * any more (the old socket's references do not matter) and the stream position restarts. */
+void vr_zc_unpin(struct vr_zc *z);

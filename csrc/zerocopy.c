@@ -150,16 +150,42 @@ static uint32_t take_oldest(struct vr_zc *z, uint64_t limit, uint32_t *heads, ui
     return n;
 }
 
+/* Bytes written to the socket outside this stream (the owner's own writes: the bytes a
+ * stopped transmitq left unsent, written by Python before the ring runs again; or a previous
+ * stream's bytes, before a reset set the position back to 0) are unread bytes too, so
+ * SIOCOUTQ counts them: in_socket - SIOCOUTQ only gets smaller for them, and a chain is never
+ * released early. Nor late for ever: once the peer has read everything SIOCOUTQ is 0 and
+ * every chain ending at or before in_socket goes. */
 uint32_t zc_release(struct vr_zc *z, int fd, uint32_t *heads, uint32_t *lens, uint32_t *slots,
                     uint32_t room)
 {
     int unread = 0;
     if (z->count == 0 || room == 0)
         return 0;
-    if (ioctl(fd, SIOCOUTQ, &unread) < 0 || unread < 0)
-        return 0; /* cannot tell: keep them (a reset releases them) */
+    if (fd < 0 || ioctl(fd, SIOCOUTQ, &unread) < 0 || unread < 0)
+        return take_oldest(z, 0, heads, lens, slots, room); /* cannot tell: only those that
+                                                              * no longer wait for any read */
     return take_oldest(z, z->in_socket > (uint64_t)unread ? z->in_socket - (uint64_t)unread : 0,
                        heads, lens, slots, room);
+}
+
+void zc_clamp(struct vr_zc *z)
+{
+    uint32_t k;
+    for (k = 0; k < z->count; k++) {
+        struct vr_zc_chain *c = &z->fifo[(z->first + k) % z->cap];
+        if (c->end > z->in_socket)
+            c->end = z->in_socket;
+    }
+}
+
+void zc_unpin(struct vr_zc *z)
+{
+    uint32_t k;
+    discard_pipe(z);
+    for (k = 0; k < z->count; k++)
+        z->fifo[(z->first + k) % z->cap].end = 0;
+    z->taken = z->in_socket = 0;
 }
 
 uint32_t zc_release_all(struct vr_zc *z, uint32_t *heads, uint32_t *lens, uint32_t *slots,

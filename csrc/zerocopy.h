@@ -38,9 +38,19 @@ ssize_t zc_send(struct vr_zc *z, int fd, const struct iovec *iov, int count, int
 int zc_defer(struct vr_zc *z, uint32_t head, uint32_t slots, uint64_t end);
 
 /* Move the remembered chains whose bytes the peer has read into heads/lens/slots (at most
- * `room`), oldest first. Returns how many. */
+ * `room`), oldest first. Returns how many. With no fd (< 0) or no SIOCOUTQ answer only those
+ * that wait for no byte (end 0) go. */
 uint32_t zc_release(struct vr_zc *z, int fd, uint32_t *heads, uint32_t *lens, uint32_t *slots,
                     uint32_t room);
+
+/* The transmitq stops while the host peer stays: what the pipe held has been read out by the
+ * owner (it is a copy now), so a remembered chain waits only for the bytes that reached the
+ * socket: its end is clamped to in_socket. */
+void zc_clamp(struct vr_zc *z);
+
+/* The host peer went away: the old socket's references no longer matter, every remembered
+ * chain may go back at once (end 0) and the new socket's stream starts at position 0. */
+void zc_unpin(struct vr_zc *z);
 
 /* Reset: empty the pipe unsent and move every remembered chain into heads/lens/slots (at
  * most `room`; the rest are forgotten). Returns how many. */

@@ -11,7 +11,9 @@ Zero-copy transmit (:meth:`StreamPump.enable_zero_copy`, csrc/zerocopy.c): large
 go from guest memory to an AF_UNIX stream write fd by page reference (vmsplice + splice), so
 the host peer's read is the only copy, and their chains return to the guest only once the
 peer has read them (``deferred``; :attr:`PumpFlag.TX_DEFERRED` asks the owner to pump again
-when the write fd turns writable). Any other write fd, and small rounds, are copied.
+when the write fd turns writable). Any other write fd, and small rounds, are copied. A
+transmitq that stops while they wait keeps them in flight until the same ring goes on
+(:attr:`StreamPump.tx`); a new write fd frees them; a reset ring never sees them.
 
 Spec: virtio 1.2 §5.3.6, §2.7.7 (as ring.pump), §2.7.8 (a buffer is used once the device is
 done with it); STYLE R7 (the cffi boundary).
@@ -26,6 +28,7 @@ import socket
 from typing import Any
 
 from ring.cring import Virtqueue, _BROKEN, _raise_for, ffi, lib
+from ring.errors import RingError
 from ring.pump import DEFAULT_RX_BUDGET, DEFAULT_TX_BUDGET, PumpFlag
 from ring.types import RxResult, TxResult
 
@@ -52,7 +55,7 @@ class StreamPump:
     """C stream pump (see :class:`ring.pump.StreamPump` for the contract)."""
 
     __slots__ = ("_p", "_tx", "_rx", "_memory", "_generation", "_log", "_zc", "_zc_keep",
-                 "_zc_fits", "_unsent")
+                 "_zc_fits", "_unsent", "_stopped_ring", "unsent_lost")
 
     def __init__(self) -> None:
         p = ffi.new("struct vr_pump *")
@@ -69,6 +72,8 @@ class StreamPump:
         self._zc_keep = None  # its fifo
         self._zc_fits = False  # write_fd is an AF_UNIX stream socket
         self._unsent = bytearray()  # the pipe's bytes kept when tx was detached
+        self._stopped_ring: tuple | None = None  # the stopped transmitq of the kept chains
+        self.unsent_lost = 0  # bytes of a partly sent chain unreadable at a stop (running)
 
     # -- the queues -----------------------------------------------------------------------
     def _attach(self, vq: Virtqueue | None) -> tuple[Any, Any]:
@@ -92,15 +97,81 @@ class StreamPump:
 
     @tx.setter
     def tx(self, vq: Virtqueue | None) -> None:
+        """Attach the transmitq, or detach it (None: the queue stopped, GET_VRING_BASE).
+
+        A detach keeps the host peer's stream whole: the pipe's bytes and the unsent rest of a
+        partly sent chain become copies (:meth:`take_unsent`), and the chains whose bytes the
+        socket still refers to stay in flight (:meth:`_stop_tx`). The next attach returns them
+        through the same ring going on, or forgets them for another ring (:meth:`_resume_tx`).
+
+        Spec: vhost-user VHOST_USER_GET_VRING_BASE, VHOST_USER_SET_VRING_BASE; virtio 1.2
+        §2.7.8."""
         if vq is self._tx:
             return
-        self._keep_unsent()  # the peer stays: the pipe's bytes are still to be sent
-        self.release_deferred()  # their queue is going: the chains may not outlive it
+        if self._tx is not None:
+            self._stop_tx()
         self._p.tx_zc = ffi.NULL
         self._p.tx, self._p.tx_scratch = self._attach(vq)
         self._tx = vq
         self._forget_memory()
+        if vq is not None:
+            self._resume_tx(vq)
         self._apply_zero_copy()
+
+    def _stop_tx(self) -> None:
+        """The transmitq stops while the host peer may stay. Zero copy: the pipe's bytes and
+        the rest of a partly sent chain go to ``_unsent`` (copies: the guest may change its
+        buffers from now on without changing them); the chains the peer has read go back
+        now; every other waiting chain stays in flight, waiting for the bytes that reached
+        the socket by reference (vr_pump_tx_stop). Waiting for the peer here instead would
+        hang the front-end's GET_VRING_BASE on a peer that never reads."""
+        z, vq = self._zc, self._tx
+        if z is None or self._p.tx_zc == ffi.NULL:
+            return  # nothing went by reference on this ring: nothing waits
+        self._keep_unsent()
+        pending = vq.pending
+        self._check_memory()
+        rc = lib.vr_pump_tx_stop(self._p, z)
+        if rc < 0:
+            raise _raise_for(rc, vq.index)
+        if pending is not None and vq.pending is None:  # kept: its rest follows the pipe's
+            self._copy_rest(vq, pending)
+        if z.count:
+            self._stopped_ring = _ring_position(vq)
+
+    def _copy_rest(self, vq: Virtqueue, pending) -> None:
+        skip = pending.offset
+        for gpa, length in pending.segments:
+            if skip < length:
+                try:
+                    self._unsent += vq.memory.read(gpa + skip, length - skip)
+                except RingError:  # its memory went away: the rest cannot be read
+                    self.unsent_lost += length - skip
+            skip = max(0, skip - length)
+
+    def _resume_tx(self, vq: Virtqueue) -> None:
+        """A transmitq starts: if it is the stopped ring going on (QEMU's ``cont``: the same
+        areas, size and indices; a reset ring restarts at index 0 with its used ring zeroed,
+        so while chains are kept the used index tells it apart even at the same addresses)
+        the kept chains count in flight there and go back once the peer has read their bytes;
+        otherwise they are forgotten (vr_pump_tx_resume)."""
+        stopped, self._stopped_ring = self._stopped_ring, None
+        z = self._zc
+        if z is None or z.count == 0:
+            return
+        continuing = stopped is not None and stopped == _ring_position(vq)
+        rc = lib.vr_pump_tx_resume(self._p, z, int(continuing))
+        if rc < 0:
+            raise _raise_for(rc, vq.index)
+
+    def forget_stopped(self) -> None:
+        """The device was reset: the chains a stopped transmitq kept are forgotten now (the
+        driver gave up those buffers; their heads mean nothing in its next ring).
+
+        Spec: virtio 1.2 §2.4 (Device Reset)."""
+        self._stopped_ring = None
+        if self._tx is None and self._zc is not None and self._zc.count:
+            lib.vr_pump_tx_resume(self._p, self._zc, 0)
 
     @property
     def rx(self) -> Virtqueue | None:
@@ -115,6 +186,12 @@ class StreamPump:
     def _forget_memory(self) -> None:
         if self._tx is None and self._rx is None:
             self._memory = None
+
+    def _check_memory(self) -> None:
+        memory = self._memory
+        if memory is not None and (memory.generation != self._generation
+                                   or memory.log is not self._log):
+            self._resync()
 
     def _resync(self) -> None:
         """Guest memory changed: rebuild the rings' region tables before C runs."""
@@ -139,7 +216,10 @@ class StreamPump:
     def write_fd(self, fd: int) -> None:
         if fd == self._p.write_fd:
             return
-        self.release_deferred()  # the chains waited for the old peer's reads
+        if self._tx is None and self._zc is not None and self._zc.count:
+            lib.vr_zc_unpin(self._zc)  # kept by a stopped queue: they wait for no read now
+        else:
+            self.release_deferred()  # the chains waited for the old peer's reads
         self._unsent.clear()  # and these bytes were on their way to it
         self._p.tx_zc = ffi.NULL
         self._p.write_fd = fd
@@ -272,14 +352,11 @@ class StreamPump:
 
     def release_deferred(self) -> int:
         """Return every waiting chain to the transmitq now (used length 0) and drop what the
-        pipe holds unsent: before the write fd or the queue goes away. :class:`PumpFlag`
-        bits (CALL_ERROR at most)."""
+        pipe holds unsent: before the write fd goes away (a stopping queue keeps them
+        instead: :attr:`tx`). :class:`PumpFlag` bits (CALL_ERROR at most)."""
         if self._zc is None or self._zc.count == 0 and self._zc.taken == self._zc.in_socket:
             return 0
-        memory = self._memory
-        if memory is not None and (memory.generation != self._generation
-                                   or memory.log is not self._log):
-            self._resync()
+        self._check_memory()
         rc = lib.vr_pump_tx_release(self._p)
         if rc < 0:
             raise _raise_for(rc, self._tx.index)
@@ -333,6 +410,13 @@ class StreamPump:
         if rc < 0:
             raise _raise_for(rc, rx.index)
         return rc
+
+
+def _ring_position(vq: Virtqueue) -> tuple:
+    """What tells a ring going on after a stop from another one: its areas, shape and
+    indices (a continuation's SET_VRING_BASE gives back the stopped ring's base)."""
+    return (vq.desc_gpa, vq.driver_gpa, vq.device_gpa, vq.size, vq.packed,
+            vq.last_avail_idx, vq.avail_wrap, vq.used_idx, vq.used_wrap)
 
 
 def _is_unix_stream(fd: int) -> bool:

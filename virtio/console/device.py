@@ -23,9 +23,11 @@ How the queues are served:
   the host peer's read is the only copy of the guest's bytes. Such a chain goes back to the
   guest only once the peer has read all of it; meanwhile the socket is watched with an
   edge-triggered writer (each peer read is an edge), so a peer that stops reading costs no
-  CPU. A queue stop (GET_VRING_BASE), a device reset or a port's removal returns the
-  waiting chains at once: a guest that reuses those buffers before a slow peer reads them
-  changes bytes the peer has not read yet. Set ``zero_copy = false`` where that matters.
+  CPU. A queue stop (GET_VRING_BASE) keeps the waiting chains in flight until the same
+  ring goes on and the peer has read them (ring.cpump ``StreamPump.tx``). A device reset or
+  a port's removal gives them up: a guest that reuses those buffers before a slow peer reads
+  them changes bytes the peer has not read yet. Set ``zero_copy = false`` where that
+  matters.
 * **Port receiveq** (host → guest): the host socket is watched (``add_reader``) only while
   the guest has the port open, a host peer is attached and the guest has buffers posted;
   when ``rx_from_fd`` reports the ring starved, the watch is dropped until the guest kicks
@@ -231,11 +233,19 @@ class ConsoleDevice:
         queue runs again; that chain goes back to the guest now, so the ring's base counts it
         consumed truthfully (the next ring would never see it again).
 
+        With zero copy the pump keeps that chain, and every chain whose bytes the socket
+        still refers to, in flight instead (ring.cpump ``StreamPump.tx``): they go back
+        through the same ring once it goes on and the peer has read them.
+
         Spec: vhost-user VHOST_USER_GET_VRING_BASE; virtio 1.2 §2.7.8, §5.3.6."""
         vq, pump = handle.vq, io.pump
         if pump is not None and pump.tx is vq:
-            pump.tx = None  # returns the chains waiting for the peer's reads
+            lost = getattr(pump, "unsent_lost", 0)
+            pump.tx = None  # returns the chains the peer has read, keeps the others
             io.carry += pump.take_unsent()
+            if getattr(pump, "unsent_lost", 0) != lost:
+                self._log.warning("port %r: the rest of a partly written buffer is lost: its "
+                                  "memory went away", io.port.name)
         pending = vq.pending
         if pending is None or vq.broken is not None:
             return
@@ -308,7 +318,10 @@ class ConsoleDevice:
         self._handles.clear()
         for io in self._io.values():
             io.rx_starved = False
-            self._reconcile(io)
+            self._reconcile(io)  # (the pump lets go of the queues)
+            forget = getattr(io.pump, "forget_stopped", None)  # zero copy's kept chains
+            if forget is not None:
+                forget()
         self._handle_events(events)
 
     def snapshot(self) -> dict:
