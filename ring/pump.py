@@ -105,6 +105,9 @@ class StreamPump:
         """Nothing is ever left unsent here: b""."""
         return b""
 
+    def forget_stopped(self) -> None:
+        """No chain is ever kept across a queue stop here: nothing to forget."""
+
     def close(self) -> None:
         """The Python pump holds no fds."""
 

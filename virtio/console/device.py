@@ -319,9 +319,8 @@ class ConsoleDevice:
         for io in self._io.values():
             io.rx_starved = False
             self._reconcile(io)  # (the pump lets go of the queues)
-            forget = getattr(io.pump, "forget_stopped", None)  # zero copy's kept chains
-            if forget is not None:
-                forget()
+            if io.pump is not None:
+                io.pump.forget_stopped()  # zero copy's chains kept across a queue stop
         self._handle_events(events)
 
     def snapshot(self) -> dict:
