@@ -214,60 +214,44 @@ class EventLoop:
         """Wait for at most ``timeout_s`` (None: until something happens) and dispatch."""
         self._thread = threading.get_ident()
         try:
-            if self._soon:
-                timeout_s = 0.0
-            if self._timers:
-                deadline = self.next_deadline()
-                if deadline is not None:
-                    until_timer = max(0.0, deadline - self._clock())
-                    timeout_s = until_timer if timeout_s is None else min(timeout_s,
-                                                                          until_timer)
-            try:
-                ready = self._epoll.poll(-1 if timeout_s is None else timeout_s)
-            except InterruptedError:
-                ready = []
-            if ready:
-                self._dispatch(ready)
-            if self._timers:
-                self._run_due_timers()
-            if self._soon:
-                self._run_soon()
+            self._turn(timeout_s)
         finally:
             self._thread = None
 
     def run(self) -> None:
         """Dispatch until :meth:`stop`; a stop requested before ``run`` (a signal during
-        start-up) makes it return at once.
-
-        Each turn does what ``run_once(None)`` does, inlined: on the 64-byte round trip
-        (one or two events per trip) the method call, the thread stamp and the timer
-        look-ups of ``run_once`` were about a microsecond per event."""
-        poll = self._epoll.poll
-        dispatch = self._dispatch
-        soon, timers, clock = self._soon, self._timers, self._clock
+        start-up) makes it return at once. The thread is stamped once for the whole run,
+        not per turn (on the 64-byte round trip a turn serves one or two events)."""
+        turn = self._turn
         self._thread = threading.get_ident()
         try:
             while not self._stop_requested:
-                if soon:
-                    timeout_s = 0.0
-                elif timers:
-                    deadline = self.next_deadline()
-                    timeout_s = -1 if deadline is None else max(0.0, deadline - clock())
-                else:
-                    timeout_s = -1
-                try:
-                    ready = poll(timeout_s)
-                except InterruptedError:
-                    ready = None
-                if ready:
-                    dispatch(ready)
-                if timers:
-                    self._run_due_timers()
-                if soon:
-                    self._run_soon()
+                turn(None)
         finally:
             self._thread = None
             self._stop_requested = False
+
+    def _turn(self, timeout_s: float | None) -> None:
+        """One wait (at most ``timeout_s``, shortened by a due timer or a soon-callback)
+        and the dispatch of what is ready, the due timers and the soon-callbacks."""
+        soon, timers = self._soon, self._timers
+        if soon:
+            timeout_s = 0.0
+        elif timers:
+            deadline = self.next_deadline()
+            if deadline is not None:
+                until_timer = max(0.0, deadline - self._clock())
+                timeout_s = until_timer if timeout_s is None else min(timeout_s, until_timer)
+        try:
+            ready = self._epoll.poll(-1 if timeout_s is None else timeout_s)
+        except InterruptedError:
+            ready = None
+        if ready:
+            self._dispatch(ready)
+        if timers:
+            self._run_due_timers()
+        if soon:
+            self._run_soon()
 
     def stop(self) -> None:
         """End :meth:`run` (from a callback, another thread or a signal handler)."""
