@@ -165,6 +165,13 @@ uint32_t zc_release(struct vr_zc *z, int fd, uint32_t *heads, uint32_t *lens, ui
     if (fd < 0 || ioctl(fd, SIOCOUTQ, &unread) < 0 || unread < 0)
         return take_oldest(z, 0, heads, lens, slots, room); /* cannot tell: only those that
                                                               * no longer wait for any read */
+    /* The kernel frees a read message in two steps (net/core/sock.c sock_wfree: all of its
+     * accounting but one unit, then the write-space wake-up, then that last unit), so a
+     * writer woken by the peer's last read may see SIOCOUTQ 1 with nothing left queued; it
+     * gets no later wake-up, and its last chain would wait for ever. A queued message
+     * accounts its whole truesize (hundreds of bytes at least), so 1 means none. */
+    if (unread == 1)
+        unread = 0;
     return take_oldest(z, z->in_socket > (uint64_t)unread ? z->in_socket - (uint64_t)unread : 0,
                        heads, lens, slots, room);
 }
