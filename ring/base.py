@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from ring.errors import ChainError, DriverError
+from ring.errors import ChainError, DriverError, RingError
 from ring.memory import GuestMemory
 from ring.types import Chain, Pending
 from ring.wire import MAX_QUEUE_SIZE, MAX_SEGMENTS, SplitLayout
@@ -108,6 +108,25 @@ class VirtqueueBase:
             signalled_used_valid=bool(state["signalled_used_valid"]),
             broken=None if state["broken"] is None else ChainError(state["broken"]),
             pending=pending)
+
+    def pending_rest(self) -> tuple[bytes, int]:
+        """``(data, lost)``: a copy of the partly written chain's bytes after its offset
+        (``pending``; ``b""`` when there is none) and how many of them could not be read
+        (a segment whose memory went away). For a queue that stops with the chain pending:
+        its rest, written on by whoever keeps the stream going, must not change when the
+        guest reuses the buffer."""
+        pending = self.pending
+        if pending is None:
+            return b"", 0
+        data, lost, skip = bytearray(), 0, pending.offset
+        for gpa, length in pending.segments:
+            if skip < length:
+                try:
+                    data += self.memory.read(gpa + skip, length - skip)
+                except RingError:
+                    lost += length - skip
+            skip = max(0, skip - length)
+        return bytes(data), lost
 
     def push(self, head: int, used_len: int, ring_slots: int = 1) -> None:
         """Return one chain to the driver: write the used element, then publish it.

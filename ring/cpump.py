@@ -28,7 +28,6 @@ import socket
 from typing import Any
 
 from ring.cring import Virtqueue, _BROKEN, _raise_for, ffi, lib
-from ring.errors import RingError
 from ring.pump import DEFAULT_RX_BUDGET, DEFAULT_TX_BUDGET, PumpFlag
 from ring.types import RxResult, TxResult
 
@@ -130,24 +129,16 @@ class StreamPump:
             return  # nothing went by reference on this ring: nothing waits
         self._keep_unsent()
         pending = vq.pending
+        rest, lost = vq.pending_rest()  # read before the stop lets go of the chain
         self._check_memory()
         rc = lib.vr_pump_tx_stop(self._p, z)
         if rc < 0:
             raise _raise_for(rc, vq.index)
         if pending is not None and vq.pending is None:  # kept: its rest follows the pipe's
-            self._copy_rest(vq, pending)
+            self._unsent += rest
+            self.unsent_lost += lost
         if z.count:
             self._stopped_ring = _ring_position(vq)
-
-    def _copy_rest(self, vq: Virtqueue, pending) -> None:
-        skip = pending.offset
-        for gpa, length in pending.segments:
-            if skip < length:
-                try:
-                    self._unsent += vq.memory.read(gpa + skip, length - skip)
-                except RingError:  # its memory went away: the rest cannot be read
-                    self.unsent_lost += length - skip
-            skip = max(0, skip - length)
 
     def _resume_tx(self, vq: Virtqueue) -> None:
         """A transmitq starts: if it is the stopped ring going on (QEMU's ``cont``: the same

@@ -92,6 +92,7 @@ class StreamPump:
     zero_copy = False
     deferred = 0
     bytes_by_reference = 0
+    unsent_lost = 0  # never keeps a stopped queue's partly sent chain
 
     def enable_zero_copy(self) -> bool:
         """Always False: the Python pump copies (see :meth:`ring.cpump.StreamPump.enable_zero_copy`)."""

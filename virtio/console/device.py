@@ -64,7 +64,6 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ring.errors import RingError
 from ring.pump import PumpFlag, stream_pump_for
 from virtio.config import ConsoleConfig, Endpoint
 
@@ -239,25 +238,22 @@ class ConsoleDevice:
 
         Spec: vhost-user VHOST_USER_GET_VRING_BASE; virtio 1.2 §2.7.8, §5.3.6."""
         vq, pump = handle.vq, io.pump
+        lost = 0
         if pump is not None and pump.tx is vq:
-            lost = getattr(pump, "unsent_lost", 0)
+            before = pump.unsent_lost
             pump.tx = None  # returns the chains the peer has read, keeps the others
             io.carry += pump.take_unsent()
-            if getattr(pump, "unsent_lost", 0) != lost:
-                self._log.warning("port %r: the rest of a partly written buffer is lost: its "
-                                  "memory went away", io.port.name)
+            lost = pump.unsent_lost - before
         pending = vq.pending
+        if pending is not None and vq.broken is None:
+            rest, lost_here = vq.pending_rest()
+            io.carry += rest
+            lost += lost_here
+        if lost:
+            self._log.warning("port %r: %d bytes of a partly written buffer are lost: its "
+                              "memory went away", io.port.name, lost)
         if pending is None or vq.broken is not None:
             return
-        skip = pending.offset
-        try:
-            for gpa, length in pending.segments:
-                if skip < length:
-                    io.carry += vq.memory.read(gpa + skip, length - skip)
-                skip = max(0, skip - length)
-        except RingError as exc:  # its memory went away: the rest cannot be read
-            self._log.warning("port %r: the rest of a partly written buffer is lost: %s",
-                              io.port.name, exc)
         state = vq.state()
         state["pending"] = None
         vq.load_state(state)
