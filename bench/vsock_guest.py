@@ -79,18 +79,34 @@ STREAM_REF = _stream_ref(PATTERN_PERIOD + MAX_PKT)
 
 
 class TxBuffers:
-    """The TX payload buffers of the vsock guest: Linux 6.1 ``virtio_transport_alloc_pkt``
-    kmallocs each packet's payload buffer (len > 0 only) and ``virtio_transport_tx_work``
-    frees it once the device has used the chain; 64 KiB blocks come from the buddy
-    allocator, most recently freed first. So: a pool of ``txq.chains`` 64 KiB buffers in
-    guest RAM (64 KiB-aligned, as an order-4 block) and a free stack; a RW packet pops the
-    top buffer and its chain's payload descriptor is pointed at it; a control packet's at
-    the idle buffer after the pool (nothing writes it; the device reads 0 bytes). The C
-    stand-in (bench/limits/vsock_guest.c) keeps the same rule, and either takes the rings
-    over from the other with :meth:`resume`: the outstanding chains' payload descriptors say
-    which buffers are held.
+    """The TX chains and payload buffers of the vsock guest.
 
-    Spec: virtio 1.2 §2.7.5 (the descriptor table), §2.7.13 (supplying buffers).
+    Buffers: Linux 6.1 ``virtio_transport_alloc_pkt`` kmallocs each packet's payload buffer
+    (len > 0 only) and ``virtio_transport_tx_work`` frees it once the device has used the
+    chain; 64 KiB blocks come from the buddy allocator, most recently freed first. So: a
+    pool of ``txq.chains`` 64 KiB buffers in guest RAM (64 KiB-aligned, as an order-4
+    block) and a free stack; a RW packet pops the top buffer and its chain's payload
+    descriptor is pointed at it; a control packet's at the idle buffer after the pool
+    (nothing writes it; the device reads 0 bytes).
+
+    Chains: the device may use them in any order (no VIRTIO_F_IN_ORDER; the used element's
+    id names the head; the back-end's zero-copy transmit keeps a chain until the host peer
+    read its pages). Linux takes whatever head each used element names
+    (``virtqueue_get_buf_ctx_split``) and ``detach_buf_split`` puts the chain's descriptors
+    at the head of the free descriptor list, so the chain freed last is reused first. The
+    chains stay pre-built (``bench.guest.StreamQueue``: chain ``k`` is descriptors
+    ``k*segs ..``), so the free list is a stack of chain slots (:attr:`free_chains`, top
+    last, slot 0 on top at start as Linux's list starts at descriptor 0); a packet pops the
+    top slot and writes its head into the avail ring (:meth:`post`). Used elements that
+    name no outstanding chain's head, or more used than outstanding, raise.
+
+    The C stand-in (bench/limits/vsock_guest.c) keeps the same rules, and either takes the
+    rings over from the other with :meth:`resume`: which slots are free is handed over
+    (``tx_free_chains``: it cannot be read from the rings once chains complete out of
+    order); the outstanding chains' payload descriptors say which buffers are held.
+
+    Spec: virtio 1.2 §2.7.5 (the descriptor table), §2.7.8 (the used ring), §2.7.13
+    (supplying buffers), §2.7.14 (receiving used buffers).
     """
 
     def __init__(self, layout: GuestLayout, txq: StreamQueue) -> None:
@@ -103,26 +119,54 @@ class TxBuffers:
         self.layout = layout
         #: the payload descriptors' ``addr`` fields (u64 each), one per chain
         self._desc = layout.mv(txq.desc_gpa, 16 * txq.size).cast("Q")
+        #: the avail ring's entries (u16 each)
+        self._avail_ring = layout.mv(txq.avail_gpa + 4, 2 * txq.size).cast("H")
+        #: the used ring as u32 words: id, len, id, len, ...
+        self._used_words = layout.mv(txq.used_gpa + 4, 8 * txq.size).cast("I")
         self.held: list[int | None] = [None] * txq.chains
         self.free: list[int] = []
+        self.free_chains: list[int] = []
+        self.posted: list[bool] = [False] * txq.chains
         self.resume()
 
-    def resume(self) -> None:
-        """Take the TX ring over as it is (after the C stand-in ran, or at start)."""
+    def resume(self, free_chains: list[int] | None = None) -> None:
+        """Take the TX ring over as it is (at start, or after the C stand-in ran):
+        ``free_chains`` are the free slots, bottom to top (``None``: nothing is outstanding,
+        every slot is free, slot 0 on top)."""
         q = self.txq
-        self.held = [None] * q.chains
-        for pos in range(q.last_used, q.last_used + q.outstanding):
-            k = pos % q.chains
+        if free_chains is None:
+            if q.outstanding:
+                raise RuntimeError("TX chains are outstanding: say which slots are free")
+            free_chains = list(reversed(range(q.chains)))
+        posted = [True] * q.chains
+        for k in free_chains:
+            if not 0 <= k < q.chains or not posted[k]:
+                raise RuntimeError(f"free TX chain slots {free_chains} are not distinct slots")
+            posted[k] = False
+        if q.chains - len(free_chains) != q.outstanding:
+            raise RuntimeError(f"{len(free_chains)} free TX chains but {q.outstanding} of "
+                               f"{q.chains} outstanding")
+        held: list[int | None] = [None] * q.chains
+        for k in range(q.chains):
             addr = self._desc[2 * (k * q.segs + 1)]
-            if addr == self.idle_gpa:
+            if not posted[k] or addr == self.idle_gpa:
                 continue
             i, rest = divmod(addr - self.gpa, MAX_PKT)
-            if rest or not 0 <= i < self.count or i in self.held:
+            if rest or not 0 <= i < self.count or i in held:
                 raise RuntimeError(f"TX chain {k} holds {addr:#x}, not a pool buffer of its "
                                    "own")
-            self.held[k] = i
-        taken = set(self.held)
+            held[k] = i
+        taken = set(held)
+        self.held, self.posted, self.free_chains = held, posted, list(free_chains)
         self.free = [i for i in reversed(range(self.count)) if i not in taken]
+
+    def post(self, pos: int) -> int:
+        """Take the free chain slot on top and put its head at avail ring position ``pos``
+        (published later, by ``txq.publish``); returns the slot."""
+        k = self.free_chains.pop()
+        self.posted[k] = True
+        self._avail_ring[pos & (self.txq.size - 1)] = k * self.txq.segs
+        return k
 
     def take(self, k: int, length: int) -> memoryview:
         """Point chain ``k``'s payload descriptor at the top free buffer; its first
@@ -138,14 +182,37 @@ class TxBuffers:
         """Point chain ``k``'s payload descriptor at the idle buffer (a control packet)."""
         self._desc[2 * (k * self.txq.segs + 1)] = self.idle_gpa
 
-    def reaped(self, first: int, n: int) -> None:
-        """The ``n`` chains posted from ring position ``first`` on were used: their buffers
-        go back on the free stack, in used order."""
-        for pos in range(first, first + n):
-            k = pos % self.txq.chains
-            if self.held[k] is not None:
-                self.free.append(self.held[k])
-                self.held[k] = None
+    def reap(self) -> int:
+        """Take every used chain, in the order the device used them: each used element must
+        name an outstanding chain's head; its slot goes back on top of the free slots and
+        its buffer on top of the free stack. Returns the number of chains taken."""
+        q = self.txq
+        used = q._used_idx[0]
+        n = (used - q.last_used) & 0xFFFF
+        if n == 0:
+            return 0
+        if n > q.outstanding:
+            raise RuntimeError(f"TX used ring inconsistent: {n} used, {q.outstanding} "
+                               "outstanding")
+        words, mask, segs, first = self._used_words, q.size - 1, q.segs, q.last_used
+        posted, held, free, free_chains = self.posted, self.held, self.free, self.free_chains
+        for j in range(n):
+            head = words[2 * ((first + j) & mask)]
+            k = head // segs
+            if head % segs or k >= q.chains or not posted[k]:
+                q.last_used = (first + j) & 0xFFFF
+                q.completed += j
+                raise RuntimeError(f"TX used ring inconsistent: used id {head} is not an "
+                                   "outstanding chain's head")
+            posted[k] = False
+            free_chains.append(k)
+            i = held[k]
+            if i is not None:
+                free.append(i)
+                held[k] = None
+        q.last_used = used
+        q.completed += n
+        return n
 
 
 class _Conn:
@@ -199,10 +266,7 @@ class FastVsockGuest(Guest):
 
     # -- transmit -------------------------------------------------------------------------
     def _tx_free(self) -> int:
-        first = self.txq.last_used
-        n, _ = self.txq.reap()
-        if n:
-            self.tx_buffers.reaped(first, n)
+        self.tx_buffers.reap()
         return self.txq.chains - self.txq.outstanding
 
     def _send(self, packets: list[tuple[_Conn, int, int, int]]) -> None:
@@ -217,19 +281,20 @@ class FastVsockGuest(Guest):
                 continue
             batch = packets[i:i + free]
             pos = self.txq.avail_idx
+            bufs = self.tx_buffers
             for conn, op, len_, flags in batch:
+                k = bufs.post(pos)
                 conn.last_fwd_cnt = conn.fwd_cnt
                 VsockHeader.FMT.pack_into(
-                    self.tx_hdr[pos % self.txq.chains], 0, self.cid, int(HOST_CID),
+                    self.tx_hdr[k], 0, self.cid, int(HOST_CID),
                     conn.local_port, conn.peer_port, len_, int(Type.STREAM), op, flags,
                     conn.buf_alloc, conn.fwd_cnt)
                 if op == _RW and len_:  # the application's bytes: the stream pattern
                     ph = conn.tx_phase
-                    self.tx_buffers.take(pos % self.txq.chains, len_)[:] = \
-                        STREAM_REF[ph:ph + len_]
+                    bufs.take(k, len_)[:] = STREAM_REF[ph:ph + len_]
                     conn.tx_phase = (ph + len_) % PATTERN_PERIOD
                 else:
-                    self.tx_buffers.no_payload(pos % self.txq.chains)
+                    bufs.no_payload(k)
                 pos += 1
             self.txq.publish(len(batch))
             i += len(batch)
@@ -375,6 +440,29 @@ class FastVsockGuest(Guest):
         guest RAM memfd, the rings, the eventfds and the connection state, runs for
         ``seconds``, and returns the state it ends in, which this model takes over (a later
         run, either engine, resumes from there). While it runs this process does nothing."""
+        argv, fds = self.c_guest_command(seconds)
+        proc = subprocess.run(argv, pass_fds=fds, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"C guest failed ({proc.returncode}): {proc.stderr.strip()}")
+        out = json.loads(proc.stdout)
+        conn, rxq, txq = self.accepted[0], self.rxq, self.txq
+        rxq.avail_idx, rxq.last_used = out["rx_avail_idx"], out["rx_last_used"]
+        txq.avail_idx, txq.last_used = out["tx_avail_idx"], out["tx_last_used"]
+        self.tx_buffers.resume(out["tx_free_chains"])
+        for name in ("fwd_cnt", "rx_cnt", "last_fwd_cnt", "tx_cnt", "peer_buf_alloc",
+                     "peer_fwd_cnt", "tx_phase"):
+            setattr(conn, name, out[name])
+        conn.rx_bytes += out["rx_bytes"]
+        conn.tx_bytes += out["tx_bytes"]
+        if out["owe_credit_update"]:
+            self._send([(conn, _CREDIT_UPDATE, 0, 0)])
+        return {"bytes": out["bytes"], "seconds": out["seconds"], "engine": "c",
+                "sleeps": out["sleeps"], "rx_kicks": out["rx_kicks"],
+                "tx_kicks": out["tx_kicks"], "tx_buffers_peak": out["tx_buffers_peak"]}
+
+    def c_guest_command(self, seconds: float) -> tuple[list[str], tuple[int, ...]]:
+        """The C stand-in's command line for a run of ``seconds`` from the state this model
+        is in (rings, TX chains and buffers, connection), and the fds it inherits."""
         from bench.limits.build import helper_path
 
         conn = self.accepted[0]
@@ -395,26 +483,10 @@ class FastVsockGuest(Guest):
             fwd_cnt=conn.fwd_cnt, rx_cnt=conn.rx_cnt, last_fwd_cnt=conn.last_fwd_cnt,
             tx_cnt=conn.tx_cnt, peer_buf_alloc=conn.peer_buf_alloc,
             peer_fwd_cnt=conn.peer_fwd_cnt, owe_credit_update=0, tx_phase=conn.tx_phase,
-            tx_pool=self.tx_buffers.gpa, tx_pool_bufs=self.tx_buffers.count)
-        proc = subprocess.run([str(helper_path("vsock_guest"))]
-                              + [f"{k}={v}" for k, v in args.items()],
-                              pass_fds=fds, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"C guest failed ({proc.returncode}): {proc.stderr.strip()}")
-        out = json.loads(proc.stdout)
-        rxq.avail_idx, rxq.last_used = out["rx_avail_idx"], out["rx_last_used"]
-        txq.avail_idx, txq.last_used = out["tx_avail_idx"], out["tx_last_used"]
-        self.tx_buffers.resume()
-        for name in ("fwd_cnt", "rx_cnt", "last_fwd_cnt", "tx_cnt", "peer_buf_alloc",
-                     "peer_fwd_cnt", "tx_phase"):
-            setattr(conn, name, out[name])
-        conn.rx_bytes += out["rx_bytes"]
-        conn.tx_bytes += out["tx_bytes"]
-        if out["owe_credit_update"]:
-            self._send([(conn, _CREDIT_UPDATE, 0, 0)])
-        return {"bytes": out["bytes"], "seconds": out["seconds"], "engine": "c",
-                "sleeps": out["sleeps"], "rx_kicks": out["rx_kicks"],
-                "tx_kicks": out["tx_kicks"], "tx_buffers_peak": out["tx_buffers_peak"]}
+            tx_pool=self.tx_buffers.gpa, tx_pool_bufs=self.tx_buffers.count,
+            tx_free_chains=",".join(map(str, self.tx_buffers.free_chains)))
+        return ([str(helper_path("vsock_guest"))] + [f"{k}={v}" for k, v in args.items()],
+                fds)
 
     def run_py(self, seconds: float) -> dict:
         conn = self.accepted[0]

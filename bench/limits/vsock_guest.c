@@ -48,6 +48,19 @@
  * program and the Python model (bench/vsock_guest.py, same rule) can take the rings over
  * from each other. The 44-byte headers stay in one small buffer per chain (Linux's are
  * in the kzalloc'd struct virtio_vsock_pkt, as hot).
+ * TX chains are used in any order. Without VIRTIO_F_IN_ORDER the device may return the
+ * chains in another order than they were made available (Spec: virtio 1.2 §2.7.8: the used
+ * element's id names the head); the back-end's zero-copy transmit does, keeping a chain
+ * until the host peer has read its pages. Linux takes whatever head each used element names
+ * (virtqueue_get_buf_ctx_split: "id is not a head" is a broken ring) and detach_buf_split
+ * puts that chain's descriptors at the head of the free descriptor list, so the next
+ * packet reuses the chain freed last. Here the chains stay pre-built (chain k is
+ * descriptors k*segs..k*segs+segs-1), so the free list is one of chain slots, a stack; a
+ * packet pops the top slot and writes its head into the avail ring. Which slots are free
+ * cannot be read from the rings once chains complete out of order, so it is handed over
+ * with the rest of the state: tx_free_chains= (slots, bottom to top, comma-separated; absent
+ * for a TX ring with nothing outstanding, all slots free, slot 0 on top, as Linux's free
+ * list starts at descriptor 0), and "tx_free_chains" in the JSON printed at the end.
  * RX buffers stay fixed, one per chain: the device fills the posted buffers in turn and
  * Linux keeps as many posted (virtio_vsock_rx_fill: kmalloc(4096) each, refilling from the
  * slab the buffers the application just freed), so what the device writes cycles over
@@ -87,13 +100,16 @@ struct ring {
     uint64_t kicks;
 };
 
-/* The TX payload buffers (see the top comment): buffer i at gpa + i * MAX_PKT, the idle
- * buffer (control packets) at gpa + count * MAX_PKT. */
+/* The TX payload buffers and chain slots (see the top comment): buffer i at
+ * gpa + i * MAX_PKT, the idle buffer (control packets) at gpa + count * MAX_PKT. */
 struct tx_pool {
     uint64_t gpa;
     unsigned count, top, low; /* low: the fewest free buffers seen (peak use = count - low) */
+    unsigned chains_top;          /* free_chains[0..chains_top): free slots, last next out */
     uint16_t free[MAX_CHAINS];    /* free[0..top): the free stack, free[top - 1] next out */
     uint16_t held[MAX_CHAINS];    /* per chain: the buffer its packet holds, or NO_BUF */
+    uint16_t free_chains[MAX_CHAINS];
+    uint8_t posted[MAX_CHAINS];   /* per chain: made available and not yet used */
 };
 
 static uint8_t *ram;
@@ -150,8 +166,9 @@ static void kick(struct ring *r)
     r->kicks++;
 }
 
-/* Make n more chains available (slot s holds head segs * (s mod chains), written once by
- * the Python set-up); kick when the device asked (avail_event). */
+/* Make n more chains available (their heads are in the avail ring: RX slot s holds head
+ * segs * (s mod chains), written once by the Python set-up; TX slots are written as each
+ * packet is put, see put_tx); kick when the device asked (avail_event). */
 static void publish(struct ring *r, unsigned n)
 {
     uint16_t old = r->avail_idx, new_idx = (uint16_t)(old + n);
@@ -282,11 +299,13 @@ static volatile uint64_t *payload_desc(const struct ring *r, unsigned k)
     return &r->desc[2 * (k * r->segs + 1)];
 }
 
-/* Take over the TX rings as they are: every outstanding chain whose payload descriptor
- * points at a pool buffer holds it; the other buffers are free (lowest index on top). */
-static void pool_init(struct tx_pool *p, const struct ring *tx, uint64_t gpa, unsigned count)
+/* Take over the TX rings as they are: the free chain slots are `free_chains` (see the top
+ * comment; NULL: nothing outstanding), the other chains are outstanding, and every
+ * outstanding chain whose payload descriptor points at a pool buffer holds it; the other
+ * buffers are free (lowest index on top). */
+static void pool_init(struct tx_pool *p, const struct ring *tx, uint64_t gpa, unsigned count,
+                      const char *free_chains)
 {
-    uint16_t pos;
     unsigned i, k;
     static uint8_t taken[MAX_CHAINS];
     if (count < tx->chains || count > MAX_CHAINS)
@@ -294,12 +313,37 @@ static void pool_init(struct tx_pool *p, const struct ring *tx, uint64_t gpa, un
     p->gpa = gpa;
     p->count = count;
     gpa_ptr(gpa, (uint64_t)(count + 1) * MAX_PKT); /* pool and idle buffer inside RAM */
-    for (k = 0; k < tx->chains; k++)
+    p->chains_top = 0;
+    if (!free_chains) {
+        for (k = tx->chains; k-- > 0;)
+            p->free_chains[p->chains_top++] = (uint16_t)k;
+    } else {
+        const char *s = free_chains;
+        while (*s) {
+            char *end;
+            unsigned long v = strtoul(s, &end, 10);
+            if (end == s || v >= tx->chains || p->chains_top >= tx->chains
+                || (*end && *end != ','))
+                fail("tx_free_chains= is not a list of TX chain slots");
+            p->free_chains[p->chains_top++] = (uint16_t)v;
+            s = *end ? end + 1 : end;
+        }
+    }
+    for (k = 0; k < tx->chains; k++) {
+        p->posted[k] = 1;
         p->held[k] = NO_BUF;
-    for (pos = tx->last_used; pos != tx->avail_idx; pos++) {
-        uint64_t addr = *payload_desc(tx, k = pos % tx->chains);
-        if (addr == gpa + (uint64_t)count * MAX_PKT)
-            continue; /* a control packet: no buffer */
+    }
+    for (i = 0; i < p->chains_top; i++) {
+        if (!p->posted[p->free_chains[i]])
+            fail("tx_free_chains= names a slot twice");
+        p->posted[p->free_chains[i]] = 0;
+    }
+    if (tx->chains - p->chains_top != outstanding(tx))
+        fail("tx_free_chains= does not leave the outstanding TX chains");
+    for (k = 0; k < tx->chains; k++) {
+        uint64_t addr = *payload_desc(tx, k);
+        if (!p->posted[k] || addr == gpa + (uint64_t)count * MAX_PKT)
+            continue; /* free, or a control packet: no buffer */
         i = (unsigned)((addr - gpa) / MAX_PKT);
         if (addr < gpa || (addr - gpa) % MAX_PKT || i >= count || taken[i])
             fail("an outstanding TX chain's payload is not a pool buffer of its own");
@@ -313,28 +357,35 @@ static void pool_init(struct tx_pool *p, const struct ring *tx, uint64_t gpa, un
     p->low = p->top;
 }
 
-/* Take the chains the device used (in order, as posted) and give their buffers back. */
+/* Take the chains the device used, in whatever order it used them (Spec: virtio 1.2
+ * §2.7.8), as virtqueue_get_buf_ctx_split does: each used element must name the head of an
+ * outstanding chain; the chain's slot goes back on top of the free slots (detach_buf_split)
+ * and its buffer on top of the free stack (virtio_transport_free_pkt: kfree(pkt->buf)). */
 static void reap(struct ring *tx, struct tx_pool *p)
 {
     uint16_t used = used_idx(tx);
     if ((uint16_t)(used - tx->last_used) > outstanding(tx))
-        fail("TX used ring inconsistent");
+        fail("TX used ring inconsistent: more used than outstanding");
     for (; tx->last_used != used; tx->last_used++) {
-        unsigned k = tx->last_used % tx->chains;
-        if (tx->used_ring[2 * (tx->last_used & (tx->size - 1))] != k * tx->segs)
-            fail("TX used ring inconsistent");
-        if (p->held[k] != NO_BUF) { /* virtio_transport_free_pkt: kfree(pkt->buf) */
+        unsigned id = tx->used_ring[2 * (tx->last_used & (tx->size - 1))];
+        unsigned k = id / tx->segs;
+        if (id % tx->segs || k >= tx->chains || !p->posted[k])
+            fail("TX used ring inconsistent: a used id is not an outstanding chain's head");
+        p->posted[k] = 0;
+        p->free_chains[p->chains_top++] = (uint16_t)k;
+        if (p->held[k] != NO_BUF) {
             p->free[p->top++] = p->held[k];
             p->held[k] = NO_BUF;
         }
     }
 }
 
-/* Queue one packet into the next free TX chain (the caller checked there is one). */
+/* Queue one packet into the free TX chain on top, made available at ring position pos
+ * (the caller checked there is a free chain). */
 static void put_tx(struct ring *tx, struct tx_pool *p, struct conn *c, unsigned pos,
                    uint16_t op, uint32_t len)
 {
-    unsigned k = pos % tx->chains;
+    unsigned k = p->free_chains[--p->chains_top];
     uint32_t hlen;
     uint8_t *h = chain_buf(tx, k, 0, &hlen);
     uint64_t v64;
@@ -367,6 +418,8 @@ static void put_tx(struct ring *tx, struct tx_pool *p, struct conn *c, unsigned 
     } else {
         *payload_desc(tx, k) = p->gpa + (uint64_t)p->count * MAX_PKT; /* the idle buffer */
     }
+    p->posted[k] = 1;
+    tx->avail_ring[pos & (tx->size - 1u)] = (uint16_t)(k * tx->segs);
 }
 
 /* Control packets owed, then (tx workload) RW packets within credit and free chains. */
@@ -393,6 +446,17 @@ static uint64_t send(struct ring *tx, struct tx_pool *p, struct conn *c, int str
     }
     publish(tx, n);
     return sent;
+}
+
+/* The value of KEY=, or NULL when absent. */
+static const char *arg_str(int argc, char **argv, const char *key)
+{
+    size_t k = strlen(key);
+    int i;
+    for (i = 1; i < argc; i++)
+        if (strncmp(argv[i], key, k) == 0 && argv[i][k] == '=')
+            return argv[i] + k + 1;
+    return NULL;
 }
 
 static uint64_t arg(int argc, char **argv, const char *key)
@@ -448,7 +512,8 @@ int main(int argc, char **argv)
     c.owe_credit_update = (int)arg(argc, argv, "owe_credit_update");
     c.tx_phase = (uint32_t)(arg(argc, argv, "tx_phase") % PATTERN_PERIOD);
     pool_init(&pool, &tx, arg(argc, argv, "tx_pool"),
-              (unsigned)arg(argc, argv, "tx_pool_bufs"));
+              (unsigned)arg(argc, argv, "tx_pool_bufs"),
+              arg_str(argc, argv, "tx_free_chains"));
 
     moved0 = 0;
     t0 = now_ns();
@@ -490,12 +555,19 @@ int main(int argc, char **argv)
            "\"tx_avail_idx\": %u, \"tx_last_used\": %u, \"fwd_cnt\": %u, \"rx_cnt\": %u, "
            "\"last_fwd_cnt\": %u, \"tx_cnt\": %u, \"peer_buf_alloc\": %u, "
            "\"peer_fwd_cnt\": %u, \"rx_bytes\": %llu, \"tx_bytes\": %llu, "
-           "\"owe_credit_update\": %d, \"tx_phase\": %u, \"tx_buffers_peak\": %u}\n",
+           "\"owe_credit_update\": %d, \"tx_phase\": %u, \"tx_buffers_peak\": %u, "
+           "\"tx_free_chains\": [",
            (unsigned long long)moved0, (double)(now_ns() - t0) / 1e9,
            (unsigned long long)wakeups, (unsigned long long)rx.kicks,
            (unsigned long long)tx.kicks, rx.avail_idx, rx.last_used, tx.avail_idx,
            tx.last_used, c.fwd_cnt, c.rx_cnt, c.last_fwd_cnt, c.tx_cnt, c.peer_buf_alloc,
            c.peer_fwd_cnt, (unsigned long long)c.rx_bytes, (unsigned long long)c.tx_bytes,
            c.owe_credit_update, c.tx_phase, pool.count - pool.low);
+    {
+        unsigned i;
+        for (i = 0; i < pool.chains_top; i++)
+            printf(i ? ", %u" : "%u", pool.free_chains[i]);
+        printf("]}\n");
+    }
     return 0;
 }
