@@ -47,7 +47,7 @@ def test_spec_2_7_8_model_frees_each_tx_chain_the_device_names(packed, impl):
         rng = random.Random(7)
         sent: list[bytes] = []  # every packet, in the order it was put on the queue
         taken = 0  # packets the device popped (and checked) so far
-        held: list[tuple[int, int]] = []  # (id, ring slots) of the chains in the device
+        held: list = []  # (id, ring slots, chain, bytes sent) of the chains in the device
         out_of_order = 0
         for _ in range(60):
             while guest.tx.num_free >= 2:  # header + payload descriptors
@@ -57,16 +57,18 @@ def test_spec_2_7_8_model_frees_each_tx_chain_the_device_names(packed, impl):
                 sent.append(hdr + payload)
             for chain in vq.pop_batch(QUEUE_SIZE):
                 assert chain.read_all() == sent[taken]
+                held.append((chain.head, chain.ring_slots, chain, sent[taken]))
                 taken += 1
-                held.append((chain.head, chain.ring_slots))
             rng.shuffle(held)
             n = rng.randint(1, len(held))
             done, held = held[:n], held[n:]
             out_of_order += sum(1 for a, b in zip(done, done[1:]) if a[0] > b[0])
-            vq.push_batch([(head, 0, slots) for head, slots in done])
+            vq.push_batch([(head, 0, slots) for head, slots, _, _ in done])
             guest.reap_tx()
             assert guest.tx_outstanding == guest.tx.outstanding == len(held)
-        vq.push_batch([(head, 0, slots) for head, slots in held])
+            # what the device still holds is untouched: no buffer of it was freed and reused
+            assert all(chain.read_all() == data for _, _, chain, data in held)
+        vq.push_batch([(head, 0, slots) for head, slots, _, _ in held])
         guest.reap_tx()
         assert guest.tx_outstanding == guest.tx.outstanding == 0
         assert guest.tx.alloc.free_bytes == free_at_start  # every buffer came back once
