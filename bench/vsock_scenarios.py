@@ -21,8 +21,6 @@ PORT = 1234
 WINDOW = int(os.environ.get("VSOCK_BENCH_WINDOW", 256 * KIB))
 #: Descriptors per vsock queue of the bench guest.
 QUEUE_SIZE = int(os.environ.get("VSOCK_BENCH_QUEUE", 256))
-#: Back-end zero copy for guest->host (VsockConfig.zero_copy): "1" (default) or "0".
-ZERO_COPY = os.environ.get("VSOCK_BENCH_ZERO_COPY", "1") != "0"
 #: The guest end of the streaming rows: "c" (bench/limits/vsock_guest.c) or "py".
 GUEST_ENGINE = os.environ.get("VSOCK_BENCH_GUEST", "c")
 
@@ -35,8 +33,7 @@ class VsockSetup:
         d.mkdir(parents=True)
         self.sock, self.uds = str(d / "vsock.sock"), str(d / "vsock")
         toml = (f'[[vsock]]\nguest_cid = 3\nsocket = "{self.sock}"\n'
-                f'uds_path = "{self.uds}"\ntx_buffer_size = {WINDOW}\n'
-                f'zero_copy = {"true" if ZERO_COPY else "false"}\n')
+                f'uds_path = "{self.uds}"\ntx_buffer_size = {WINDOW}\n')
         self.cpus = cpus
         self.backend = self.guest = self.peer = None
         try:

@@ -20,7 +20,6 @@
 
 #include "vring.h"
 #include "vsock_path.h"
-#include "zerocopy.h"
 
 _Static_assert(sizeof(struct vs_iov) == sizeof(struct iovec), "vs_iov is an iovec");
 _Static_assert(offsetof(struct vs_iov, len) == offsetof(struct iovec, iov_len),
@@ -119,27 +118,12 @@ static int take_packet(struct vs_tx_lane *lane, uint32_t *niov, uint64_t credit_
     return -1;
 }
 
-/* Copy the gathered payloads from byte `from` on into dst (the tail). */
-static void copy_tail(const struct vs_tx_lane *lane, uint32_t niov, uint64_t from, uint8_t *dst)
-{
-    uint64_t k, skip = from;
-    for (k = 0; k < niov; k++) {
-        uint64_t n = lane->iov[k].len;
-        if (skip >= n) {
-            skip -= n;
-            continue;
-        }
-        memcpy(dst, lane->iov[k].base + skip, n - skip);
-        dst += n - skip;
-        skip = 0;
-    }
-}
-
 /* One sendmsg of the gathered payloads; what the socket did not take goes to lane->tail. */
 static void send_payloads(struct vs_tx_lane *lane, uint32_t niov)
 {
     struct msghdr m;
     ssize_t r;
+    uint64_t skip, k;
 
     if (lane->bytes) {
         memset(&m, 0, sizeof m);
@@ -154,52 +138,20 @@ static void send_payloads(struct vs_tx_lane *lane, uint32_t niov)
             lane->error = errno;
     }
     lane->tail_len = lane->bytes - lane->written;
-    copy_tail(lane, niov, lane->written, lane->tail);
-}
-
-/* The payloads by page reference (zerocopy.c zc_send_drained): what the socket took stays
- * in guest memory until the peer reads it; the rest is copied to lane->tail, first what
- * the pipe held, then what vmsplice did not take. 1 if done, 0 if vmsplice refused (the
- * caller copies instead: nothing was taken). */
-static int send_payloads_by_reference(struct vs_tx_lane *lane, uint32_t niov)
-{
-    uint64_t sent, back;
-    int err;
-    ssize_t took = zc_send_drained(lane->zc, lane->fd, (const struct iovec *)lane->iov,
-                                   (int)niov, lane->tail, &sent, &back, &err);
-    if (took < 0)
-        return 0;
-    lane->written = sent;
-    lane->error = err;
-    lane->tail_len = lane->bytes - sent;
-    copy_tail(lane, niov, sent + back, lane->tail + back);
-    return 1;
-}
-
-/* After a run by page reference: keep each chain with a byte in the socket (until the peer
- * has read up to its last such byte), compact the rest into the publication list from
- * index `first`. Returns the new end of that list. */
-static uint32_t keep_referenced(struct vs_tx_lane *lane, uint32_t first, uint32_t n,
-                                uint64_t base)
-{
-    uint32_t k, out = first;
-    uint64_t start = 0;
-    for (k = 0; k < n; k++) {
-        uint32_t i = first + k;
-        uint64_t end = lane->ends[k];
-        if (end > start && start < lane->written
-            && zc_defer(lane->zc, lane->heads[i], lane->slots[i],
-                        base + (end < lane->written ? end : lane->written)) == 0) {
-            lane->held++;
-        } else { /* no byte by reference (or, never with zc_wants' bound, no room) */
-            lane->heads[out] = lane->heads[i];
-            lane->lens[out] = 0;
-            lane->slots[out] = lane->slots[i];
-            out++;
+    skip = lane->written;
+    {
+        uint8_t *dst = lane->tail;
+        for (k = 0; k < niov; k++) {
+            uint64_t n = lane->iov[k].len;
+            if (skip >= n) {
+                skip -= n;
+                continue;
+            }
+            memcpy(dst, lane->iov[k].base + skip, n - skip);
+            dst += n - skip;
+            skip = 0;
         }
-        start = end;
     }
-    return out;
 }
 
 /* Complete n chains with one publication, make the notify decision and signal the call
@@ -259,9 +211,8 @@ static void put_update(struct vs_tx_lane *lane)
 
 int vs_tx_lane(struct vr_queue *q, struct vs_tx_lane *lane)
 {
-    uint32_t niov = 0, n = 0, max_chains = lane->max_chains, first = 0, out;
+    uint32_t niov = 0, n = 0, max_chains = lane->max_chains;
     uint64_t credit = lane->credit < lane->tail_cap ? lane->credit : lane->tail_cap;
-    struct vr_zc *z = lane->zc;
     int rc;
 
     lane->chains = 0;
@@ -270,16 +221,12 @@ int vs_tx_lane(struct vr_queue *q, struct vs_tx_lane *lane)
     lane->error = lane->broken = lane->credit_changed = 0;
     lane->notify = lane->call_errno = 0;
     lane->credit_updates = 0;
-    lane->held = lane->released = 0;
     lane->put_status = -1;
     if (max_chains > VS_LANE_CHAINS)
         max_chains = VS_LANE_CHAINS;
-    if (z && z->count) /* the peer's reads since the last call: those chains go first */
-        first = lane->released = zc_release(z, lane->fd, lane->heads, lane->lens, lane->slots,
-                                            VS_LANE_CHAINS);
     if (q->pending_valid) { /* a partially written chain: not a vsock TX queue's state */
         lane->stop = VS_STOP_OTHER;
-        goto done;
+        return 0;
     }
     for (;;) {
         uint16_t last = q->last_avail_idx;
@@ -303,68 +250,23 @@ int vs_tx_lane(struct vr_queue *q, struct vs_tx_lane *lane)
             lane->stop = (uint32_t)why;
             break;
         }
-        lane->heads[first + n] = lane->chain.head;
-        lane->lens[first + n] = 0;
-        lane->slots[first + n] = lane->chain.ring_slots;
-        lane->ends[n] = lane->bytes;
+        lane->heads[n] = lane->chain.head;
+        lane->lens[n] = 0;
+        lane->slots[n] = lane->chain.ring_slots;
         n++;
     }
     if (n == 0)
-        goto done;
-    out = first + n;
-    if (z && zc_wants(z, lane->bytes, (int)niov, n)) {
-        uint64_t base = z->in_socket;
-        if (send_payloads_by_reference(lane, niov))
-            out = keep_referenced(lane, first, n, base);
-        else
-            send_payloads(lane, niov);
-    } else {
-        send_payloads(lane, niov);
-    }
+        return 0;
+    send_payloads(lane, niov);
     lane->chains = n;
-    first = out;
-done:
-    if (first) {
-        rc = publish(q, lane->heads, lane->lens, lane->slots, first, &lane->notify,
-                     &lane->call_errno);
-        if (rc < 0)
-            return rc;
-    }
-    if (n && lane->put_q && lane->put && !lane->credit_changed && lane->tail_len == 0
+    rc = publish(q, lane->heads, lane->lens, lane->slots, n, &lane->notify,
+                 &lane->call_errno);
+    if (rc < 0)
+        return rc;
+    if (lane->put_q && lane->put && !lane->credit_changed && lane->tail_len == 0
         && lane->error == 0)
         put_update(lane);
     return 0;
-}
-
-int vs_zc_release(struct vr_queue *q, struct vr_zc *z, struct vs_zc_release *r)
-{
-    r->released = 0;
-    r->notify = r->call_errno = 0;
-    for (;;) {
-        int32_t notify = 0, call_errno = 0;
-        uint32_t n = zc_release(z, r->fd, r->heads, r->lens, r->slots, 256);
-        int rc;
-        if (n == 0)
-            return 0;
-        rc = publish(q, r->heads, r->lens, r->slots, n, &notify, &call_errno);
-        if (rc < 0)
-            return rc;
-        r->released += n;
-        if (notify)
-            r->notify = 1;
-        if (call_errno)
-            r->call_errno = call_errno;
-    }
-}
-
-void vs_zc_adopt(struct vr_queue *q, const struct vr_zc *z)
-{
-    q->in_flight += z->count;
-}
-
-void vs_zc_forget(struct vr_zc *z)
-{
-    zc_release_all(z, NULL, NULL, NULL, 0);
 }
 
 int vs_rx_put(struct vr_queue *q, struct vs_rx_put *put)

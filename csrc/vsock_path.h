@@ -58,12 +58,6 @@ struct vs_tx_lane {
     uint32_t adv_fwd_cnt;      /* fwd_cnt in the last header we sent */
     uint32_t update_threshold;
     int32_t update_owed;       /* a CREDIT_UPDATE is owed already */
-    /* in: this connection's zero-copy state (its pipe empty between calls), NULL: copy.
-     * With it, the chains it keeps whose bytes the peer has read go back first, and a run
-     * it wants (zc_wants) goes to the socket by page reference: a chain with any byte taken
-     * that way is kept until the peer has read it; what the socket did not take is read
-     * back out of the pipe into the tail (a copy, as without zero copy) */
-    struct vr_zc *zc;
     /* outputs */
     int32_t put_status;        /* -1: no put tried; VS_PUT_*; or a negative VR_E_* of the
                                 * RX queue (publication or the notify decision failed) */
@@ -78,16 +72,13 @@ struct vs_tx_lane {
     int32_t notify;            /* vr_should_notify after publication, 0 if nothing done */
     int32_t call_errno;        /* errno of a failed call eventfd write, else 0 */
     uint32_t credit_updates;   /* of the chains, CREDIT_UPDATEs (len 0) */
-    uint32_t held;             /* of the chains, kept by zc until the peer reads them */
-    uint32_t released;         /* chains zc kept before and returned by this call */
-    /* working room: the chains to publish (released ones first, then the run's) */
+    /* working room */
     struct vr_chain chain;
     struct vr_segment seg[1024];
     struct vs_iov iov[1024];
-    uint32_t heads[512];
-    uint32_t lens[512];
-    uint32_t slots[512];
-    uint64_t ends[256];        /* the run's payload bytes up to the end of each chain */
+    uint32_t heads[256];
+    uint32_t lens[256];
+    uint32_t slots[256];
 };
 
 /* Take the leading run (see the header comment): 0, or a negative VR_E_* when publication or
@@ -98,37 +89,6 @@ struct vs_tx_lane {
  * Chains that do not belong to the run are given back untouched (the ring's position is
  * rewound over them), so the caller's general path sees them next. */
 int vs_tx_lane(struct vr_queue *q, struct vs_tx_lane *lane);
-
-/* ---------------------------------------------------------------------------------------
- * Zero-copy transmit of one connection (struct vr_zc, csrc/zerocopy.c): the chains a
- * connection's zero copy keeps go back to the TX queue once the host peer has read their
- * bytes (SIOCOUTQ on `fd`). Kept chains are in flight in the queue that popped them; a
- * queue that stops and goes on (the same ring) takes them over with vs_zc_adopt.
- *
- * Spec: virtio 1.2 §2.7.8 (a buffer is used once the device is done with it: here once the
- * peer has read its bytes; the device may use buffers out of order without IN_ORDER).
- */
-
-struct vs_zc_release {
-    int32_t fd;                /* in: the connection's host socket, -1: only the chains that
-                                * wait for no read */
-    uint32_t released;         /* out: chains returned */
-    int32_t notify;            /* out: the ring asked for (and got) a notification */
-    int32_t call_errno;        /* out: errno of a failed call eventfd write, else 0 */
-    uint32_t heads[256];       /* working room */
-    uint32_t lens[256];
-    uint32_t slots[256];
-};
-
-/* Return the kept chains whose bytes the peer has read: 0, or a negative VR_E_* when
- * publication or the notify decision failed (a ring area unmapped). */
-int vs_zc_release(struct vr_queue *q, struct vr_zc *z, struct vs_zc_release *r);
-
-/* The kept chains count in flight in q (a stopped TX queue going on: same ring). */
-void vs_zc_adopt(struct vr_queue *q, const struct vr_zc *z);
-
-/* Forget every kept chain and empty the pipe unsent (a reset ring: the driver gave them up). */
-void vs_zc_forget(struct vr_zc *z);
 
 /* ---------------------------------------------------------------------------------------
  * One control packet (a 44-byte header, no payload: the CREDIT_UPDATE the TX path owes the

@@ -121,51 +121,6 @@ ssize_t zc_send(struct vr_zc *z, int fd, const struct iovec *iov, int count, int
     return r;
 }
 
-/* Read what the pipe holds back out into dst (a copy): the bytes read. Whatever cannot be
- * read (never with a pipe the count describes) is dropped; the pipe is empty afterwards. */
-static uint64_t take_back(struct vr_zc *z, uint8_t *dst)
-{
-    uint64_t left = z->taken - z->in_socket, got = 0;
-    while (left > 0) {
-        ssize_t r = read(z->pipe_r, dst + got, (size_t)left);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            break;
-        got += (uint64_t)r;
-        left -= (uint64_t)r;
-    }
-    z->taken = z->in_socket + got; /* what discard_pipe may still find is beyond the count */
-    discard_pipe(z);
-    z->taken = z->in_socket;
-    return got;
-}
-
-ssize_t zc_send_drained(struct vr_zc *z, int fd, const struct iovec *iov, int count,
-                        uint8_t *rest, uint64_t *sent, uint64_t *rest_len, int *err)
-{
-    ssize_t r;
-    uint64_t before = z->in_socket;
-    *sent = *rest_len = 0;
-    *err = 0;
-    do
-        r = vmsplice(z->pipe_w, iov, (unsigned long)count, SPLICE_F_NONBLOCK);
-    while (r < 0 && errno == EINTR);
-    if (r < 0) {
-        z->failed = (errno == EAGAIN || errno == EWOULDBLOCK) ? EIO : errno;
-        errno = z->failed;
-        return -1;
-    }
-    z->taken += (uint64_t)r;
-    z->piped += (uint64_t)r;
-    *err = flush_pipe(z, fd);
-    if (*err == EAGAIN)
-        *err = 0;
-    *sent = z->in_socket - before;
-    *rest_len = take_back(z, rest);
-    return r;
-}
-
 int zc_defer(struct vr_zc *z, uint32_t head, uint32_t slots, uint64_t end)
 {
     struct vr_zc_chain *c;

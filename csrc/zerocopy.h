@@ -32,16 +32,6 @@ int zc_flush(struct vr_zc *z, int fd);
  * full and nothing was taken). */
 ssize_t zc_send(struct vr_zc *z, int fd, const struct iovec *iov, int count, int by_pipe);
 
-/* A round by page reference that leaves the pipe empty (the vsock TX lane): vmsplice the
- * iovecs into the empty pipe, splice what the socket takes, read what is left back out into
- * `rest` (a copy: the caller's buffers may change once their chains are returned). Returns
- * the bytes vmsplice took (the iovecs' bytes after those are in neither place); *sent: of
- * them, those the socket took (accounted in z->in_socket); *rest_len: those read back;
- * *err: errno of a failed splice other than EAGAIN (the socket failed), else 0. -1 with
- * errno: vmsplice refused (z->failed set, nothing taken: the caller copies instead). */
-ssize_t zc_send_drained(struct vr_zc *z, int fd, const struct iovec *iov, int count,
-                        uint8_t *rest, uint64_t *sent, uint64_t *rest_len, int *err);
-
 /* Remember a fully taken chain ending at stream position `end` until its bytes are read.
  * Returns 0, or -1 when the list is full (the caller then completes it at once: a racing
  * hostile guest can make in_flight exceed the queue size only by breaking the ring). */

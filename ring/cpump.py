@@ -31,7 +31,7 @@ from ring.cring import Virtqueue, _BROKEN, _raise_for, ffi, lib
 from ring.pump import DEFAULT_RX_BUDGET, DEFAULT_TX_BUDGET, PumpFlag
 from ring.types import RxResult, TxResult
 
-__all__ = ["StreamPump", "ring_position", "is_unix_stream", "ZERO_COPY_PIPE_BYTES", "ZERO_COPY_MIN_BYTES", "ZERO_COPY_MIN_PIECE",
+__all__ = ["StreamPump", "ZERO_COPY_PIPE_BYTES", "ZERO_COPY_MIN_BYTES", "ZERO_COPY_MIN_PIECE",
            "ZERO_COPY_MAX_WAITING_PERCENT"]
 
 ZERO_COPY_PIPE_BYTES = 256 * 1024
@@ -138,7 +138,7 @@ class StreamPump:
             self._unsent += rest
             self.unsent_lost += lost
         if z.count:
-            self._stopped_ring = ring_position(vq)
+            self._stopped_ring = _ring_position(vq)
 
     def _resume_tx(self, vq: Virtqueue) -> None:
         """A transmitq starts: if it is the stopped ring going on (QEMU's ``cont``: the same
@@ -150,7 +150,7 @@ class StreamPump:
         z = self._zc
         if z is None or z.count == 0:
             return
-        continuing = stopped is not None and stopped == ring_position(vq)
+        continuing = stopped is not None and stopped == _ring_position(vq)
         rc = lib.vr_pump_tx_resume(self._p, z, int(continuing))
         if rc < 0:
             raise _raise_for(rc, vq.index)
@@ -214,7 +214,7 @@ class StreamPump:
         self._unsent.clear()  # and these bytes were on their way to it
         self._p.tx_zc = ffi.NULL
         self._p.write_fd = fd
-        self._zc_fits = fd >= 0 and is_unix_stream(fd)
+        self._zc_fits = fd >= 0 and _is_unix_stream(fd)
         self._apply_zero_copy()
 
     read_fd = _field("read_fd", "what is read for the guest, -1: not wanted now")
@@ -403,14 +403,14 @@ class StreamPump:
         return rc
 
 
-def ring_position(vq: Virtqueue) -> tuple:
+def _ring_position(vq: Virtqueue) -> tuple:
     """What tells a ring going on after a stop from another one: its areas, shape and
     indices (a continuation's SET_VRING_BASE gives back the stopped ring's base)."""
     return (vq.desc_gpa, vq.driver_gpa, vq.device_gpa, vq.size, vq.packed,
             vq.last_avail_idx, vq.avail_wrap, vq.used_idx, vq.used_wrap)
 
 
-def is_unix_stream(fd: int) -> bool:
+def _is_unix_stream(fd: int) -> bool:
     """Whether fd is an AF_UNIX stream socket (zero copy relies on its SIOCOUTQ meaning the
     bytes its peer has not read)."""
     try:

@@ -81,9 +81,6 @@ def _add_vsock_flags(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--credit-request-delay", type=float, default=0.01, metavar="SECONDS",
                    help="how long a guest may stay silent at zero credit before the "
                         "back-end sends CREDIT_REQUEST (default 0.01; 0 = at once)")
-    p.add_argument("--no-zero-copy", action="store_true",
-                   help="copy every guest->host payload into the host sockets (default: "
-                        "runs of 64 KiB and more go by page reference; see README)")
     p.add_argument("--reply-port", choices=("guest", "host"), default="guest",
                    help="port in the 'OK <port>' reply: the guest port (vhost-device-vsock, "
                         "default) or the host-side port assigned (Firecracker)")
@@ -155,7 +152,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
                 tx_buffer_size=args.tx_buffer_size, queue_size=args.queue_size,
                 groups=tuple(args.groups.split("+")), connect_timeout_s=args.connect_timeout,
                 reply_port=args.reply_port, credit_request_delay_s=args.credit_request_delay,
-                zero_copy=not args.no_zero_copy,
             ))
         vms.extend(VsockConfig.parse_vm(v) for v in args.vm)
         vms = list(base.vsocks) + vms

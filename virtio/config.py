@@ -29,8 +29,6 @@ TOML layout (every key optional unless marked)::
     tx_buffer_size = 262144
     queue_size = 256
     credit_request_delay_s = 0.01              # silence at zero credit before CREDIT_REQUEST
-    zero_copy = true                           # large guest->host runs reach the host socket
-                                               # by page reference (see README)
 """
 
 from __future__ import annotations
@@ -185,13 +183,8 @@ class VsockConfig:
     #: seconds a guest may stay silent at zero credit before we send CREDIT_REQUEST
     #: (0: at once); see virtio.vsock.conn.ConnConfig
     credit_request_delay_s: float = 0.01
-    #: guest->host runs of 64 KiB and more go to AF_UNIX host sockets by page reference
-    #: (virtio.vsock.zero_copy); their TX buffers return once the host peer read them
-    zero_copy: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.zero_copy, bool):
-            raise ConfigError("vsock.zero_copy", f"must be true or false, got {self.zero_copy!r}")
         if not 3 <= self.guest_cid < 0xFFFFFFFF:
             raise ConfigError("vsock.guest_cid", f"{self.guest_cid} must be in 3..2^32-2")
         if self.mode not in ("listen", "connect"):
@@ -235,11 +228,6 @@ class VsockConfig:
                     values[name] = float(values[name])
         except ValueError as exc:
             raise ConfigError(key, str(exc)) from None
-        if isinstance(values.get("zero_copy"), str):  # --vm zero-copy=false
-            text = values["zero_copy"].lower()
-            if text not in ("true", "false", "yes", "no", "1", "0"):
-                raise ConfigError(key, f"zero-copy must be true or false, got {text!r}")
-            values["zero_copy"] = text in ("true", "yes", "1")
         if isinstance(values.get("groups"), str):
             values["groups"] = tuple(values["groups"].split("+"))
         elif "groups" in values:

@@ -46,7 +46,6 @@ from .lane import (LANE_CHAINS, LaneUpdate, Put, Stop, make_put, make_tx_lane,
                    payload_views as _payload)
 from .muxer import DEVICE_FEATURES, MuxerConfig, VsockMuxer
 from .rx_pump import make_rx_pump
-from .zero_copy import TxZeroCopy
 from .wire import (HOST_CID, VIRTIO_ID_VSOCK, Op, Queue, Type, VsockConfig as VsockConfigSpace,
                    VsockEvent, VsockHeader)
 
@@ -108,10 +107,6 @@ class VsockDevice:
         self._lane_key = None
         self._put = None  # (RX vq, its packet put): the lane's CREDIT_UPDATE
         self._rx_pump = None  # (RX vq, its RX pump): host-readable events (rx_pump.py)
-        #: zero-copy transmit (zero_copy.py): C rings and VsockConfig.zero_copy only
-        self.zero_copy: TxZeroCopy | None = (
-            TxZeroCopy(self.loop, self._live_tx_vq, self.log)
-            if getattr(config, "zero_copy", True) else None)
         self.features = 0
         self.events_sent = 0
         self.resets = 0
@@ -140,8 +135,6 @@ class VsockDevice:
         self._ever_started = True
         if handle.index == Queue.TX:
             handle.kick_reader = self._on_tx_kick
-            if self.zero_copy is not None:
-                self.zero_copy.tx_started(handle.vq)
             self._process_tx()
         elif handle.index == Queue.RX:
             self._schedule_rx()
@@ -149,16 +142,9 @@ class VsockDevice:
             self._deliver_event()
 
     def queue_stopped(self, index: int) -> None:
-        handle = self._queues.pop(index, None)
+        self._queues.pop(index, None)
         if index == Queue.TX:
             self._lane = None
-            if self.zero_copy is not None and handle is not None:
-                self.zero_copy.tx_stopped(handle.vq)
-
-    def _live_tx_vq(self) -> Any:
-        """The TX queue's ring while it is live, else None (zero copy's releases)."""
-        handle = self._queues.get(_TXQ)
-        return None if handle is None else handle.vq
 
     def _on_tx_kick(self, kick_fd: int) -> None:
         """The TX queue's kick eventfd is readable (``QueueHandle.kick_reader``: called
@@ -184,8 +170,6 @@ class VsockDevice:
         self._queues.clear()
         self._lane = self._lane_key = None
         self.resets += 1
-        if self.zero_copy is not None:
-            self.zero_copy.reset()  # first: the sockets below then close at once
         self.host.run(self.muxer.reset(self.cid, self.loop.time()))
         self.host.close_cid(self.cid)
         if self._ever_started:
@@ -298,13 +282,8 @@ class VsockDevice:
             update = _lane_update((rx.vq, conn.buf_alloc, conn.recv_cnt, conn.fwd_cnt,
                                    conn.adv_fwd_cnt, conn.update_threshold,
                                    conn.credit_update_owed))
-        zero_copy = self.zero_copy
-        zc = (None if zero_copy is None or not lane.zero_copy
-              else zero_copy.for_lane(key, sock, vq))
         res = lane.run(vq, sock, self.cid, key.local_port, key.peer_port, conn.lane_credit,
-                       conn.peer_buf_alloc, conn.peer_fwd_cnt, LANE_CHAINS, update, zc)
-        if zc is not None:
-            zero_copy.after_lane(key)
+                       conn.peer_buf_alloc, conn.peer_fwd_cnt, LANE_CHAINS, update)
         if res.call_errno is not None:
             self.log.warning("TX call eventfd: %s", os.strerror(res.call_errno))
         if res.chains:
@@ -768,8 +747,7 @@ class VsockBackend:
         kwargs = {} if handshake_timeout_s is None else {"handshake_timeout_s":
                                                           handshake_timeout_s}
         self.host = VsockHost(loop, self.muxer, on_rx_ready=self._rx_ready,
-                              on_readable=self._host_readable,
-                              before_close=self._host_closing, **kwargs)
+                              on_readable=self._host_readable, **kwargs)
         self._devices: dict[int, VsockDevice] = {}
         try:
             for config in configs:
@@ -812,11 +790,6 @@ class VsockBackend:
         device = self._devices.get(key.cid)
         return device is not None and device.host_readable(key, sock)
 
-    def _host_closing(self, key: Any, sock: socket.socket) -> None:
-        device = self._devices.get(key.cid)
-        if device is not None and device.zero_copy is not None:
-            device.zero_copy.host_closing(key, sock)
-
     def _rx_ready(self, cid: int) -> None:
         device = self._devices.get(cid)
         if device is not None:
@@ -825,9 +798,6 @@ class VsockBackend:
     def close(self) -> None:
         """Close every host socket and listener (the vhost-user endpoints are the daemon's)."""
         now = self.loop.time()
-        for device in self._devices.values():
-            if device.zero_copy is not None:
-                device.zero_copy.close()
         for cid in list(self._devices):
             try:
                 self.host.run(self.muxer.reset(cid, now))

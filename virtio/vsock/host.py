@@ -114,8 +114,7 @@ class VsockHost:
     def __init__(self, loop: Any, muxer: VsockMuxer, *, on_rx_ready: Callable[[int], None],
                  handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
                  max_pending_handshakes: int = 128, connect_retry_s: float = 0.01,
-                 on_readable: Callable[[ConnKey, socket.socket], bool] | None = None,
-                 before_close: Callable[[ConnKey, socket.socket], None] | None = None
+                 on_readable: Callable[[ConnKey, socket.socket], bool] | None = None
                  ) -> None:
         self.loop = loop
         self.muxer = muxer
@@ -124,9 +123,6 @@ class VsockHost:
         #: device's RX pump may serve it at once (True) instead of `muxer.host_readable`
         #: (the general path)
         self.on_readable = on_readable
-        #: ``before_close(key, sock)``: connection ``key``'s socket is about to be closed
-        #: (the device's zero copy may keep it open on a duplicate until the peer read)
-        self.before_close = before_close
         self.handshake_timeout_s = handshake_timeout_s
         self.max_pending_handshakes = max_pending_handshakes
         self.connect_retry_s = connect_retry_s
@@ -478,8 +474,6 @@ class VsockHost:
             self.loop.remove_reader(fd)
         if hs.write:
             self.loop.remove_writer(fd)
-        if self.before_close is not None:
-            self.before_close(key, hs.sock)
         hs.sock.close()
 
     # -- life cycle -----------------------------------------------------------------------

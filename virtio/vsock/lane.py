@@ -141,19 +141,12 @@ class PyTxLane:
     """The reference lane over any ring (see module docstring). ``tail_cap``: most bytes the
     tail may hold; the credit is clamped to it."""
 
-    #: zero copy is C's (csrc/vsock_path.c): this lane always copies
-    zero_copy = False
-
     def __init__(self, tail_cap: int) -> None:
         self.tail_cap = tail_cap
 
     def run(self, vq: Any, sock: socket.socket, cid: int, host_port: int, guest_port: int,
             credit: int, peer_buf_alloc: int, peer_fwd_cnt: int,
-            max_chains: int = LANE_CHAINS, update: LaneUpdate | None = None,
-            zc: Any = None) -> LaneResult:
-        """``zc`` must be None: the reference lane always copies (zero copy is C's)."""
-        if zc is not None:
-            raise ValueError("the Python lane has no zero copy")
+            max_chains: int = LANE_CHAINS, update: LaneUpdate | None = None) -> LaneResult:
         credit = min(credit, self.tail_cap)
         max_chains = min(max_chains, LANE_CHAINS)
         ba, fc = peer_buf_alloc, peer_fwd_cnt
@@ -261,9 +254,6 @@ class CTxLane:
     contract and results as :class:`PyTxLane`. The queue's C state comes from
     ``Virtqueue.c_state`` (its region table current before each call)."""
 
-    #: takes a ``struct vr_zc *`` (zero_copy.py)
-    zero_copy = True
-
     def __init__(self, tail_cap: int) -> None:
         from ring.cring import ffi, lib  # C only when it is used (VMCHANNEL_RING=py)
 
@@ -289,16 +279,13 @@ class CTxLane:
 
     def run(self, vq: Any, sock: socket.socket, cid: int, host_port: int, guest_port: int,
             credit: int, peer_buf_alloc: int, peer_fwd_cnt: int,
-            max_chains: int = LANE_CHAINS, update: LaneUpdate | None = None,
-            zc: Any = None) -> LaneResult:
-        """``zc``: the connection's ``struct vr_zc *`` (zero_copy.py), None: copy."""
+            max_chains: int = LANE_CHAINS, update: LaneUpdate | None = None) -> LaneResult:
         q, _scratch = vq.c_state()
         lane = self._lane
-        fixed = (cid, host_port, guest_port, sock.fileno(), max_chains, zc)
+        fixed = (cid, host_port, guest_port, sock.fileno(), max_chains)
         if fixed != self._fixed:
             lane.cid, lane.host_port, lane.guest_port, lane.fd = fixed[:4]
             lane.max_chains = max_chains if max_chains > 0 else 0
-            lane.zc = self._null if zc is None else zc
             self._fixed = fixed
         lane.credit = credit if credit > 0 else 0
         lane.peer_buf_alloc = peer_buf_alloc
