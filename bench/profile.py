@@ -34,6 +34,9 @@ __all__ = ["Profiler", "descendants", "parse_report", "role_of", "summarise"]
 
 #: perf record needs a moment before it samples; the run starts after it.
 _PERF_START_S = 0.5
+#: ... and before that, at most this long for it to have created its output file (it does
+#: so at start-up): a loaded machine can take longer than _PERF_START_S to start it.
+_PERF_READY_S = 10.0
 
 #: (substring of /proc/<pid>/cmdline, role), first match wins.
 _ROLES = (
@@ -180,6 +183,9 @@ class Profiler:
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             watch = _TreeWatch(os.getpid())
             try:
+                ready_by = time.monotonic() + _PERF_READY_S
+                while not data.exists() and rec.poll() is None and time.monotonic() < ready_by:
+                    time.sleep(0.01)
                 time.sleep(_PERF_START_S)
                 with watch:
                     value = fn()

@@ -87,12 +87,13 @@ def test_descendants_lists_children_and_grandchildren_with_their_command_lines()
 
 
 FAKE_PERF = f"""#!{sys.executable}
-# perf record ... -o FILE: make FILE, then wait for SIGINT (handled even when the test run
-# inherited it ignored, as real perf does); perf report: a canned report.
+# perf record ... -o FILE: handle SIGINT (even when the test run inherited it ignored, as
+# real perf does), then make FILE (the profiler waits for it: this interpreter may start
+# slowly on a loaded machine) and wait for SIGINT; perf report: a canned report.
 import os, signal, sys, time
 if sys.argv[1] == "record":
-    open(sys.argv[sys.argv.index("-o") + 1], "w").close()
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+    open(sys.argv[sys.argv.index("-o") + 1], "w").close()
     while True:
         time.sleep(0.05)
 sys.stdout.write(open(os.path.join(os.path.dirname(sys.argv[0]), "report.txt")).read())
@@ -155,3 +156,20 @@ def test_a_perf_that_does_not_stop_is_killed_and_the_file_says_so(tmp_path):
     profiler.stop_timeout_s = 0.5
     assert profiler.run("rtt", "back-end", lambda: 3.0) == 3.0
     assert "perf record failed (exit -9)" in profiler.written[0].read_text()
+
+
+def test_a_perf_slow_to_start_is_waited_for_before_the_run(tmp_path):
+    """On a loaded machine perf may take longer than the fixed start-up pause to start; the
+    profiler waits for its output file first (this failed now and then under load)."""
+    slow = FAKE_PERF.replace("import os, signal, sys, time",
+                             "import os, signal, sys, time; time.sleep(1.0)")
+    path = tmp_path / "perf"
+    path.write_text(slow)
+    path.chmod(0o755)
+    (tmp_path / "report.txt").write_text(
+        f"    90.00%  {os.getpid()}:python  libpython3.11.so.1.0  [.] _PyEval_EvalFrameDefault\n")
+    profiler = Profiler(tmp_path / "out", str(path))
+    assert profiler.run("rtt", "back-end", lambda: 5.0) == 5.0
+    text = profiler.written[0].read_text()
+    assert "perf record failed" not in text
+    assert "   100.0 %  bench harness" in text.splitlines()
