@@ -90,8 +90,9 @@ class TxBuffers:
     (nothing writes it; the device reads 0 bytes).
 
     Chains: the device may use them in any order (no VIRTIO_F_IN_ORDER; the used element's
-    id names the head; the back-end's zero-copy transmit keeps a chain until the host peer
-    read its pages). Linux takes whatever head each used element names
+    id names the head; a zero-copy transmit would keep a chain until the host peer read its
+    pages: the back-end's was tried and reverted, bench/results/ANALYSIS.md "Sixth
+    session"). Linux takes whatever head each used element names
     (``virtqueue_get_buf_ctx_split``) and ``detach_buf_split`` puts the chain's descriptors
     at the head of the free descriptor list, so the chain freed last is reused first. The
     chains stay pre-built (``bench.guest.StreamQueue``: chain ``k`` is descriptors

@@ -50,8 +50,9 @@
  * in the kzalloc'd struct virtio_vsock_pkt, as hot).
  * TX chains are used in any order. Without VIRTIO_F_IN_ORDER the device may return the
  * chains in another order than they were made available (Spec: virtio 1.2 §2.7.8: the used
- * element's id names the head); the back-end's zero-copy transmit does, keeping a chain
- * until the host peer has read its pages. Linux takes whatever head each used element names
+ * element's id names the head); a zero-copy transmit would, keeping a chain until the host
+ * peer has read its pages (the back-end's was tried and reverted: bench/results/ANALYSIS.md,
+ * "Sixth session"). Linux takes whatever head each used element names
  * (virtqueue_get_buf_ctx_split: "id is not a head" is a broken ring) and detach_buf_split
  * puts that chain's descriptors at the head of the free descriptor list, so the next
  * packet reuses the chain freed last. Here the chains stay pre-built (chain k is

@@ -4,8 +4,8 @@ does (virtqueue_get_buf_ctx_split takes the head the used element names), and st
 exact stream. A fake device plays the back-end over the guest's shared memory and eventfds:
 it takes the posted TX chains, checks each packet (the stream pattern, a payload buffer no
 chain still in the device holds, a chain slot not still outstanding), keeps a random part
-of them back and uses the rest in a shuffled order (as the back-end's zero-copy transmit
-keeps a chain until the host peer has read it), and returns credit with CREDIT_UPDATE
+of them back and uses the rest in a shuffled order (as a zero-copy transmit would, keeping
+a chain until the host peer has read it), and returns credit with CREDIT_UPDATE
 packets on the RX queue. The guests must keep sending, with the engines taking the rings
 over from each other while chains are held, and give every buffer back exactly once; a used
 ring that names no outstanding chain must still fail them.
