@@ -107,6 +107,8 @@ class VsockDevice:
         self._lane_key = None
         self._put = None  # (RX vq, its packet put): the lane's CREDIT_UPDATE
         self._rx_pump = None  # (RX vq, its RX pump): host-readable events (rx_pump.py)
+        #: queues whose breaking was logged (once until the queue starts again or a reset)
+        self._broken_logged: set[int] = set()
         self.features = 0
         self.events_sent = 0
         self.resets = 0
@@ -132,6 +134,7 @@ class VsockDevice:
 
     def queue_started(self, handle: Any) -> None:
         self._queues[handle.index] = handle
+        self._broken_logged.discard(handle.index)
         self._ever_started = True
         if handle.index == Queue.TX:
             handle.kick_reader = self._on_tx_kick
@@ -145,6 +148,20 @@ class VsockDevice:
         self._queues.pop(index, None)
         if index == Queue.TX:
             self._lane = None
+
+    def _log_broken(self, index: int, error: Any) -> None:
+        """A queue the guest driver broke: one ERROR per queue until it starts again or
+        the device is reset, however often the guest kicks or the host writes meanwhile
+        (STYLE R5/R11: one precise message; a hostile guest cannot flood the log).
+
+        Spec: virtio 1.2 §2.7.5.2 (device requirements on descriptors: a chain that breaks
+        them stops the queue until reset)."""
+        if index in self._broken_logged:
+            return
+        self._broken_logged.add(index)
+        name = {_RXQ: "RX", _TXQ: "TX"}.get(index, "event")
+        self.log.error("%s queue broken (%s): the guest driver broke the ring; it stays "
+                       "stopped until the device is reset", name, error)
 
     def _on_tx_kick(self, kick_fd: int) -> None:
         """The TX queue's kick eventfd is readable (``QueueHandle.kick_reader``: called
@@ -169,6 +186,7 @@ class VsockDevice:
         guest is owed a TRANSPORT_RESET if it ever ran (Spec: virtio 1.2 §5.10.6.7)."""
         self._queues.clear()
         self._lane = self._lane_key = None
+        self._broken_logged.clear()
         self.resets += 1
         self.host.run(self.muxer.reset(self.cid, self.loop.time()))
         self.host.close_cid(self.cid)
@@ -221,8 +239,7 @@ class VsockDevice:
             res = self._tx_lane(vq)
             if res is not None:
                 if res.broken is not None:
-                    self.log.error("TX queue broken (%s): the guest driver broke the ring; "
-                                   "it stays stopped until the device is reset", res.broken)
+                    self._log_broken(_TXQ, res.broken)
                     handle.notify_if_needed()
                     return
                 if res.stop == Stop.EMPTY:
@@ -243,8 +260,7 @@ class VsockDevice:
                 vq.push_batch([(c.head, 0, c.ring_slots) for c in chains])
                 completed += len(chains)
             if broken is not None:
-                self.log.error("TX queue broken (%s): the guest driver broke the ring; it "
-                               "stays stopped until the device is reset", broken)
+                self._log_broken(_TXQ, broken)
                 completed += 1  # the ring pushed the bad chain
                 break
             if len(chains) < TX_BATCH:
@@ -363,8 +379,7 @@ class VsockDevice:
             if res.call_errno is not None:
                 self.log.warning("RX call eventfd: %s", os.strerror(res.call_errno))
         elif res.status == Put.BROKEN:
-            self.log.error("RX queue broken (%s): it stays stopped until the device is "
-                           "reset", res.broken)
+            self._log_broken(_RXQ, res.broken)
             handle.notify_if_needed()
 
     def _tx_packets(self, chains: list) -> None:
@@ -522,8 +537,7 @@ class VsockDevice:
         if actions:
             self.host.run(actions)
         if broken is not None:
-            self.log.error("RX queue broken (%s): it stays stopped until the device is "
-                           "reset", broken)
+            self._log_broken(_RXQ, broken)
             handle.notify_if_needed()
 
     def _rx_handle_now(self) -> Any:
@@ -577,8 +591,7 @@ class VsockDevice:
             try:
                 chain = vq.pop()
             except DriverError as exc:
-                self.log.error("RX queue broken (%s): it stays stopped until the device "
-                               "is reset", exc)
+                self._log_broken(_RXQ, exc)
                 notify_broken = True
                 break
             if chain is None:
@@ -635,8 +648,7 @@ class VsockDevice:
                             prefix_len_offset=_LEN_OFFSET)
         self.host.run(self.muxer.rx_burst_done(key, res.bytes, res.chains, res.drained, now))
         if res.broken is not None:
-            self.log.error("RX queue broken (%s): it stays stopped until the device is "
-                           "reset", res.broken)
+            self._log_broken(_RXQ, res.broken)
         return res
 
     def _deliver(self, vq: Any, chain: Any, item: Any, now: float) -> int | None:
@@ -709,7 +721,7 @@ class VsockDevice:
         try:
             chain = handle.vq.pop()
         except DriverError as exc:
-            self.log.error("event queue broken (%s)", exc)
+            self._log_broken(int(Queue.EVENT), exc)
             handle.notify_if_needed()
             return
         if chain is None:
