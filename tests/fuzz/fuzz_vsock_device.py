@@ -1,0 +1,773 @@
+"""Fuzz harness for the whole vsock device (``VsockDevice`` in-process) under a hostile guest.
+
+Unlike ``fuzz_vsock.py`` (the sans-I/O muxer alone), this runs a real `VsockBackend` on a
+real `EventLoop`, real host UNIX sockets and real memfd guest RAM driven by the ring driver
+model (``tests.support.driver``), so the C TX lane, the C RX pump, the general Python TX/RX
+paths and `VsockHost` all take part. A small guest model (`Guest`) opens two stream
+connections to host services — ``good`` (never the target of a malformed packet) and
+``victim`` — and a step list mixes well-formed traffic with hostile guest actions (headers
+that lie, bad CIDs/ports/types/ops, odd descriptor layouts, RX buffers that are read-only or
+too small, broken rings) and host events (a peer that stops reading, closes, resets or
+writes while the guest has no credit).
+
+Invariants, checked after every device call and every step (`World.check_*`):
+
+- no exception leaves a device entry point (``kick``, and the host callbacks the loop runs:
+  the loop's "callback failed" log and the device's "TX packet handling failed" count too);
+- guest memory outside the device-writable buffers of outstanding RX chains and the used
+  rings is byte-for-byte unchanged (Spec: virtio 1.2 §2.7.4: the device writes only
+  device-writable buffers); TX chains are used with length 0 (§5.10.6.1); an RX used length
+  never exceeds the chain's writable bytes (§2.7.8.2);
+- the device never sends a connection more payload than the guest's credit (§5.10.6.3);
+- every byte of a well-behaved connection reaches the other side in order exactly once,
+  or the guest was told (RST or SHUTDOWN) — never silently dropped; and it keeps moving
+  while another connection's peer never reads;
+- a broken queue stays stopped (no used entries) until reset and is logged once.
+
+``run_steps(steps, ring)`` runs a step list (the property test generates them); under
+atheris ``python3 tests/fuzz/fuzz_vsock_device.py [corpus_dir]`` decodes bytes into steps.
+
+Spec: virtio 1.2 §5.10.6 (Device Operation), §5.10.6.3 (Buffer Space Management),
+§2.7.4 (Message Framing), §2.7.8.2 (used ring).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))))
+
+import numpy as np  # noqa: E402
+
+from tests.support import ring_impl_class  # noqa: E402
+from tests.support.driver import DESC, INDIRECT, NEXT, WRITE, Allocator, MemfdRam, \
+    SplitDriver, _Outstanding  # noqa: E402
+from vhost_user.device import QueueHandle  # noqa: E402
+from vhost_user.wire import VirtioFeature  # noqa: E402
+from virtio.config import VsockConfig  # noqa: E402
+from virtio.loop import EventLoop  # noqa: E402
+from virtio.vsock.conn import ConnKey  # noqa: E402
+from virtio.vsock.device import VsockBackend  # noqa: E402
+from virtio.vsock.wire import HOST_CID, Op, ShutdownFlag, Type, VsockHeader  # noqa: E402
+
+CID = 3
+HDR = VsockHeader.SIZE
+RAM = 4 << 20
+QSIZE = 128
+RX_BUF = 4096
+RX_POSTED = 24  # RX buffers the guest keeps posted
+GUEST_BUF_ALLOC = 64 * 1024  # the guest's receive window per connection
+DEVICE_BUF = 32 * 1024  # the device's (tx_buffer_size): the guest's send credit
+GOOD, VICTIM = 0, 1
+HOST_PORTS = (80, 81)
+GUEST_PORTS = (1000, 1001)
+SETTLE_ROUNDS = 60
+U32 = 0xFFFFFFFF
+
+#: legal TX descriptor layouts a well-behaved guest may use
+GOOD_SHAPES = ("two", "one", "split_hdr", "indirect", "zero_desc", "many")
+#: hostile TX packets; ``taint`` ones target the victim connection
+HOSTILE_TX = ("len_beyond", "len_short", "over_credit", "bad_type", "bad_op",
+              "request_again", "writable_tail", "spoof_src_cid", "spoof_dst_cid",
+              "unknown_port", "short_header", "no_readable", "hdr_only_lies", "empty_rw",
+              "credit_lie", "data_in_control")
+RX_SHAPES = ("normal", "single", "indirect", "tiny", "readonly_first", "zero_len", "hdr_only",
+             "many")
+BREAKS = ("loop", "next_oob", "avail_jump", "addr_oob", "indirect_nested")
+
+
+class Violation(AssertionError):
+    """An invariant of the module docstring failed."""
+
+
+class _Records(logging.Handler):
+    """Keeps every record of the loggers the device and loop log to."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def count(self, needle: str) -> int:
+        return sum(needle in r.getMessage() for r in self.records)
+
+
+def _pattern(start: int, n: int, salt: int) -> bytes:
+    return bytes((start + i * 7 + salt * 31 + (start + i) // 251) & 0xFF for i in range(n))
+
+
+@dataclasses.dataclass
+class Conn:
+    """One guest stream connection and its host peer."""
+
+    index: int
+    guest_port: int
+    host_port: int
+    state: str = "connecting"  # connecting | established | closed
+    told: str = ""  # "rst" / "shutdown" when the device told the guest it ended
+    peer_buf_alloc: int = 0
+    peer_fwd_cnt: int = 0
+    tx_cnt: int = 0
+    rx_cnt: int = 0
+    fwd_cnt: int = 0
+    adv_fwd_cnt: int = 0
+    consume: bool = True
+    sent: bytearray = dataclasses.field(default_factory=bytearray)
+    received: bytearray = dataclasses.field(default_factory=bytearray)
+    peer: socket.socket | None = None
+    peer_reading: bool = True
+    peer_gone: bool = False  # the test closed / shut the host side
+    host_received: bytearray = dataclasses.field(default_factory=bytearray)
+    host_sent: bytearray = dataclasses.field(default_factory=bytearray)
+    peer_eof: bool = False  # the host peer read end-of-file
+    guest_shut: int = 0  # SHUTDOWN flags the guest sent
+    tainted: bool = False  # a malformed packet was sent on it
+    spoofed: bool = False  # a packet with its ports but a wrong CID was sent
+    credit_lied: bool = False  # it advertised a buf_alloc/fwd_cnt it does not have
+
+    @property
+    def credit(self) -> int:
+        return max(0, self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & U32))
+
+
+class World:
+    """A device, its guest and its host peers; see the module docstring."""
+
+    def __init__(self, ring: str) -> None:
+        self.dir = tempfile.mkdtemp(prefix="vsh-")
+        self.records = _Records()
+        self._loggers = [logging.getLogger(n) for n in ("virtio", "ring", "vhost_user")]
+        for lg in self._loggers:
+            lg.addHandler(self.records)
+        self.loop = EventLoop()
+        self.listeners = []
+        for port in HOST_PORTS:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(f"{self.dir}/v_{port}")
+            s.listen(16)
+            s.setblocking(False)
+            self.listeners.append(s)
+        cfg = VsockConfig(guest_cid=CID, socket=f"{self.dir}/vu.sock", uds_path=f"{self.dir}/v",
+                          tx_buffer_size=DEVICE_BUF, credit_request_delay_s=0.0)
+        self.backend = VsockBackend(self.loop, [cfg])
+        self.dev = self.backend.device(CID)
+        self.ram = MemfdRam([(0, RAM // 2), (RAM // 2, RAM // 2)])  # buffers straddle
+        self.mem = self.ram.memory
+        self.dev_mem = self.ram.backend_memory()
+        alloc = Allocator(self.mem)
+        self.rx = SplitDriver(self.mem, QSIZE, event_idx=True, allocator=alloc, index=0)
+        self.tx = SplitDriver(self.mem, QSIZE, event_idx=True, allocator=alloc, index=1)
+        vq_cls = ring_impl_class(ring)
+        self.rxvq = self.rx.attach(vq_cls, self.dev_mem)
+        self.txvq = self.tx.attach(vq_cls, self.dev_mem)
+        self.dev.set_features(int(VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX
+                                  | VirtioFeature.RING_INDIRECT_DESC))
+        self.dev.queue_started(QueueHandle(0, self.rxvq, lambda fd: None))
+        self.dev.queue_started(QueueHandle(1, self.txvq, lambda fd: None))
+        self.rx_writable: dict[int, int] = {}  # RX head -> its writable bytes
+        self.conns = [Conn(i, GUEST_PORTS[i], HOST_PORTS[i]) for i in (GOOD, VICTIM)]
+        self.broken: dict[int, int] = {}  # queue -> its used idx once broken
+        self.broken_asked = False  # a "break" step ran
+        self.out_of_credit: set[int] = set()  # connections that had data and no credit
+        self.seq = 0
+        self.steps_run = 0
+
+    def close(self) -> None:
+        try:
+            self.backend.close()
+        finally:
+            for c in self.conns:
+                if c.peer is not None:
+                    c.peer.close()
+            for s in self.listeners:
+                s.close()
+            self.loop.close()
+            self.ram.close()
+            for lg in self._loggers:
+                lg.removeHandler(self.records)
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- the device, watched -----------------------------------------------------------------
+    def _allowed(self) -> list[tuple[int, int]]:
+        spans = [(self.rx.used_gpa, 6 + 8 * QSIZE), (self.tx.used_gpa, 6 + 8 * QSIZE)]
+        for state in self.rx._outstanding.values():
+            spans.extend(state.writable)
+        return spans
+
+    def device(self, call, *args) -> None:
+        """Run one device entry point and check guest memory around it."""
+        before = [bytes(r.view) for r in self.mem.regions]
+        call(*args)
+        self._note_broken()
+        bad: list[int] = []
+        for region, old in zip(self.mem.regions, before):
+            if old == bytes(region.view):
+                continue
+            diff = np.nonzero(np.frombuffer(old, np.uint8)
+                              != np.frombuffer(region.view, np.uint8))[0] + region.gpa
+            spans = self._allowed()
+            bad += [int(g) for g in diff if not any(a <= g < a + n for a, n in spans)]
+        if bad:
+            raise Violation(f"device wrote guest memory outside RX buffers/used rings at "
+                            f"{len(bad)} bytes, first gpa {bad[0]:#x} ({call})")
+
+    def turn(self, force_kick: bool = False) -> None:
+        """Kick what the driver would kick, then one turn of the loop (host sockets)."""
+        if self.tx.kick_prepare() or force_kick:
+            self.device(self.dev.kick, 1)
+        if self.rx.kick_prepare() or force_kick:
+            self.device(self.dev.kick, 0)
+        self.device(self.loop.run_once, 0)
+        self.check_logs()
+
+    def check_logs(self) -> None:
+        for needle in ("callback", "TX packet handling failed"):
+            for r in self.records.records:
+                if r.levelno >= logging.ERROR and r.getMessage().startswith(needle) \
+                        and "failed" in r.getMessage():
+                    raise Violation(f"an exception escaped the device: {r.getMessage()}")
+
+    # -- guest: TX ---------------------------------------------------------------------------
+    def hdr(self, c: Conn | None, op: int, len_: int = 0, **kw) -> bytes:
+        fields = dict(src_cid=CID, dst_cid=int(HOST_CID),
+                      src_port=c.guest_port if c else 2000, dst_port=c.host_port if c else 99,
+                      len_=len_, type_=int(Type.STREAM), op=int(op), flags=0,
+                      buf_alloc=GUEST_BUF_ALLOC, fwd_cnt=c.fwd_cnt if c else 0)
+        fields.update(kw)
+        return VsockHeader(**fields).pack()
+
+    def add_tx(self, out: list[bytes], in_sizes=(), indirect: bool = False) -> bool:
+        if 1 in self.broken:
+            return False
+        self.reap_tx()
+        try:
+            self.tx.add_buf(out=out, in_sizes=in_sizes, indirect=indirect)
+        except MemoryError:
+            return False
+        return True
+
+    def send_packet(self, header: bytes, payload: bytes, shape: str, cut: int = 20) -> bool:
+        if shape == "one":
+            return self.add_tx([header + payload])
+        if shape == "split_hdr":
+            cut = 1 + cut % (HDR - 1)
+            pieces = [header[:cut], header[cut:]]
+            if payload:
+                half = len(payload) // 2
+                pieces += [p for p in (payload[:half], payload[half:]) if p]
+            return self.add_tx(pieces)
+        if shape == "indirect":
+            return self.add_tx([header] + ([payload] if payload else []), indirect=True)
+        if shape == "many":
+            step = max(1 + cut % 700, -(-len(payload) // 100))
+            return self.add_tx([header] + [payload[i:i + step]
+                                           for i in range(0, len(payload), step)][:200])
+        if shape == "zero_desc":
+            return self.add_tx([header, b""] + ([payload] if payload else []))
+        return self.add_tx([header] + ([payload] if payload else []))
+
+    def control(self, c: Conn, op: int, flags: int = 0) -> None:
+        c.adv_fwd_cnt = c.fwd_cnt
+        self.send_packet(self.hdr(c, op, flags=flags), b"", "two")
+
+    def connect(self) -> None:
+        for c in self.conns:
+            self.send_packet(self.hdr(c, Op.REQUEST), b"", "two")
+
+    def send(self, c: Conn, n: int, shape: str, cut: int) -> None:
+        if c.state == "established" and not c.credit:
+            self.out_of_credit.add(c.index)
+        n = min(n, c.credit, 16 * 1024)
+        if c.state != "established" or n <= 0 or c.guest_shut & ShutdownFlag.SEND:
+            return
+        data = _pattern(len(c.sent), n, c.index)
+        c.adv_fwd_cnt = c.fwd_cnt
+        if self.send_packet(self.hdr(c, Op.RW, n), data, shape, cut):
+            c.sent += data
+            c.tx_cnt = (c.tx_cnt + n) & U32
+
+    def hostile(self, kind: str, c: Conn, arg: int) -> None:
+        """One malformed TX packet (see HOSTILE_TX)."""
+        payload = _pattern(0, 1 + arg % 300, 9)
+        n = len(payload)
+        if kind in ("spoof_src_cid", "spoof_dst_cid"):
+            c = self.conns[GOOD]
+            c.spoofed = True
+            op = (Op.RW, Op.RST, Op.SHUTDOWN, Op.CREDIT_UPDATE)[arg % 4]
+            bad = (4, 2, 0, U32, 1 << 40)[arg % 5] if kind == "spoof_src_cid" else \
+                (CID, 4, 0, U32, 1 << 33)[arg % 5]
+            field = "src_cid" if kind == "spoof_src_cid" else "dst_cid"
+            body = payload if op == Op.RW else b""
+            self.send_packet(self.hdr(c, op, len(body), flags=3 if op == Op.SHUTDOWN else 0,
+                                      **{field: bad}), body, "two")
+            return
+        if kind == "unknown_port":
+            op = (Op.RW, Op.SHUTDOWN, Op.CREDIT_REQUEST, Op.REQUEST, Op.RESPONSE,
+                  Op.CREDIT_UPDATE)[arg % 6]
+            body = payload if op == Op.RW else b""
+            self.send_packet(self.hdr(None, op, len(body), src_port=2000 + arg % 3,
+                                      dst_port=(99, 80, 81)[arg % 3]), body, "two")
+            return
+        if kind == "empty_rw":  # legal: a stream RW without payload, on the good one
+            g = self.conns[GOOD]
+            if g.state == "established":
+                self.send_packet(self.hdr(g, Op.RW, 0), b"", ("two", "one")[arg % 2])
+            return
+        if kind == "short_header":
+            self.add_tx([self.hdr(c, Op.RW, 4)[:1 + arg % (HDR - 1)]])
+            return
+        if kind == "no_readable":
+            self.add_tx([], in_sizes=[1 + arg % 100])
+            return
+        c.tainted = True
+        if kind == "len_beyond":
+            lie = (n + 1, n + 4096, U32, 64 * 1024, 1 << 31)[arg % 5]
+            self.send_packet(self.hdr(c, Op.RW, lie), payload, ("two", "one", "split_hdr")[arg % 3],
+                             arg)
+        elif kind == "len_short":
+            self.send_packet(self.hdr(c, Op.RW, arg % n), payload, "two")
+        elif kind == "hdr_only_lies":
+            self.send_packet(self.hdr(c, Op.RW, 1 + arg), b"", ("two", "one")[arg % 2])
+        elif kind == "over_credit":
+            m = c.credit + 1 + arg % 5000
+            self.send_packet(self.hdr(c, Op.RW, m), _pattern(0, m, 5), "two")
+        elif kind == "bad_type":
+            t = (0, 3, 0xFFFF, int(Type.SEQPACKET))[arg % 4]
+            self.send_packet(self.hdr(c, Op.RW, n, type_=t), payload, "two")
+        elif kind == "bad_op":
+            o = (0, 8, 0xFFFF, 200)[arg % 4]
+            self.send_packet(self.hdr(c, o, n), payload, "two")
+        elif kind == "request_again":
+            self.send_packet(self.hdr(c, (Op.REQUEST, Op.RESPONSE)[arg % 2]), b"", "two")
+        elif kind == "credit_lie":
+            c.credit_lied = True
+            ba, fc = ((0, 0), (U32, c.fwd_cnt), (GUEST_BUF_ALLOC, c.fwd_cnt + (1 << 30)),
+                      (1, U32))[arg % 4]
+            self.send_packet(self.hdr(c, Op.CREDIT_UPDATE, buf_alloc=ba, fwd_cnt=fc), b"", "two")
+        elif kind == "data_in_control":
+            o = (Op.CREDIT_UPDATE, Op.CREDIT_REQUEST, Op.SHUTDOWN, Op.RST)[arg % 4]
+            if self.send_packet(self.hdr(c, o, n, flags=arg % 4), payload, "two"):
+                if o == Op.RST:  # the guest itself ended it
+                    c.state = "closed"
+                elif o == Op.SHUTDOWN:
+                    c.guest_shut |= arg % 4
+        elif kind == "writable_tail":
+            self.add_tx([self.hdr(c, Op.RW, n), payload], in_sizes=[1 + arg % 64])
+        else:  # pragma: no cover
+            raise ValueError(kind)
+
+    # -- guest: RX ---------------------------------------------------------------------------
+    def post_rx(self, shape: str = "normal", count: int = 1) -> None:
+        if 0 in self.broken:
+            return
+        for _ in range(count):
+            if shape == "normal":
+                kw = dict(in_sizes=[HDR, RX_BUF])
+            elif shape == "single":
+                kw = dict(in_sizes=[HDR + RX_BUF])
+            elif shape == "indirect":
+                kw = dict(in_sizes=[HDR, 700, RX_BUF - 700], indirect=True)
+            elif shape == "tiny":
+                kw = dict(in_sizes=[1 + self.seq % (HDR - 1)])
+            elif shape == "readonly_first":
+                kw = dict(out=[b"\xAA" * 64], in_sizes=[HDR, RX_BUF])
+            elif shape == "zero_len":
+                kw = dict(in_sizes=[0, HDR + 100, 0, 50])
+            elif shape == "many":
+                kw = dict(in_sizes=[11, HDR - 11] + [97] * 30)
+            elif shape == "hdr_only":
+                kw = dict(in_sizes=[HDR])
+            else:  # pragma: no cover
+                raise ValueError(shape)
+            self.seq += 1
+            try:
+                head = self.rx.add_buf(**kw)
+            except MemoryError:
+                return
+            self.rx_writable[head] = sum(kw["in_sizes"])
+
+    def refill(self) -> None:
+        missing = RX_POSTED - self.rx.outstanding
+        if missing > 0:
+            self.post_rx("normal", missing)
+
+    def reap_tx(self) -> bool:
+        if 1 in self.broken:
+            return False
+        got = False
+        while (used := self.tx.get_buf()) is not None:
+            got = True
+            if used.len_ != 0:
+                raise Violation(f"TX chain {used.id} used with length {used.len_}, not 0")
+        return got
+
+    def reap_rx(self) -> bool:
+        if 0 in self.broken:
+            return False
+        got = False
+        while True:
+            head_len = self._peek_used(self.rx)
+            used = self.rx.get_buf()
+            if used is None:
+                return got
+            got = True
+            room = self.rx_writable.pop(used.id)
+            if used.len_ > room:
+                raise Violation(f"RX chain {used.id}: used length {used.len_} > its "
+                                f"{room} writable bytes")
+            assert head_len == (used.id, used.len_)
+            self.receive(used.data, used.len_)
+
+    @staticmethod
+    def _peek_used(drv: SplitDriver):
+        if drv.last_used_idx == drv.used_idx:
+            return None
+        return drv.used_elem(drv.last_used_idx & (drv.size - 1))
+
+    def receive(self, data: bytes, length: int) -> None:
+        if length == 0:
+            return  # a buffer given back unused (too small for a header)
+        if length < HDR:
+            raise Violation(f"RX packet of {length} bytes: shorter than a header")
+        h = VsockHeader.unpack(data[:HDR])
+        if h.src_cid != HOST_CID or h.dst_cid != CID:
+            raise Violation(f"RX packet with CIDs {h.src_cid}->{h.dst_cid}: {h}")
+        if HDR + h.len_ != length:
+            raise Violation(f"RX packet len {h.len_} but used length {length}: {h}")
+        c = next((c for c in self.conns if (c.guest_port, c.host_port)
+                  == (h.dst_port, h.src_port)), None)
+        if c is None or c.state == "closed":
+            return  # (RSTs for unknown ports and late packets)
+        c.peer_buf_alloc, c.peer_fwd_cnt = h.buf_alloc, h.fwd_cnt
+        op = h.op
+        if op == Op.RESPONSE:
+            if c.state == "connecting":
+                c.state = "established"
+        elif op == Op.RW:
+            if h.type_ != Type.STREAM:
+                raise Violation(f"RW of type {h.type_} on a stream: {h}")
+            c.received += data[HDR:length]
+            c.rx_cnt = (c.rx_cnt + h.len_) & U32
+            if (c.rx_cnt - c.fwd_cnt) & U32 > GUEST_BUF_ALLOC and not c.credit_lied:
+                raise Violation(f"conn {c.index}: the device overran the guest's credit: "
+                                f"{(c.rx_cnt - c.fwd_cnt) & U32} > {GUEST_BUF_ALLOC}")
+            if c.consume:
+                self.consume(c)
+        elif op == Op.CREDIT_REQUEST:
+            self.control(c, Op.CREDIT_UPDATE)
+        elif op == Op.SHUTDOWN:
+            c.told = c.told or "shutdown"
+            if h.flags & ShutdownFlag.BOTH == ShutdownFlag.BOTH:
+                self.control(c, Op.RST)  # as Linux virtio_transport_recv_connected
+                c.state = "closed"
+        elif op == Op.RST:
+            c.told = "rst"
+            c.state = "closed"
+
+    def consume(self, c: Conn) -> None:
+        c.fwd_cnt = c.rx_cnt
+        if (c.fwd_cnt - c.adv_fwd_cnt) & U32 >= GUEST_BUF_ALLOC // 2:
+            self.control(c, Op.CREDIT_UPDATE)
+
+    # -- host peers ----------------------------------------------------------------------------
+    def host_io(self) -> bool:
+        moved = False
+        for c, listener in zip(self.conns, self.listeners):
+            if c.peer is None and not c.peer_gone:
+                try:
+                    c.peer, _ = listener.accept()
+                    c.peer.setblocking(False)
+                    moved = True
+                except BlockingIOError:
+                    pass
+            if c.peer is not None and c.peer_reading:
+                try:
+                    while chunk := c.peer.recv(1 << 20):
+                        c.host_received += chunk
+                        moved = True
+                    if not c.peer_eof:
+                        c.peer_eof = moved = True
+                except (BlockingIOError, ConnectionResetError):
+                    pass
+        return moved
+
+    def host_write(self, c: Conn, n: int) -> None:
+        if c.peer is None:
+            return
+        data = _pattern(len(c.host_sent), n, 100 + c.index)
+        try:
+            sent = c.peer.send(data)
+        except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+            sent = 0
+        c.host_sent += data[:sent]
+
+    def host_close(self, c: Conn, mode: str) -> None:
+        if c.peer is None:
+            return
+        c.peer_gone = True
+        if mode == "shut_wr":
+            c.peer.shutdown(socket.SHUT_WR)
+            return
+        if mode == "close":
+            self.host_io()
+        c.peer.close()
+        c.peer = None
+
+    # -- running -------------------------------------------------------------------------------
+    def settle(self, force_kick: bool = False) -> None:
+        quiet = 0
+        for _ in range(SETTLE_ROUNDS):
+            self.refill()
+            self.turn(force_kick)
+            moved = self.reap_tx() | self.reap_rx() | self.host_io()
+            quiet = 0 if moved else quiet + 1
+            if quiet >= 3:
+                return
+
+    def step(self, step: tuple) -> None:
+        kind, *args = step
+        if kind == "send":
+            ci, n, shape, cut = args
+            self.send(self.conns[ci], n, shape, cut)
+        elif kind == "hostile":
+            hk, arg = args
+            self.hostile(hk, self.conns[VICTIM], arg)
+        elif kind == "post_rx":
+            self.post_rx(*args)
+        elif kind == "host_write":
+            ci, n = args
+            self.host_write(self.conns[ci], n)
+        elif kind == "victim_reading":
+            self.conns[VICTIM].peer_reading = args[0]
+        elif kind == "victim_consume":
+            c = self.conns[VICTIM]
+            c.consume = args[0]
+            if c.consume and c.state == "established":
+                self.consume(c)
+                self.control(c, Op.CREDIT_UPDATE)
+        elif kind == "victim_shutdown":
+            c = self.conns[VICTIM]
+            if c.state == "established":
+                c.guest_shut |= args[0]
+                self.control(c, Op.SHUTDOWN, args[0])
+        elif kind == "victim_close":
+            self.host_close(self.conns[VICTIM], args[0])
+        elif kind == "break":
+            self.break_ring(*args)
+        elif kind != "idle":  # pragma: no cover
+            raise ValueError(kind)
+        self.settle(force_kick=self.broken_asked)
+        self.check_broken()
+        self.check_progress()
+        self.steps_run += 1
+
+    # -- broken rings --------------------------------------------------------------------------
+    def break_ring(self, queue: int, how: str, arg: int) -> None:
+        if queue in self.broken:
+            return
+        drv = self.rx if queue == 0 else self.tx
+        if queue == 1:
+            self.reap_tx()
+        else:
+            self.reap_rx()
+        if drv.num_free < 2:
+            return
+        head = drv.free_head
+        other = drv._next[head]
+        buf = drv.alloc.alloc(64)
+        flag = WRITE if queue == 0 else 0
+        if how == "loop":
+            drv.write_desc(head, buf, 64, flag | NEXT, head)
+        elif how == "next_oob":
+            drv.write_desc(head, buf, 64, flag | NEXT, QSIZE + arg % 1000)
+        elif how == "addr_oob":
+            drv.write_desc(head, RAM + (arg << 12), 64, flag, 0)
+        elif how == "indirect_nested":
+            drv.write(buf, DESC.pack(buf, 16, INDIRECT, 0) * 4)
+            drv.write_desc(head, buf, 64, INDIRECT, 0)
+        if how == "avail_jump":
+            drv.write_avail_idx(drv.avail_idx_shadow + QSIZE + 1 + arg % 1000)
+        else:
+            # the driver's bookkeeping, as if this were a chain it added (then exposed)
+            drv._outstanding[head] = _Outstanding([buf], [], 1, [head], None, None)
+            drv.free_head, drv.num_free = other, drv.num_free - 1
+            if queue == 0:
+                self.rx_writable[head] = 0
+            drv.expose(head)
+        self.broken_asked = True
+        self.turn(force_kick=True)
+
+    def _note_broken(self) -> None:
+        """A queue the device found broken: its used idx then (the call that found it may
+        return the bad chain with used length 0; nothing may follow)."""
+        for queue, (vq, drv) in enumerate(((self.rxvq, self.rx), (self.txvq, self.tx))):
+            if queue not in self.broken and vq.broken is not None:
+                self.broken[queue] = drv.used_idx
+
+    def _broken_log_count(self, queue: int) -> int:
+        name = "RX queue broken" if queue == 0 else "TX queue broken"
+        return self.records.count(name)
+
+    def check_broken(self) -> None:
+        for queue in (0, 1):
+            if queue not in self.broken and self._broken_log_count(queue):
+                raise Violation(f"queue {queue}: logged broken but the ring is not")
+        for queue, used in self.broken.items():
+            drv = self.rx if queue == 0 else self.tx
+            if drv.used_idx != used:
+                raise Violation(f"queue {queue} used {drv.used_idx - used} chains after it "
+                                f"broke")
+            logged = self._broken_log_count(queue)
+            if logged > 1:
+                raise Violation(f"queue {queue} broken: logged {logged} times (once is the "
+                                f"rule, STYLE R5)")
+
+    # -- progress and delivery -----------------------------------------------------------------
+    def check_progress(self) -> None:
+        """The good connection is never stuck: what one side sent reached the other (the
+        host peer reads and the guest consumes at once), unless the guest was told it
+        ended. Checked only while both queues run."""
+        c = self.conns[GOOD]
+        self.check_delivery(c, complete=not self.broken)
+
+    def check_delivery(self, c: Conn, complete: bool) -> None:
+        if not c.host_received == c.sent[:len(c.host_received)]:
+            raise Violation(f"conn {c.index}: the host got bytes the guest did not send "
+                            f"(or out of order) at {_first_diff(c.host_received, c.sent)}")
+        if not c.received == c.host_sent[:len(c.received)]:
+            raise Violation(f"conn {c.index}: the guest got bytes the host did not send "
+                            f"(or out of order) at {_first_diff(c.received, c.host_sent)}")
+        if c.state == "established" and c.index == GOOD and not c.spoofed and c.told:
+            raise Violation(f"good conn told {c.told} while nothing hostile touched it")
+        if c.state == "closed" and c.index == GOOD and not c.spoofed:
+            raise Violation("good connection reset though nothing hostile touched it")
+        if not complete or c.peer_gone:
+            return
+        if c.guest_shut & ShutdownFlag.SEND and c.told != "rst" and c.peer is not None:
+            if len(c.host_received) != len(c.sent) or not c.peer_eof:
+                raise Violation(f"conn {c.index}: the guest sent {len(c.sent)} bytes then "
+                                f"SHUTDOWN(SEND); the host got {len(c.host_received)}, "
+                                f"EOF {c.peer_eof}")
+        if c.state != "established":
+            return
+        if c.peer_eof and not c.guest_shut & ShutdownFlag.SEND:
+            raise Violation(f"conn {c.index}: the host peer got EOF but the guest did not "
+                            f"shut down and was not told")
+        if len(c.host_received) != len(c.sent):
+            raise Violation(f"conn {c.index}: the guest sent {len(c.sent)} bytes, the host "
+                            f"got {len(c.host_received)} and the guest was not told")
+        if len(c.received) != len(c.host_sent) and not c.guest_shut & ShutdownFlag.RCV:
+            raise Violation(f"conn {c.index}: the host sent {len(c.host_sent)} bytes, the "
+                            f"guest got {len(c.received)} and was not told")
+
+    def finish(self) -> None:
+        """Open every tap (peers read, the guest consumes) and check delivery and that the
+        device and the guest agree on which connections exist."""
+        v = self.conns[VICTIM]
+        v.peer_reading = True
+        if not v.consume:
+            v.consume = True
+            if v.state == "established":
+                self.consume(v)
+                self.control(v, Op.CREDIT_UPDATE)
+        self.settle(force_kick=self.broken_asked)
+        self.check_broken()
+        for c in self.conns:
+            if c.tainted:
+                continue
+            self.check_delivery(c, complete=not self.broken)
+        if self.broken:
+            return
+        for c in self.conns:
+            alive = self.backend.muxer._lookup(ConnKey(CID, c.host_port, c.guest_port))
+            if c.state == "established" and alive is None:
+                raise Violation(f"conn {c.index}: the device dropped it and the guest was "
+                                f"not told")
+
+
+def _first_diff(a: bytes | bytearray, b: bytes | bytearray) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def run_steps(steps: list[tuple], ring: str = "c") -> World:
+    """Connect both connections, run ``steps``, then ``finish``; raises `Violation`."""
+    world = World(ring)
+    try:
+        world.connect()
+        world.settle()
+        for c in world.conns:
+            if c.state != "established":
+                raise Violation(f"conn {c.index} did not connect: {c}")
+        for step in steps:
+            world.step(step)
+        world.finish()
+        return world
+    finally:
+        world.close()
+
+
+# -- bytes -> steps (atheris) --------------------------------------------------------------------
+def decode(data: bytes) -> tuple[str, list[tuple]]:
+    """A ring name and a step list from fuzz bytes."""
+    ring = "py" if data[:1] and data[0] & 1 else "c"
+    steps: list[tuple] = []
+    pos = 1
+
+    def take() -> int:
+        nonlocal pos
+        pos += 1
+        return data[pos - 1] if pos <= len(data) else 0
+
+    while pos < len(data) and len(steps) < 40:
+        k = take() % 12
+        if k <= 3:
+            steps.append(("send", take() % 2, 1 + take() * 64, GOOD_SHAPES[take() % 5], take()))
+        elif k == 4:
+            steps.append(("hostile", HOSTILE_TX[take() % len(HOSTILE_TX)], take() * 257))
+        elif k == 5:
+            steps.append(("post_rx", RX_SHAPES[take() % len(RX_SHAPES)], 1 + take() % 4))
+        elif k == 6:
+            steps.append(("host_write", take() % 2, 1 + take() * 200))
+        elif k == 7:
+            steps.append(("victim_reading", bool(take() & 1)))
+        elif k == 8:
+            steps.append(("victim_consume", bool(take() & 1)))
+        elif k == 9:
+            steps.append(("victim_close", ("close", "close_unread", "shut_wr")[take() % 3]))
+        elif k == 11 and take() < 128:
+            steps.append(("victim_shutdown", 1 + take() % 3))
+        elif k == 10 and take() < 32:
+            steps.append(("break", take() % 2, BREAKS[take() % len(BREAKS)], take()))
+        else:
+            steps.append(("idle",))
+    return ring, steps
+
+
+def one_input(data: bytes) -> None:
+    ring, steps = decode(data)
+    run_steps(steps, ring)
+
+
+def main() -> None:  # pragma: no cover - needs atheris
+    import atheris
+
+    atheris.Setup(sys.argv, one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
