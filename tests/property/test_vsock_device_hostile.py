@@ -50,6 +50,7 @@ RINGS = pytest.mark.parametrize("ring", ["c", "py"])
 
 
 @RINGS
+@pytest.mark.timeout(1800)  # nightly: about 450 examples of up to a second or two each
 @scaled(0.15)
 @given(steps=steps)
 def test_hostile_guest_and_host_peers_keep_every_invariant(ring, steps):
@@ -126,3 +127,13 @@ def test_fuzz_byte_decoder_covers_every_step_kind():
     assert kinds >= {"send", "hostile", "post_rx", "host_write", "victim_reading",
                      "victim_consume", "victim_close", "victim_shutdown", "idle"}
     assert World  # the world class the fuzz target runs
+
+
+@pytest.mark.parametrize("seed", [b"\x00" + bytes(range(7, 250, 3)), b"\x01" + b"\x05\x03" * 30,
+                                  b"\x00\x04\x01\x00\x04\x02\x00\x09\x01\x00\x0a\x01\x01\x00"])
+def test_fuzz_entry_point_runs_seed_inputs(seed):
+    """The atheris entry point runs a decoded input end to end (both rings by the first
+    byte) with every invariant checked."""
+    from tests.fuzz.fuzz_vsock_device import one_input
+
+    one_input(seed)
