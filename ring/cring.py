@@ -377,6 +377,18 @@ class Virtqueue(VirtqueueBase):
         self._mark_popped(chain)
         return chain
 
+    def _advanced(self, position: tuple[int, int], chains: list[Chain]) -> tuple[int, int]:
+        """``(last_avail_idx, avail_wrap)`` after ``chains`` were popped from ``position``."""
+        idx, wrap = position
+        if not self.packed:
+            return (idx + len(chains)) & 0xFFFF, wrap
+        for chain in chains:
+            idx += chain.ring_slots
+            if idx >= self.size:
+                idx -= self.size
+                wrap ^= 1
+        return idx, wrap
+
     def _mark_popped(self, chain: Chain) -> None:
         q = self._q
         self._unpop_mark = (chain.head, chain.ring_slots, q.last_avail_idx, q.avail_wrap)
@@ -407,12 +419,18 @@ class Virtqueue(VirtqueueBase):
         chains: list[Chain] = []
         while len(chains) < max_chains:
             want = min(_BATCH_CHAINS, max_chains - len(chains))
+            before = (self._q.last_avail_idx, self._q.avail_wrap)
             rc = lib.vr_pop_batch(self._q, self._chain, want, self._seg, _BATCH_SEGMENTS,
                                   self._popped)
             got = self._popped[0]
-            chains.extend(self._make_chains(got))
+            new = self._make_chains(got)
+            chains.extend(new)
             if got:
-                self._mark_popped(chains[-1])
+                # the ring's position just past the last good chain: a failure after it may
+                # have consumed the bad chain too, and unpop must then refuse, as the
+                # reference's pop-by-pop batch does
+                self._unpop_mark = (new[-1].head, new[-1].ring_slots,
+                                    *self._advanced(before, new))
             if rc < 0:
                 raise self._error(rc, chains)
             if got < want:

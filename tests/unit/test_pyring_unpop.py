@@ -11,6 +11,7 @@ import socket
 
 import pytest
 
+from ring.errors import DriverError
 from tests.support import RING_IMPLS, ring_impl_class
 from tests.support.driver import bytearray_memory, make_driver
 
@@ -105,3 +106,42 @@ def test_unpop_after_pop_batch_and_not_after_a_datapath_call(vq_cls, packed):
         a.close()
         b.close()
     assert vq.in_flight == 2
+
+
+def _batch_fails_after_one_good_chain(vq_cls, bad_head_in_range: bool):
+    """A split ring holding one good chain, then a bad one: a descriptor whose next is
+    itself (the head is known, so the ring consumes the chain and returns it used), or an
+    avail entry naming a head beyond the ring (nothing to consume)."""
+    drv, vq = setup(vq_cls, False, size=4)
+    good = drv.add_buf(in_sizes=[8])
+    if bad_head_in_range:
+        drv.write_desc(3, 0x9000, 8, 1, 3)  # VIRTQ_DESC_F_NEXT, next = itself
+        drv.write_avail_slot(1, 3)
+    else:
+        drv.write_avail_slot(1, 7)  # head 7 >= size 4
+    drv.write_avail_idx(2)
+    with pytest.raises(DriverError) as caught:
+        vq.pop_batch(4)
+    [chain] = caught.value.chains
+    assert chain.head == good
+    return vq, chain
+
+
+def test_unpop_after_a_batch_that_consumed_a_bad_chain_is_refused(vq_cls):
+    """The bad chain after the good one was consumed (and returned used), so the good one
+    is no longer the last the ring popped: giving it back would step the ring back over the
+    bad chain. The C ring accepted it (found by the nightly differential property run)."""
+    vq, chain = _batch_fails_after_one_good_chain(vq_cls, bad_head_in_range=True)
+    base = vq.get_base()
+    with pytest.raises(ValueError):
+        vq.unpop(chain)
+    assert vq.get_base() == base
+
+
+def test_unpop_after_a_batch_that_stopped_at_an_unknown_head_gives_the_chain_back(vq_cls):
+    """Nothing was consumed after the good chain (the head was out of range), so it is
+    still the last popped one and goes back, in both implementations."""
+    vq, chain = _batch_fails_after_one_good_chain(vq_cls, bad_head_in_range=False)
+    base = vq.get_base()
+    vq.unpop(chain)
+    assert vq.get_base() == (base - 1) & 0xFFFF
