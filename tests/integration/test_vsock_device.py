@@ -228,6 +228,31 @@ def test_guest_connects_to_host_port(setup):
     peer.close()
 
 
+def test_guest_shutdown_rcv_makes_host_writes_fail_with_epipe(setup):
+    """A guest that shuts down receiving (SHUTDOWN RCV) will read nothing more: the host
+    peer's writes then fail with EPIPE, as a Linux vsock sender's do once its peer shut
+    down receiving, instead of filling the socket and blocking; the guest can still send.
+
+    Spec: virtio 1.2 §5.10.6.5 (SHUTDOWN: the peer will receive no more data)."""
+    server = setup.host_listen(5001)
+    conn = setup.guest.connect(5001)
+    peer, _ = server.accept()
+    peer.settimeout(10)
+    conn.shutdown(ShutdownFlag.RCV)
+    deadline = time.monotonic() + 10
+    while True:
+        setup.guest.pump(0.01)
+        try:
+            peer.send(b"unwanted")
+        except BrokenPipeError:
+            break
+        assert time.monotonic() < deadline, "the host peer's writes never failed"
+    conn.send(b"still sending")
+    setup.guest.pump(0.1)
+    assert peer.recv(100) == b"still sending"
+    peer.close()
+
+
 def test_guest_connect_refused_gets_rst(setup):
     conn = setup.guest.connect(5999)  # nobody listens at <uds_path>_5999
     assert conn.state == "reset" and conn.rst_received

@@ -247,6 +247,17 @@ def test_guest_shutdown_rcv_stops_host_reads():
     assert h.rx() == []
 
 
+def test_guest_shutdown_rcv_shuts_the_host_socket_for_reading_only():
+    """The host peer's later writes must fail (EPIPE), as a Linux vsock sender's do once
+    its peer shut down receiving, not fill the socket; the guest may still send."""
+    h = Harness()
+    key = h.open_guest_conn()
+    h.send(pkt(Op.SHUTDOWN, flags=ShutdownFlag.RCV))
+    assert h.socks[key].shut_rd and not h.socks[key].shut_wr and not h.socks[key].closed
+    h.send(pkt(Op.RW, payload=b"still"))
+    assert h.socks[key].received == b"still"
+
+
 def test_guest_rst_closes_host_without_reply():
     h = Harness()
     key = h.open_guest_conn()

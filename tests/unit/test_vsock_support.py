@@ -28,6 +28,7 @@ class FakeHostSock:
     hangup: bool = False
     closed: bool = False
     shut_wr: bool = False
+    shut_rd: bool = False
     replies: list = field(default_factory=list)
     read: bool = False
     write: bool = False
@@ -88,7 +89,8 @@ class Harness:
                 if a.key in self.socks:
                     self.socks[a.key].closed = True
             elif isinstance(a, ShutdownHost):
-                self.socks[a.key].shut_wr = True
+                self.socks[a.key].shut_wr |= a.write
+                self.socks[a.key].shut_rd |= a.read
             elif isinstance(a, ReplyHost):
                 self.socks[a.key].replies.append(a.data)
             elif isinstance(a, SetHostInterest):

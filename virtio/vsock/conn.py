@@ -45,7 +45,8 @@ Credit (§5.10.6.3), with all counters u32 and wrapping:
 Close semantics:
 
 * guest SHUTDOWN SEND: after the buffered guest data is written, ``ShutdownHost`` (SHUT_WR).
-* guest SHUTDOWN RCV: stop reading the host socket; drop what is queued for the guest.
+* guest SHUTDOWN RCV: stop reading the host socket; drop what is queued for the guest;
+  ``ShutdownHost`` (SHUT_RD): the host peer's further writes fail with EPIPE.
 * guest SHUTDOWN RCV|SEND: after the drain, RST to the guest and ``CloseHost`` (the guest
   driver waits for our RST); a drain that takes longer than ``shutdown_timeout_s`` is cut.
 * host EOF (``read() == 0``): SHUTDOWN SEND to the guest (half-close, the guest may still
@@ -164,9 +165,14 @@ class WriteHost:
 
 @dataclass(frozen=True, slots=True)
 class ShutdownHost:
-    """``shutdown(SHUT_WR)`` the host socket: the guest will send nothing more."""
+    """``shutdown()`` the host socket: ``SHUT_WR`` (the default) when the guest will send
+    nothing more; ``SHUT_RD`` (``read=True, write=False``) when it will receive nothing
+    more, so the host peer's later writes fail with EPIPE, as a Linux vsock sender's do
+    once its peer shut down receiving, instead of filling the socket and blocking."""
 
     key: ConnKey
+    read: bool = False
+    write: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -943,11 +949,14 @@ class Connection:
     def _guest_shutdown(self, flags: int, now: float) -> list[Action]:
         new = flags & ~self.peer_shut
         self.peer_shut |= flags
+        actions: list[Action] = []
         if new & _RCV:
             self._h2g.clear()
             self._h2g_off = 0
             self.host_readable = False
-        actions = self._after_drain(now)
+            if self.host_open and self.state is ConnState.ESTABLISHED:
+                actions.append(ShutdownHost(self.key, read=True, write=False))
+        actions += self._after_drain(now)
         return actions
 
     def _peer_reset(self, now: float) -> list[Action]:

@@ -321,11 +321,14 @@ class VsockHost:
 
     def _shutdown(self, action: ShutdownHost) -> None:
         hs = self._socks.get(action.key)
-        if hs is not None:
-            try:
-                hs.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+        if hs is None or not (action.read or action.write):
+            return
+        how = (socket.SHUT_RDWR if action.read and action.write
+               else socket.SHUT_RD if action.read else socket.SHUT_WR)
+        try:
+            hs.sock.shutdown(how)
+        except OSError:
+            pass
 
     def _current(self, key: ConnKey):
         try:
