@@ -425,9 +425,11 @@ class Virtqueue(VirtqueueBase):
             got = self._popped[0]
             new = self._make_chains(got)
             chains.extend(new)
-            if got:
-                # the ring's position just past the last good chain: a failure after it may
-                # have consumed the bad chain too, and unpop must then refuse, as the
+            if got and rc >= 0:
+                self._mark_popped(new[-1])
+            elif got:
+                # the ring's position just past the last good chain: the failure after it
+                # may have consumed the bad chain too, and unpop must then refuse, as the
                 # reference's pop-by-pop batch does
                 self._unpop_mark = (new[-1].head, new[-1].ring_slots,
                                     *self._advanced(before, new))
