@@ -460,15 +460,15 @@ static const char *arg_str(int argc, char **argv, const char *key)
     return NULL;
 }
 
+/* The number KEY= gives; a missing KEY= ends the program (exit 2). */
 static uint64_t arg(int argc, char **argv, const char *key)
 {
-    size_t k = strlen(key);
-    int i;
-    for (i = 1; i < argc; i++)
-        if (strncmp(argv[i], key, k) == 0 && argv[i][k] == '=')
-            return strtoull(argv[i] + k + 1, NULL, 0);
-    fprintf(stderr, "vsock_guest: missing %s=\n", key);
-    exit(2);
+    const char *value = arg_str(argc, argv, key);
+    if (!value) {
+        fprintf(stderr, "vsock_guest: missing %s=\n", key);
+        exit(2);
+    }
+    return strtoull(value, NULL, 0);
 }
 
 int main(int argc, char **argv)
