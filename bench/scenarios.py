@@ -295,7 +295,11 @@ def many_ports(ctx: Ctx, nports: int = 126) -> list[Row]:
     machine: one port alone (``queue_size`` 16, as each of the many ports); one port alone
     holding as many guest bytes in flight as all the ports together (the working-set-matched
     reference: one queue of ``nports × 16`` rounded up to a power of two); all ports; all
-    ports with the first one's host peer never reading.
+    ports with the first one's host peer never reading. Each round also measures what the
+    machine itself loses to that working set: the raw AF_UNIX writer cycling over all the
+    ports' guest buffers (``nports × 16 × 32 KiB``) against one port's (16 × 32 KiB), both
+    at 32 KiB writes; the ratio is reported beside the target (a cold source costs raw
+    sockets as much as it costs the back-end).
 
     126 ports: ``max_nr_ports`` 127 is the vhost-user maximum (virtio/config.py) and the
     console device keeps port 0 for a console port, leaving ids 1..126 for named ports."""
@@ -304,6 +308,7 @@ def many_ports(ctx: Ctx, nports: int = 126) -> list[Row]:
     matched_qsize = 1 << (nports * qsize - 1).bit_length()
     names = [f"p{i}" for i in range(nports)]
     for pin in ctx.pinnings:
+        cpus = PINNINGS[pin]
         common = dict(workload="console-tx", chunk=chunk, peer_mode="sink",
                       max_ports=nports + 1)
         setups: dict[str, ConsoleSetup] = {}
@@ -315,11 +320,17 @@ def many_ports(ctx: Ctx, nports: int = 126) -> list[Row]:
             setups["stalled"] = ConsoleSetup(ctx, pin, names=names, queue_size=qsize,
                                              stall=(names[0],), **common)
             results: dict[str, list[dict]] = {k: [] for k in setups}
+            raw: dict[str, list[float]] = {"one": [], "all": []}
             for round_ in range(ctx.runs + 1):  # round 0 warms up
                 for key, setup in setups.items():
                     r = setup.guest.run(ctx.seconds)
                     if round_:
                         results[key].append(r)
+                for key, working_set in (("one", qsize * chunk), ("all", nports * qsize * chunk)):
+                    value = limit_stream(chunk, ctx.seconds, "read", cpus["writer"],
+                                         cpus["reader"], working_set)["bytes_per_s"]
+                    if round_:
+                        raw[key].append(value)
             if ctx.profiling(pin):
                 for key in ("all", "one", "matched"):
                     ctx.profiler.run(f"{nports} ports", key,
@@ -341,6 +352,13 @@ def many_ports(ctx: Ctx, nports: int = 126) -> list[Row]:
                         f"1 port alone with the same guest bytes in flight ({matched_qsize}"
                         f"-entry queue × {chunk // KIB} KiB = "
                         f"{matched_qsize * chunk // (1 << 20)} MiB)", None, chunk=chunk))
+        ctx.log(_fmt(rows[-1]))
+        rows.append(Row("ports-raw-working-set",
+                        f"machine: raw AF_UNIX with {nports} ports' source bytes vs 1 port's",
+                        pin, "raw", "B/s", raw["all"], raw["one"],
+                        f"raw AF_UNIX write() cycling over {qsize * chunk // KIB} KiB "
+                        f"({qsize} × {chunk // KIB} KiB, 1 port's guest buffers)", None,
+                        chunk=chunk, extra={"working_set": nports * qsize * chunk}))
         ctx.log(_fmt(rows[-1]))
         jain = [_jain(p) for p in per_port]
         rows.append(Row("ports-fairness", f"{nports} ports, Jain's fairness index", pin,
