@@ -3,12 +3,16 @@
 Unlike ``fuzz_vsock.py`` (the sans-I/O muxer alone), this runs a real `VsockBackend` on a
 real `EventLoop`, real host UNIX sockets and real memfd guest RAM driven by the ring driver
 model (``tests.support.driver``), so the C TX lane, the C RX pump, the general Python TX/RX
-paths and `VsockHost` all take part. A small guest model (`Guest`) opens two stream
+paths and `VsockHost` all take part; the queues are set up by vhost-user messages through
+a real `BackendSession`, as a front-end does. A small guest model opens two stream
 connections to host services — ``good`` (never the target of a malformed packet) and
 ``victim`` — and a step list mixes well-formed traffic with hostile guest actions (headers
 that lie, bad CIDs/ports/types/ops, odd descriptor layouts, RX buffers that are read-only or
 too small, broken rings) and host events (a peer that stops reading, closes, resets or
-writes while the guest has no credit).
+writes while the guest has no credit). Host clients also connect to the back-end's UNIX
+socket with good, split, bad or unfinished ``CONNECT <port>`` lines, and the guest answers
+the device's REQUEST in every way (`HOST_ANSWERS`; tests/property/
+test_vsock_device_host_connect.py has the invariants).
 
 Invariants, checked after every device call and every step (`World.check_*`):
 
@@ -40,6 +44,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from typing import Any
 
 if __package__ in (None, ""):
@@ -50,9 +55,12 @@ import numpy as np  # noqa: E402
 
 from tests.support import ring_impl_class  # noqa: E402
 from tests.support.driver import DESC, INDIRECT, NEXT, WRITE, Allocator, MemfdRam, \
-    SplitDriver, _Outstanding  # noqa: E402
-from vhost_user.device import QueueHandle  # noqa: E402
-from vhost_user.wire import VirtioFeature  # noqa: E402
+    PackedDriver, SplitDriver, _Outstanding  # noqa: E402
+from vhost_user.channel import Message  # noqa: E402
+from vhost_user.frontend import PACKED_FRESH_BASE  # noqa: E402
+from vhost_user.session import OFFERED_PROTOCOL_FEATURES, BackendSession  # noqa: E402
+from vhost_user.wire import FrontendReq, Header, MemoryRegion, MemoryTable, U64, \
+    VirtioFeature, VringAddr, VringFd, VringState  # noqa: E402
 from virtio.config import VsockConfig  # noqa: E402
 from virtio.loop import EventLoop  # noqa: E402
 from virtio.vsock.conn import ConnKey  # noqa: E402
@@ -71,6 +79,8 @@ GOOD, VICTIM = 0, 1
 HOST_PORTS = (80, 81)
 GUEST_PORTS = (1000, 1001)
 SETTLE_ROUNDS = 60
+#: the host-client handshake and guest-answer timeouts (short: the harness waits them out)
+HANDSHAKE_S = 0.05
 U32 = 0xFFFFFFFF
 
 #: legal TX descriptor layouts a well-behaved guest may use
@@ -83,6 +93,23 @@ HOSTILE_TX = ("len_beyond", "len_short", "over_credit", "bad_type", "bad_op",
 RX_SHAPES = ("normal", "single", "indirect", "tiny", "readonly_first", "zero_len", "hdr_only",
              "many")
 BREAKS = ("loop", "next_oob", "avail_jump", "addr_oob", "indirect_nested")
+#: guest ports a host client asks for (the guest "listens" on each, answering as the step says)
+LISTEN_PORTS = (5000, 5001, 7)
+#: how the guest answers the device's REQUEST for a host client's CONNECT
+HOST_ANSWERS = ("response", "rst", "none", "late_response", "credit_update", "rw_first",
+                "shutdown", "request", "seqpacket_response")
+#: answers Linux's connecting side resets (virtio_transport_recv_connecting: anything but
+#: RESPONSE / RST / INVALID is "destroy": an RST to the peer, an error to the socket)
+GARBAGE_ANSWERS = ("rw_first", "shutdown", "request", "seqpacket_response")
+#: how a host client sends a good line: at once (with bytes after it), in two pieces, or
+#: closing its socket right after it (mid-handshake, before the OK)
+CONNECT_HOW = ("whole", "split", "close_after")
+#: lines the handshake parser must refuse, and lines that never end (cut, or closed)
+BAD_LINES = (b"CONNEC 5000\n", b"connect 5000\n", b"CONNECT x\n", b"CONNECT \n",
+             b"CONNECT 5000\r\n", b"CONNECT 99999999999\n", b"CONNECT 4294967296\n",
+             b"CONNECT 5000 \n", b"\n", b"C" * 40, b"CONNECT -1\n", b"CONNECT 0x10\n",
+             b"CONNECT 50\x0000\n", b"OK 5000\n")
+PARTIAL_LINES = (b"", b"CONN", b"CONNECT ", b"CONNECT 50", b"CONNECT 4294967295")
 
 
 class Violation(AssertionError):
@@ -135,16 +162,43 @@ class Conn:
     tainted: bool = False  # a malformed packet was sent on it
     spoofed: bool = False  # a packet with its ports but a wrong CID was sent
     credit_lied: bool = False  # it advertised a buf_alloc/fwd_cnt it does not have
+    # host-initiated connections (a host client's CONNECT <port>; host_port from REQUEST)
+    answer: str = ""  # how the guest answers the REQUEST (HOST_ANSWERS); "" = guest-initiated
+    requested: bool = False  # the device sent the REQUEST
+    responded_in_time: bool = False  # the guest sent RESPONSE before the device gave up
+    ok_line: bytes = b""  # what the client must read first once the guest accepted
+    raw: bytearray = dataclasses.field(default_factory=bytearray)  # all the client read
+    rsts: int = 0  # RSTs the guest got for it
 
     @property
     def credit(self) -> int:
         return max(0, self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & U32))
 
 
-class World:
-    """A device, its guest and its host peers; see the module docstring."""
+@dataclasses.dataclass
+class Client:
+    """A host client of the hybrid-vsock socket that never completes a valid handshake."""
 
-    def __init__(self, ring: str) -> None:
+    sock: socket.socket
+    line: bytes
+    closed_by_us: bool = False
+    eof: bool = False  # the device closed it
+    got: bytearray = dataclasses.field(default_factory=bytearray)
+
+
+class World:
+    """A device, its guest and its host peers; see the module docstring.
+
+    The queues are set up the way a front-end does it, through a real `BackendSession`
+    (vhost-user messages handled in-process: SET_FEATURES, SET_MEM_TABLE, per queue
+    SET_VRING_NUM/BASE/ADDR/KICK/CALL and SET_VRING_ENABLE), so a queue restart or a device
+    reset goes through the same code as with QEMU. ``packed`` uses packed rings
+    (VIRTIO_F_RING_PACKED, offered by the session for every device); ``event_queue`` also
+    starts queue 2 (the guest then posts ``event_buffers`` there).
+    """
+
+    def __init__(self, ring: str, *, packed: bool = False, event_queue: bool = False,
+                 event_buffers: str = "good") -> None:
         self.dir = tempfile.mkdtemp(prefix="vsh-")
         self.records = _Records()
         self._loggers = [logging.getLogger(n) for n in ("virtio", "ring", "vhost_user")]
@@ -158,38 +212,125 @@ class World:
             s.listen(16)
             s.setblocking(False)
             self.listeners.append(s)
-        cfg = VsockConfig(guest_cid=CID, socket=f"{self.dir}/vu.sock", uds_path=f"{self.dir}/v",
-                          tx_buffer_size=DEVICE_BUF, credit_request_delay_s=0.0)
-        self.backend = VsockBackend(self.loop, [cfg])
+        self.uds_path = f"{self.dir}/v"
+        cfg = VsockConfig(guest_cid=CID, socket=f"{self.dir}/vu.sock", uds_path=self.uds_path,
+                          tx_buffer_size=DEVICE_BUF, credit_request_delay_s=0.0,
+                          connect_timeout_s=HANDSHAKE_S)
+        self.backend = VsockBackend(self.loop, [cfg], handshake_timeout_s=HANDSHAKE_S)
         self.dev = self.backend.device(CID)
+        self.ring = ring
+        self.packed = packed
+        self.session = BackendSession(self.dev, signal=lambda fd: None,
+                                      virtqueue_factory=ring_impl_class(ring))
         self.ram = MemfdRam([(0, RAM // 2), (RAM // 2, RAM // 2)])  # buffers straddle
         self.mem = self.ram.memory
-        self.dev_mem = self.ram.backend_memory()
-        alloc = Allocator(self.mem)
-        self.rx = SplitDriver(self.mem, QSIZE, event_idx=True, allocator=alloc, index=0)
-        self.tx = SplitDriver(self.mem, QSIZE, event_idx=True, allocator=alloc, index=1)
-        vq_cls = ring_impl_class(ring)
-        self.rxvq = self.rx.attach(vq_cls, self.dev_mem)
-        self.txvq = self.tx.attach(vq_cls, self.dev_mem)
-        self.dev.set_features(int(VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX
-                                  | VirtioFeature.RING_INDIRECT_DESC))
-        self.dev.queue_started(QueueHandle(0, self.rxvq, lambda fd: None))
-        self.dev.queue_started(QueueHandle(1, self.txvq, lambda fd: None))
+        self.alloc = Allocator(self.mem)
+        self.event_queue = event_queue
+        self.event_buffers = event_buffers
+        self.events_seen: list[tuple[int, bytes]] = []  # (used length, bytes) per event chain
+        self.ev_writable: dict[int, int] = {}  # event chain -> its writable bytes
         self.rx_writable: dict[int, int] = {}  # RX head -> its writable bytes
+        self.features = int(VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX
+                            | VirtioFeature.RING_INDIRECT_DESC
+                            | VirtioFeature.VHOST_USER_F_PROTOCOL_FEATURES
+                            | (VirtioFeature.RING_PACKED if packed else 0))
         self.conns = [Conn(i, GUEST_PORTS[i], HOST_PORTS[i]) for i in (GOOD, VICTIM)]
+        self.hconns: list[Conn] = []  # host-initiated connections (CONNECT <port>)
+        self.clients: list[Client] = []  # host clients that sent a bad or no CONNECT line
+        self.retired: list[Conn] = []  # connections of before a device reset
+        self.listening: dict[int, str] = {}  # guest port -> how the guest answers a REQUEST
         self.broken: dict[int, int] = {}  # queue -> its used idx once broken
         self.broken_asked = False  # a "break" step ran
         self.out_of_credit: set[int] = set()  # connections that had data and no credit
         self.seq = 0
         self.steps_run = 0
+        self.resets = 0
+        self.new_rings()
+        self.vu(FrontendReq.SET_PROTOCOL_FEATURES, U64(int(OFFERED_PROTOCOL_FEATURES)).pack())
+        self.vu(FrontendReq.SET_OWNER)
+        self.start_queues({})
+
+    # -- the front-end (vhost-user messages to the session) -----------------------------------
+    def vu(self, request: FrontendReq, payload: bytes = b"", fds: tuple[int, ...] = ()) -> list:
+        """One front-end request, handled by the session (with the memory check)."""
+        msg = Message(Header(int(request), 1, len(payload)), payload, tuple(fds))
+        out: list = []
+        self.device(lambda: out.extend(self.session.handle(msg)))
+        return out
+
+    def new_rings(self) -> None:
+        """Fresh rings (a driver that starts over: after a reset, or at boot)."""
+        drv = PackedDriver if self.packed else SplitDriver
+        self.rx = drv(self.mem, QSIZE, event_idx=True, allocator=self.alloc, index=0)
+        self.tx = drv(self.mem, QSIZE, event_idx=True, allocator=self.alloc, index=1)
+        self.ev = drv(self.mem, 8, event_idx=True, allocator=self.alloc, index=2) \
+            if self.event_queue else None
+        self.rx_writable = {}
+        self.ev_writable = {}
+
+    @property
+    def drivers(self) -> list:
+        return [d for d in (self.rx, self.tx, self.ev) if d is not None]
+
+    def start_queues(self, bases: dict[int, int]) -> None:
+        """vhost_dev_start: features, memory table, each ring (at ``bases``, else fresh),
+        then enable. Spec: vhost-user "Ring states", VHOST_USER_SET_VRING_BASE."""
+        self.vu(FrontendReq.SET_FEATURES, U64(self.features).pack())
+        regions = tuple(MemoryRegion(s.gpa, s.size, s.uva, s.mmap_offset)
+                        for s in self.ram.specs)
+        self.vu(FrontendReq.SET_MEM_TABLE, MemoryTable(regions).pack(),
+                tuple(os.dup(self.ram.fd) for _ in regions))
+        fresh = PACKED_FRESH_BASE if self.packed else 0
+        for d in self.drivers:
+            i = d.index
+            desc, driver, device = d.ring_addresses
+            uva = self.ram.specs[0].uva  # uva = UVA_BASE + gpa in every region
+            self.vu(FrontendReq.SET_VRING_NUM, VringState(i, d.size).pack())
+            self.vu(FrontendReq.SET_VRING_BASE, VringState(i, bases.get(i, fresh)).pack())
+            self.vu(FrontendReq.SET_VRING_ADDR,
+                    VringAddr(i, 0, uva + desc, uva + device, uva + driver, device).pack())
+            self.vu(FrontendReq.SET_VRING_KICK, VringFd(i, False).pack(),
+                    (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),))
+            self.vu(FrontendReq.SET_VRING_CALL, VringFd(i, False).pack(),
+                    (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),))
+        for d in self.drivers:
+            self.vu(FrontendReq.SET_VRING_ENABLE, VringState(d.index, 1).pack())
+        self.vu(FrontendReq.SET_STATUS, U64(0xF).pack())
+
+    def stop_queues(self) -> dict[int, int]:
+        """vhost_dev_stop: disable each ring, GET_VRING_BASE each (stops it; its base),
+        status 0. Spec: vhost-user VHOST_USER_GET_VRING_BASE."""
+        for d in self.drivers:
+            self.vu(FrontendReq.SET_VRING_ENABLE, VringState(d.index, 0).pack())
+        bases = {}
+        for d in self.drivers:
+            (reply,) = self.vu(FrontendReq.GET_VRING_BASE, VringState(d.index, 0).pack())
+            bases[d.index] = VringState.unpack(reply.data[Header.FMT.size:]).num
+        self.vu(FrontendReq.SET_STATUS, U64(0).pack())
+        return bases
+
+    def vq(self, index: int):
+        """The device's live ring ``index`` (None while stopped)."""
+        return self.session.vrings[index].vq
+
+    @property
+    def rxvq(self):
+        return self.vq(0)
+
+    @property
+    def txvq(self):
+        return self.vq(1)
 
     def close(self) -> None:
         try:
+            self.session.close()
             self.backend.close()
         finally:
-            for c in self.conns:
+            for c in self.conns + self.hconns + self.retired:
                 if c.peer is not None:
                     c.peer.close()
+            for cl in self.clients:
+                cl.sock.close()
             for s in self.listeners:
                 s.close()
             self.loop.close()
@@ -200,9 +341,16 @@ class World:
 
     # -- the device, watched -----------------------------------------------------------------
     def _allowed(self) -> list[tuple[int, int]]:
-        spans = [(self.rx.used_gpa, 6 + 8 * QSIZE), (self.tx.used_gpa, 6 + 8 * QSIZE)]
-        for state in self.rx._outstanding.values():
-            spans.extend(state.writable)
+        spans = []
+        for d in self.drivers:  # what the device writes of a ring (used ring / descriptors)
+            if d.packed:
+                spans += [(d.desc_gpa, 16 * d.size), (d.device_gpa, 4)]
+            else:
+                spans.append((d.used_gpa, 6 + 8 * d.size))
+        for d in (self.rx, self.ev):
+            if d is not None:
+                for state in d._outstanding.values():
+                    spans.extend(state.writable)
         return spans
 
     def device(self, call, *args) -> None:
@@ -225,9 +373,11 @@ class World:
     def turn(self, force_kick: bool = False) -> None:
         """Kick what the driver would kick, then one turn of the loop (host sockets)."""
         if self.tx.kick_prepare() or force_kick:
-            self.device(self.dev.kick, 1)
+            self.device(self.session.on_kick, 1)
         if self.rx.kick_prepare() or force_kick:
-            self.device(self.dev.kick, 0)
+            self.device(self.session.on_kick, 0)
+        if self.ev is not None and (self.ev.kick_prepare() or force_kick):
+            self.device(self.session.on_kick, 2)
         self.device(self.loop.run_once, 0)
         self.check_logs()
 
@@ -417,7 +567,7 @@ class World:
             return False
         got = False
         while True:
-            head_len = self._peek_used(self.rx)
+            head_len = None if self.packed else self._peek_used(self.rx)
             used = self.rx.get_buf()
             if used is None:
                 return got
@@ -426,7 +576,7 @@ class World:
             if used.len_ > room:
                 raise Violation(f"RX chain {used.id}: used length {used.len_} > its "
                                 f"{room} writable bytes")
-            assert head_len == (used.id, used.len_)
+            assert head_len is None or head_len == (used.id, used.len_)
             self.receive(used.data, used.len_)
 
     @staticmethod
@@ -445,8 +595,13 @@ class World:
             raise Violation(f"RX packet with CIDs {h.src_cid}->{h.dst_cid}: {h}")
         if HDR + h.len_ != length:
             raise Violation(f"RX packet len {h.len_} but used length {length}: {h}")
-        c = next((c for c in self.conns if (c.guest_port, c.host_port)
+        if h.op == Op.REQUEST:
+            self.host_request(h)
+            return
+        c = next((c for c in self.conns + self.hconns if (c.guest_port, c.host_port)
                   == (h.dst_port, h.src_port)), None)
+        if c is not None and c.answer and h.op == Op.RST:
+            c.rsts += 1
         if c is None or c.state == "closed":
             return  # (RSTs for unknown ports and late packets)
         c.peer_buf_alloc, c.peer_fwd_cnt = h.buf_alloc, h.fwd_cnt
@@ -480,9 +635,185 @@ class World:
         if (c.fwd_cnt - c.adv_fwd_cnt) & U32 >= GUEST_BUF_ALLOC // 2:
             self.control(c, Op.CREDIT_UPDATE)
 
+    # -- host-initiated connections (hybrid vsock: CONNECT <port>\n) ----------------------------
+    def _client(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(self.uds_path)  # the back-end listens with a backlog of 128
+        sock.setblocking(False)
+        return sock
+
+    def host_connect(self, port_i: int, answer: str, how: str, leftover_n: int) -> None:
+        """A host client connects and asks for a guest port; the guest will answer the
+        device's REQUEST as ``answer`` says. Spec: the hybrid-vsock convention
+        (virtio/vsock/handshake.py); virtio 1.2 §5.10.6.2 (connection set-up)."""
+        if len(self.hconns) >= 12:
+            return
+        port = LISTEN_PORTS[port_i % len(LISTEN_PORTS)]
+        c = Conn(2 + len(self.hconns), port, 0, answer=answer, ok_line=b"OK %d\n" % port)
+        c.state = "waiting"  # the guest has not seen a REQUEST yet
+        c.peer = self._client()
+        self.hconns.append(c)
+        line = b"CONNECT %d\n" % port
+        leftover = _pattern(0, leftover_n, 100 + c.index) if how == "whole" else b""
+        if how == "split":
+            c.peer.send(line[:5])
+            self.settle()
+            c.peer.send(line[5:])
+        else:
+            c.peer.send(line + leftover)
+            c.host_sent += leftover
+        if how == "close_after":
+            c.peer.close()
+            c.peer, c.peer_gone = None, True
+
+    def host_bad_line(self, line_i: int, then: str) -> None:
+        """A host client that sends a line the parser must refuse, or part of a line and
+        then nothing (``then`` "wait": the handshake timeout) or closes (``"close"``)."""
+        lines = BAD_LINES + PARTIAL_LINES
+        line = lines[line_i % len(lines)]
+        cl = Client(self._client(), line)
+        if line:
+            cl.sock.send(line)
+        if then == "close":
+            cl.sock.close()
+            cl.closed_by_us = True
+        self.clients.append(cl)
+
+    def host_request(self, h: VsockHeader) -> None:
+        """The guest got a REQUEST: it must be for a client's good CONNECT line."""
+        c = next((c for c in self.hconns if c.guest_port == h.dst_port and not c.requested),
+                 None)
+        if c is None:
+            raise Violation(f"the device sent a REQUEST no host client asked for: {h}")
+        if h.type_ != Type.STREAM or h.len_:
+            raise Violation(f"REQUEST for a stream CONNECT with type {h.type_}, len {h.len_}")
+        c.requested = True
+        c.host_port = h.src_port
+        if any(o is not c and o.host_port == c.host_port and o.state != "closed"
+               for o in self.hconns):
+            raise Violation(f"host port {c.host_port} given to two live connections")
+        c.peer_buf_alloc, c.peer_fwd_cnt = h.buf_alloc, h.fwd_cnt
+        self.answer(c, c.answer)
+
+    def answer(self, c: Conn, answer: str) -> None:
+        c.state = "connecting"
+        if answer == "response":
+            c.responded_in_time = True  # unless an RST follows (the device gave up first)
+            c.state = "established"
+            self.control(c, Op.RESPONSE)
+        elif answer == "rst":
+            c.state = "closed"
+            self.control(c, Op.RST)
+        elif answer == "credit_update":
+            self.control(c, Op.CREDIT_UPDATE)  # legal, and no answer: the device times out
+        elif answer in GARBAGE_ANSWERS:
+            c.state = "closed"  # the guest gives up on it; the device must reset it
+            if answer == "rw_first":
+                self.send_packet(self.hdr(c, Op.RW, 10), _pattern(0, 10, 77), "two")
+            elif answer == "shutdown":
+                self.control(c, Op.SHUTDOWN, 3)
+            elif answer == "request":
+                self.control(c, Op.REQUEST)
+            else:
+                self.send_packet(self.hdr(c, Op.RESPONSE, type_=int(Type.SEQPACKET)), b"",
+                                 "two")
+        # "none", "late_response": nothing now
+
+    def wait_timeouts(self) -> None:
+        """Let the handshake and REQUEST timeouts pass, fire the loop's timers (before any
+        kick: a guest packet then meets the device's decision), then late answers."""
+        time.sleep(HANDSHAKE_S * 1.5)
+        self.device(self.loop.run_once, 0)
+        for c in self.hconns:
+            if c.requested and c.answer == "late_response" and c.state == "connecting":
+                c.state = "closed"
+                self.control(c, Op.RESPONSE)  # too late: the device must not accept it
+        self.settle()
+
+    def hconn_io(self, n: int) -> None:
+        for c in self.hconns:
+            if c.state == "established" and not c.told:
+                self.send(c, n, "two", 0)
+                self.host_write(c, n)
+
+    def _read_client(self, c: Conn) -> bool:
+        moved = False
+        try:
+            while chunk := c.peer.recv(1 << 20):
+                c.raw += chunk
+                moved = True
+            moved |= not c.peer_eof
+            c.peer_eof = True
+        except BlockingIOError:
+            pass
+        except ConnectionResetError:
+            moved |= not c.peer_eof
+            c.peer_eof = True
+        ok = c.ok_line
+        if not (c.raw.startswith(ok) or ok.startswith(c.raw)):
+            raise Violation(f"host client of port {c.guest_port} read {bytes(c.raw[:40])!r}, "
+                            f"not {ok!r} first")
+        if c.raw.startswith(ok):
+            c.host_received = c.raw[len(ok):]
+        return moved
+
+    def check_host_initiated(self, final: bool) -> None:
+        """A host client gets ``OK <port>`` only if the guest sent RESPONSE and was not
+        reset; otherwise it is closed without a byte. A refused, timed-out or reset one
+        leaves the guest with no live connection; garbage answers get the guest an RST
+        (as Linux's connecting side does). Bad lines get no REQUEST and no byte, and are
+        closed. Spec: virtio 1.2 §5.10.6.2; hybrid vsock (handshake.py)."""
+        for c in self.hconns:
+            got_ok = c.raw.startswith(c.ok_line)
+            if got_ok and not c.responded_in_time:
+                raise Violation(f"host client of port {c.guest_port} got OK though the guest "
+                                f"answered {c.answer!r}")
+            if c.peer is None:
+                if final and c.answer == "response" and c.requested and not (c.rsts or c.told):
+                    raise Violation(f"host client of port {c.guest_port} closed after its "
+                                    f"CONNECT; the guest accepted and was never told")
+                continue
+            if c.answer == "response" and c.requested and not c.rsts and c.told != "rst" \
+                    and not got_ok:
+                raise Violation(f"the guest accepted port {c.guest_port} but the host client "
+                                f"got no OK: {bytes(c.raw)!r}")
+            # (a RESPONSE of a type not negotiated gets an RST for its header, as Linux's
+            # virtio_transport_recv_pkt does, and leaves the connection to its timeout)
+            refused = c.answer in ("rst", "rw_first", "shutdown", "request") or (
+                final and c.answer in ("none", "late_response", "credit_update",
+                                       "seqpacket_response"))
+            if refused and c.requested and not c.peer_eof:
+                raise Violation(f"host client of port {c.guest_port}: guest answer "
+                                f"{c.answer!r}, but the client is still open")
+            if c.answer in GARBAGE_ANSWERS and c.requested and not c.rsts:
+                raise Violation(f"guest answered a REQUEST with {c.answer!r}: no RST")
+        for cl in self.clients:
+            if cl.closed_by_us:
+                continue
+            try:
+                while chunk := cl.sock.recv(4096):
+                    cl.got += chunk
+                cl.eof = True
+            except BlockingIOError:
+                pass
+            except ConnectionResetError:
+                cl.eof = True
+            if cl.got:
+                raise Violation(f"a client that sent {cl.line!r} read {bytes(cl.got)!r}")
+            bad = cl.line in BAD_LINES
+            if (bad or final) and not cl.eof:
+                raise Violation(f"a client that sent {cl.line!r} is still open")
+        if final:
+            left = self.backend.host._listeners[CID].handshakes
+            if left:
+                raise Violation(f"{len(left)} handshakes still pending after their timeout")
+
     # -- host peers ----------------------------------------------------------------------------
     def host_io(self) -> bool:
         moved = False
+        for c in self.hconns:
+            if c.peer is not None and c.peer_reading:
+                moved |= self._read_client(c)
         for c, listener in zip(self.conns, self.listeners):
             if c.peer is None and not c.peer_gone:
                 try:
@@ -565,16 +896,25 @@ class World:
             self.host_close(self.conns[VICTIM], args[0])
         elif kind == "break":
             self.break_ring(*args)
+        elif kind == "host_connect":
+            self.host_connect(*args)
+        elif kind == "host_bad_line":
+            self.host_bad_line(*args)
+        elif kind == "wait":
+            self.wait_timeouts()
+        elif kind == "hconn_io":
+            self.hconn_io(*args)
         elif kind != "idle":  # pragma: no cover
             raise ValueError(kind)
         self.settle(force_kick=self.broken_asked)
         self.check_broken()
         self.check_progress()
+        self.check_host_initiated(final=False)
         self.steps_run += 1
 
     # -- broken rings --------------------------------------------------------------------------
     def break_ring(self, queue: int, how: str, arg: int) -> None:
-        if queue in self.broken:
+        if queue in self.broken or self.packed:  # (packed rings: tests/property/rings.py)
             return
         drv = self.rx if queue == 0 else self.tx
         if queue == 1:
@@ -612,7 +952,7 @@ class World:
         """A queue the device found broken: its used idx then (the call that found it may
         return the bad chain with used length 0; nothing may follow)."""
         for queue, (vq, drv) in enumerate(((self.rxvq, self.rx), (self.txvq, self.tx))):
-            if queue not in self.broken and vq.broken is not None:
+            if queue not in self.broken and vq is not None and vq.broken is not None:
                 self.broken[queue] = drv.used_idx
 
     def _broken_log_count(self, queue: int) -> int:
@@ -638,8 +978,10 @@ class World:
         """The good connection is never stuck: what one side sent reached the other (the
         host peer reads and the guest consumes at once), unless the guest was told it
         ended. Checked only while both queues run."""
-        c = self.conns[GOOD]
-        self.check_delivery(c, complete=not self.broken)
+        self.check_delivery(self.conns[GOOD], complete=not self.broken)
+        for c in self.hconns:
+            if c.state == "established" and not c.told:
+                self.check_delivery(c, complete=not self.broken)
 
     def check_delivery(self, c: Conn, complete: bool) -> None:
         if not c.host_received == c.sent[:len(c.host_received)]:
@@ -682,14 +1024,17 @@ class World:
                 self.consume(v)
                 self.control(v, Op.CREDIT_UPDATE)
         self.settle(force_kick=self.broken_asked)
+        if self.hconns or self.clients:
+            self.wait_timeouts()
         self.check_broken()
-        for c in self.conns:
+        self.check_host_initiated(final=not self.broken)
+        for c in self.conns + self.hconns:
             if c.tainted:
                 continue
             self.check_delivery(c, complete=not self.broken)
         if self.broken:
             return
-        for c in self.conns:
+        for c in self.conns + self.hconns:
             alive = self.backend.muxer._lookup(ConnKey(CID, c.host_port, c.guest_port))
             if c.state == "established" and alive is None:
                 raise Violation(f"conn {c.index}: the device dropped it and the guest was "
@@ -703,9 +1048,10 @@ def _first_diff(a: bytes | bytearray, b: bytes | bytearray) -> int:
     return min(len(a), len(b))
 
 
-def run_steps(steps: list[tuple], ring: str = "c") -> World:
-    """Connect both connections, run ``steps``, then ``finish``; raises `Violation`."""
-    world = World(ring)
+def run_steps(steps: list[tuple], ring: str = "c", **options: Any) -> World:
+    """Connect both connections, run ``steps``, then ``finish``; raises `Violation`.
+    ``options``: `World` options (packed rings, the event queue)."""
+    world = World(ring, **options)
     try:
         world.connect()
         world.settle()
@@ -733,7 +1079,7 @@ def decode(data: bytes) -> tuple[str, list[tuple]]:
         return data[pos - 1] if pos <= len(data) else 0
 
     while pos < len(data) and len(steps) < 40:
-        k = take() % 12
+        k = take() % 16
         if k <= 3:
             steps.append(("send", take() % 2, 1 + take() * 64, GOOD_SHAPES[take() % 5], take()))
         elif k == 4:
@@ -752,6 +1098,15 @@ def decode(data: bytes) -> tuple[str, list[tuple]]:
             steps.append(("victim_shutdown", 1 + take() % 3))
         elif k == 10 and take() < 32:
             steps.append(("break", take() % 2, BREAKS[take() % len(BREAKS)], take()))
+        elif k == 12:
+            steps.append(("host_connect", take() % 3, HOST_ANSWERS[take() % len(HOST_ANSWERS)],
+                          CONNECT_HOW[take() % len(CONNECT_HOW)], take() * 40))
+        elif k == 13:
+            steps.append(("host_bad_line", take(), ("wait", "close")[take() % 2]))
+        elif k == 14:
+            steps.append(("hconn_io", 1 + take() * 100))
+        elif k == 15 and take() < 64:
+            steps.append(("wait",))
         else:
             steps.append(("idle",))
     return ring, steps

@@ -125,7 +125,8 @@ def test_fuzz_byte_decoder_covers_every_step_kind():
         _ring, got = decode(bytes((i * 37 + j * 11) & 0xFF for j in range(80)))
         kinds |= {s[0] for s in got}
     assert kinds >= {"send", "hostile", "post_rx", "host_write", "victim_reading",
-                     "victim_consume", "victim_close", "victim_shutdown", "idle"}
+                     "victim_consume", "victim_close", "victim_shutdown", "idle",
+                     "host_connect", "host_bad_line", "hconn_io", "wait"}
     assert World  # the world class the fuzz target runs
 
 
