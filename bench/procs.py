@@ -196,6 +196,18 @@ def limit_stream(chunk: int, seconds: float, reader: str, writer_cpu: int | None
     return json.loads(out.stdout)
 
 
+def limit_relay(chunk: int, seconds: float, window: int, writer_cpu: int | None,
+                relay_cpu: int | None, reader_cpu: int | None) -> dict:
+    """The ideal host->guest relay (bench/limits/relay.c): writer, C relay and reader in
+    three processes, readv into 4 KiB buffers in shared memory within a ``window``-byte
+    credit, no virtqueue and no Python; what the machine allows for that path's shape."""
+    cpus = [str(-1 if c is None else c) for c in (writer_cpu, relay_cpu, reader_cpu)]
+    out = subprocess.run([str(helper_path("relay")), str(chunk), str(seconds), str(window),
+                          *cpus], capture_output=True, text=True, check=True,
+                         timeout=seconds + 60)
+    return json.loads(out.stdout)
+
+
 def limit_rtt(hops: int, iterations: int, guest_cpu: int | None, backend_cpu: int | None,
               host_cpu: int | None) -> dict:
     """Raw eventfd + socketpair round trip (``hops`` 2: echo device path, 3: with a host

@@ -1,6 +1,9 @@
 """vsock scenarios: one connection with 64 KiB writes each direction vs raw AF_UNIX,
 1,000 open connections (back-end RSS per idle connection), host CONNECT handshakes per
-second, idle back-end CPU with every connection open.
+second, idle back-end CPU with every connection open. Host->guest also reports, from the
+same minutes, the ideal relay of bench/limits/relay.c against the same raw limit: what the
+machine allows for a three-process path into 4 KiB guest buffers, so the back-end's own
+cost is the distance between its row and that one.
 
 Spec: DESIGN.md "The vsock device" (hybrid vsock CONNECT/OK).
 """
@@ -12,7 +15,7 @@ import os
 import signal
 import time
 
-from bench.procs import Backend, GuestProc, Peer, limit_stream
+from bench.procs import Backend, GuestProc, Peer, limit_relay, limit_stream
 from bench.scenarios import PINNINGS, Ctx, Row, _fmt, _rate, alternate
 
 KIB = 1024
@@ -83,15 +86,21 @@ def stream(ctx: Ctx) -> list[Row]:
                                           ("host->guest", "vsock-rx", "source")):
             s = VsockSetup(ctx, pin, workload, workload, engine=engine)
             runs: list[dict] = []
+            relay: list[float] = []
             label = f"vsock {direction}, 64 KiB writes" + (", C guest stand-in"
                                                             if engine == "c" else "")
+
+            def limit_run() -> float:
+                if mode == "source" and len(relay) < ctx.runs:  # the ideal relay too
+                    relay.append(limit_relay(64 * KIB, ctx.seconds, WINDOW, cpus["peer"],
+                                             cpus["backend"], cpus["guest"])["bytes_per_s"])
+                return limit_stream(64 * KIB, ctx.seconds, "read", cpus["writer"],
+                                    cpus["reader"])["bytes_per_s"]
+
             try:
                 s.connect(mode, 1)
                 b, l = alternate(ctx, lambda: _rate(_keep(runs, s.guest.run(ctx.seconds))),
-                                 lambda: limit_stream(64 * KIB, ctx.seconds, "read",
-                                                      cpus["writer"], cpus["reader"])
-                                 ["bytes_per_s"],
-                                 profile_as=label if ctx.profiling(pin) else None)
+                                 limit_run, profile_as=label if ctx.profiling(pin) else None)
                 if mode == "sink":
                     _check_sink(s, sum(r["bytes"] for r in runs))
             finally:
@@ -99,6 +108,12 @@ def stream(ctx: Ctx) -> list[Row]:
             rows.append(Row(f"vsock-{workload[6:]}", label, pin, ctx.ring, "B/s", b, l,
                             "raw AF_UNIX 64 KiB", 0.6, chunk=64 * KIB))
             ctx.log(_fmt(rows[-1]))
+            if relay:
+                rows.append(Row("vsock-rx-relay", "machine: ideal host->guest relay (C, 3 "
+                                "processes, 4 KiB buffers, no virtqueue) vs raw AF_UNIX", pin,
+                                "raw", "B/s", relay, l, "raw AF_UNIX 64 KiB", None,
+                                chunk=64 * KIB))
+                ctx.log(_fmt(rows[-1]))
     return rows
 
 

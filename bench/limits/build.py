@@ -13,7 +13,7 @@ from pathlib import Path
 
 LIMITS_DIR = Path(__file__).resolve().parent
 CACHE_DIR = LIMITS_DIR.parent / ".cache"
-HELPERS = ("stream", "rtt", "peer", "vsock_guest")
+HELPERS = ("stream", "rtt", "peer", "vsock_guest", "relay")
 
 
 class BuildError(RuntimeError):
