@@ -202,6 +202,17 @@ static uint64_t reader(struct shared *sh, int kick, int call, uint32_t window)
     }
 }
 
+/* A forked process's start: pinned, the parent's ends closed, and its own alarm (alarms
+ * are not inherited across fork), so a process that failed never leaves the others blocked
+ * for ever. */
+static void enter_child(int cpu, unsigned limit_s, int close_a, int close_b)
+{
+    alarm(limit_s);
+    close(close_a);
+    close(close_b);
+    pin(cpu);
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 7) {
@@ -224,14 +235,13 @@ int main(int argc, char **argv)
         die("mmap/eventfd");
     if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) < 0 || pipe(report) < 0)
         die("socketpair");
-    alarm((unsigned)seconds + 30); /* a process that failed must not leave the rest blocked */
+    unsigned limit_s = (unsigned)seconds + 30;
+    alarm(limit_s);
     pid_t relay_pid = fork();
     if (relay_pid < 0)
         die("fork");
     if (relay_pid == 0) {
-        close(sv[0]);
-        close(report[0]);
-        pin(rcpu);
+        enter_child(rcpu, limit_s, sv[0], report[0]);
         if (fcntl(sv[1], F_SETFL, fcntl(sv[1], F_GETFL) | O_NONBLOCK) < 0)
             die("fcntl");
         relay(sh, sv[1], kick, call, window);
@@ -241,10 +251,8 @@ int main(int argc, char **argv)
     if (reader_pid < 0)
         die("fork");
     if (reader_pid == 0) {
-        close(sv[0]);
+        enter_child(gcpu, limit_s, sv[0], report[0]);
         close(sv[1]);
-        close(report[0]);
-        pin(gcpu);
         uint64_t total = reader(sh, kick, call, window);
         uint64_t end = now_ns();
         write_all(report[1], &total, sizeof total);
