@@ -159,6 +159,7 @@ class ConsoleDevice:
         self._handles: dict[int, Any] = {}
         self._io: dict[int, _PortIO] = {}
         self._tx_ports: dict[int, _PortIO] = {}  # transmitq index -> its port (kick fast path)
+        self._broken_logged: set[int] = set()  # queues whose breakage was logged (R5: once)
         self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         self.emergency_dropped = 0
         self.closed = False
@@ -196,6 +197,7 @@ class ConsoleDevice:
     def queue_started(self, handle: Any) -> None:
         index = handle.index
         self._handles[index] = handle
+        self._broken_logged.discard(index)  # a ring set up again starts clean
         if index == CONTROL_RX_QUEUE:
             self._flush_control()
             return
@@ -312,6 +314,7 @@ class ConsoleDevice:
         their host peers (a new front-end session sees the same ports)."""
         events = self.control.reset()
         self._handles.clear()
+        self._broken_logged.clear()
         for io in self._io.values():
             io.rx_starved = False
             self._reconcile(io)  # (the pump lets go of the queues)
@@ -464,7 +467,7 @@ class ConsoleDevice:
             try:
                 chain = vq.pop()
             except Exception as exc:  # DriverError: queue latched broken, logged once
-                self._log.error("control transmitq: %s", exc)
+                self._log_broken(CONTROL_TX_QUEUE, "control transmitq: %s", exc)
                 break
             if chain is None:
                 break
@@ -485,7 +488,7 @@ class ConsoleDevice:
             try:
                 chain = vq.pop()
             except Exception as exc:
-                self._log.error("control receiveq: %s", exc)
+                self._log_broken(CONTROL_RX_QUEUE, "control receiveq: %s", exc)
                 break
             if chain is None:
                 break
@@ -701,8 +704,9 @@ class ConsoleDevice:
             self._log.warning("port %r call eventfd: %s", io.port.name,
                               os.strerror(io.pump.call_errno))
         if flags & PumpFlag.RX_BROKEN:
-            self._log.error("port %r receiveq broken by the guest: %s", io.port.name,
-                            io.pump.rx_result.broken.name)
+            self._log_broken(port_queues(io.port.id)[0],
+                             "port %r receiveq broken by the guest: %s", io.port.name,
+                             io.pump.rx_result.broken.name)
         if flags & (PumpFlag.RX_EOF | PumpFlag.RX_ERROR):
             if flags & PumpFlag.RX_ERROR:
                 self._log.info("port %r host read failed: %s", io.port.name,
@@ -746,8 +750,9 @@ class ConsoleDevice:
                               os.strerror(pump.call_errno))
         flags &= ~(PumpFlag.CALL_ERROR | PumpFlag.KICK_ERROR)
         if flags & PumpFlag.TX_BROKEN:
-            self._log.error("port %r transmitq broken by the guest: %s", io.port.name,
-                            pump.tx_result.broken.name)
+            self._log_broken(port_queues(io.port.id)[1],
+                             "port %r transmitq broken by the guest: %s", io.port.name,
+                             pump.tx_result.broken.name)
         if flags & PumpFlag.TX_ERROR:
             error = pump.tx_result.error
             if error not in (errno.EPIPE, errno.ECONNRESET):
@@ -824,6 +829,15 @@ class ConsoleDevice:
             self._watch_writable(io, fd)
             return False
         return True
+
+    def _log_broken(self, index: int, msg: str, *args: Any) -> None:
+        """Log a queue the guest broke once, until the ring is set up again or the device
+        resets: every later kick or host byte finds it broken again, and a hostile guest
+        must not flood the log (STYLE R5, R11). Spec: virtio 1.2 §2.7.5.2."""
+        if index in self._broken_logged:
+            return
+        self._broken_logged.add(index)
+        self._log.error(msg, *args)
 
     def _event(self, name: ConsoleEvent, data: dict) -> None:
         if self._emit is not None:
