@@ -28,6 +28,7 @@ from tests.fuzz.fuzz_console_device import (BREAKS, CON, CTL_IGNORED, HOST_CLOSE
                                             QUEUES, RX_ODD, TX_ODD, TX_SHAPES, World, decode,
                                             run_steps)
 from tests.property.profiles import scaled
+from virtio.console.wire import port_queues
 
 ports = st.sampled_from([CON, P1, P2, HP])
 gsend = st.tuples(st.just("gsend"), ports, st.sampled_from([1, 100, 4096, 5000, 40000, 200000]),
@@ -152,5 +153,33 @@ def test_a_broken_queue_is_logged_once_however_often_the_guest_kicks(ring, queue
         assert world.vq(queue).broken is not None
         assert len(_broken_messages(world)) == 1, _broken_messages(world)
         world.check_streams(final=False)
+    finally:
+        world.close()
+
+
+@RINGS
+def test_a_broken_receiveq_with_host_bytes_waiting_does_not_spin_the_loop(ring):
+    """virtio 1.2 §2.7.5.2, STYLE R5: once a port's receiveq is broken the device stops
+    watching the host socket for it (as when the guest posts no buffers) instead of being
+    woken by the readable socket on every loop turn, finding the queue broken each time;
+    only a guest kick of that queue (or the ring set up again) looks again."""
+    world = World(ring)
+    try:
+        world.boot()
+        world.break_ring(port_queues(P1)[0], "loop", 0)
+        for _ in range(12):  # past the buffers posted before the bad chain
+            world.host_write(P1, 5000)
+            world.settle()
+        assert world.vq(port_queues(P1)[0]).broken is not None
+        calls = []
+        real = world.dev._pump_rx
+        world.dev._pump_rx = lambda io: (calls.append(io.port.id), real(io))
+        world.host_write(P1, 100)  # bytes wait in the socket
+        for _ in range(50):
+            world.device(world.loop.run_once, 0)
+        assert calls.count(P1) <= 1, f"{calls.count(P1)} receive passes on a broken queue"
+        world.host_write(P2, 3000)
+        world.settle()
+        world.check_streams(final=False)  # the other ports still move
     finally:
         world.close()

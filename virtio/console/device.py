@@ -713,7 +713,10 @@ class ConsoleDevice:
                                os.strerror(io.pump.rx_result.error))
             io.endpoint.disconnect()
             return
-        if flags & PumpFlag.RX_STARVED:
+        if flags & (PumpFlag.RX_STARVED | PumpFlag.RX_BROKEN):
+            # A broken receiveq takes no bytes until the guest kicks it or it is set up
+            # again, like an empty one: stop watching the host socket (a readable socket
+            # would wake the loop on every turn).
             io.rx_starved = True
             self._reconcile(io)
 
