@@ -65,7 +65,8 @@ from virtio.config import VsockConfig  # noqa: E402
 from virtio.loop import EventLoop  # noqa: E402
 from virtio.vsock.conn import ConnKey  # noqa: E402
 from virtio.vsock.device import VsockBackend  # noqa: E402
-from virtio.vsock.wire import HOST_CID, Op, ShutdownFlag, Type, VsockHeader  # noqa: E402
+from virtio.vsock.wire import HOST_CID, EventId, Op, ShutdownFlag, Type, VsockEvent, \
+    VsockHeader  # noqa: E402
 
 CID = 3
 HDR = VsockHeader.SIZE
@@ -110,6 +111,20 @@ BAD_LINES = (b"CONNEC 5000\n", b"connect 5000\n", b"CONNECT x\n", b"CONNECT \n",
              b"CONNECT 5000 \n", b"\n", b"C" * 40, b"CONNECT -1\n", b"CONNECT 0x10\n",
              b"CONNECT 50\x0000\n", b"OK 5000\n")
 PARTIAL_LINES = (b"", b"CONN", b"CONNECT ", b"CONNECT 50", b"CONNECT 4294967295")
+#: how the front-end stops and starts the queues: "same" = QEMU's stop/cont (GET_VRING_BASE
+#: on every queue, then the same rings again at those bases); "reset" = RESET_DEVICE and
+#: fresh rings (the guest driver was reset too); "reconnect" = the front-end goes away (the
+#: session closes) and a new one sets up the same rings at their bases (the guest knows
+#: nothing: the device must tell it, TRANSPORT_RESET)
+RESTARTS = ("same", "reset", "reconnect")
+#: event buffers the guest posts: usable ones, none, too short, read-only, and a bad one
+#: first then usable ones
+EVENT_BUFFERS = ("good", "big", "split4", "none", "short", "readonly", "short_then_good",
+                 "readonly_then_good", "late_good")
+#: those after which a TRANSPORT_RESET must reach the guest (Linux's virtio_vsock_event_done
+#: takes an event only if its used length is sizeof(struct virtio_vsock_event))
+USABLE_EVENT_BUFFERS = ("good", "big", "split4", "short_then_good", "readonly_then_good")
+MAX_RESTARTS = 3
 
 
 class Violation(AssertionError):
@@ -169,6 +184,7 @@ class Conn:
     ok_line: bytes = b""  # what the client must read first once the guest accepted
     raw: bytearray = dataclasses.field(default_factory=bytearray)  # all the client read
     rsts: int = 0  # RSTs the guest got for it
+    generation: int = 0  # device resets before it was opened (older ones were forgotten)
 
     @property
     def credit(self) -> int:
@@ -244,19 +260,20 @@ class World:
         self.out_of_credit: set[int] = set()  # connections that had data and no credit
         self.seq = 0
         self.steps_run = 0
-        self.resets = 0
+        self.generation = 0  # device resets so far (RESET_DEVICE, front-end gone)
+        self.restarts = 0
+        self.events_owed = 0  # device resets the guest was not told of yet
+        self.events_posted = 0
         self.new_rings()
-        self.vu(FrontendReq.SET_PROTOCOL_FEATURES, U64(int(OFFERED_PROTOCOL_FEATURES)).pack())
-        self.vu(FrontendReq.SET_OWNER)
+        self.init_session()
         self.start_queues({})
 
     # -- the front-end (vhost-user messages to the session) -----------------------------------
     def vu(self, request: FrontendReq, payload: bytes = b"", fds: tuple[int, ...] = ()) -> list:
-        """One front-end request, handled by the session (with the memory check)."""
+        """One front-end request, handled by the session (callers check guest memory
+        around a whole sequence: `device`)."""
         msg = Message(Header(int(request), 1, len(payload)), payload, tuple(fds))
-        out: list = []
-        self.device(lambda: out.extend(self.session.handle(msg)))
-        return out
+        return self.session.handle(msg)
 
     def new_rings(self) -> None:
         """Fresh rings (a driver that starts over: after a reset, or at boot)."""
@@ -267,6 +284,8 @@ class World:
             if self.event_queue else None
         self.rx_writable = {}
         self.ev_writable = {}
+        self.events_posted = 0
+        self.post_events()
 
     @property
     def drivers(self) -> list:
@@ -275,6 +294,9 @@ class World:
     def start_queues(self, bases: dict[int, int]) -> None:
         """vhost_dev_start: features, memory table, each ring (at ``bases``, else fresh),
         then enable. Spec: vhost-user "Ring states", VHOST_USER_SET_VRING_BASE."""
+        self.device(self._start_queues, bases)
+
+    def _start_queues(self, bases: dict[int, int]) -> None:
         self.vu(FrontendReq.SET_FEATURES, U64(self.features).pack())
         regions = tuple(MemoryRegion(s.gpa, s.size, s.uva, s.mmap_offset)
                         for s in self.ram.specs)
@@ -300,6 +322,11 @@ class World:
     def stop_queues(self) -> dict[int, int]:
         """vhost_dev_stop: disable each ring, GET_VRING_BASE each (stops it; its base),
         status 0. Spec: vhost-user VHOST_USER_GET_VRING_BASE."""
+        bases: dict[int, int] = {}
+        self.device(lambda: bases.update(self._stop_queues()))
+        return bases
+
+    def _stop_queues(self) -> dict[int, int]:
         for d in self.drivers:
             self.vu(FrontendReq.SET_VRING_ENABLE, VringState(d.index, 0).pack())
         bases = {}
@@ -308,6 +335,128 @@ class World:
             bases[d.index] = VringState.unpack(reply.data[Header.FMT.size:]).num
         self.vu(FrontendReq.SET_STATUS, U64(0).pack())
         return bases
+
+    # -- queue restarts and device resets ---------------------------------------------------
+    def restart(self, kind: str, host_n: int, guest_n: int) -> None:
+        """Stop every queue with bytes in flight both ways (a TX chain not yet kicked, host
+        bytes not yet read), let the host and the guest go on while stopped, then start
+        again as ``kind`` says (`RESTARTS`).
+
+        Spec: vhost-user "Ring states", VHOST_USER_GET_VRING_BASE, VHOST_USER_RESET_DEVICE;
+        virtio 1.2 §5.10.6.7 (TRANSPORT_RESET after connection state was lost)."""
+        if self.broken or self.restarts >= MAX_RESTARTS:
+            return
+        self.restarts += 1
+        good = self.conns[GOOD]
+        self.send(good, guest_n, "two", 0)  # in the TX ring, not kicked
+        self.host_write(good, host_n)  # in the host socket, not read
+        bases = self.stop_queues()
+        self.host_write(good, host_n)  # while stopped: the device must not touch the guest
+        self.send(good, guest_n, "indirect", 0)
+        self.settle()
+        if kind == "same":
+            self.start_queues(bases)
+            return
+        if kind == "reset":
+            self.device(self.vu, FrontendReq.RESET_DEVICE)
+            self.device_forgot()
+            self.retire(told="guest_reset")  # its driver was reset: its sockets are gone
+            self.new_rings()
+            self.start_queues({})
+            self.reconnect()
+            return
+        self.device(self.session.close)  # the front-end went away: the device resets
+        self.device_forgot()
+        self.session = BackendSession(self.dev, signal=lambda fd: None,
+                                      virtqueue_factory=ring_impl_class(self.ring))
+        self.init_session()
+        self.start_queues(bases)
+
+    def init_session(self) -> None:
+        """vhost_user_backend_init: protocol features, owner."""
+        self.vu(FrontendReq.SET_PROTOCOL_FEATURES, U64(int(OFFERED_PROTOCOL_FEATURES)).pack())
+        self.vu(FrontendReq.SET_OWNER)
+
+    def device_forgot(self) -> None:
+        """The device was reset: it forgot every connection (guest told on the event
+        queue, TRANSPORT_RESET)."""
+        self.generation += 1
+        self.events_owed += 1
+
+    def retire(self, told: str) -> None:
+        """The guest's connections end (its driver was reset, or it got TRANSPORT_RESET):
+        their host peers must see the end; two new ones take their place."""
+        for c in self.conns:
+            if c.state != "closed":
+                c.state, c.told = "closed", c.told or told
+        self.retired += self.conns
+        ports = [p + 10 * (len(self.retired) // 2) for p in GUEST_PORTS]
+        self.conns = [Conn(i, ports[i], HOST_PORTS[i], generation=self.generation)
+                      for i in (GOOD, VICTIM)]
+
+    def reconnect(self) -> None:
+        self.connect()
+        self.settle()
+
+    # -- the event queue (Spec: virtio 1.2 §5.10.6.7) ------------------------------------------
+    def post_events(self, mode: str | None = None) -> None:
+        """Event buffers as ``mode`` (`EVENT_BUFFERS`) says, up to four outstanding."""
+        ev = self.ev
+        mode = mode or self.event_buffers
+        if ev is None or 2 in self.broken:
+            return
+        while ev.outstanding < 4:
+            first = self.events_posted == 0
+            if mode in ("none", "late_good"):
+                return
+            if mode in ("good", "big", "split4") or not first and mode.endswith("_good"):
+                kw = dict(in_sizes={"big": [64], "split4": [2, 2]}.get(mode, [4]))
+            elif mode.startswith("short"):
+                kw = dict(in_sizes=[1 + self.seq % 3])
+            else:  # read-only
+                kw = dict(out=[b"\xEE" * 4])
+            self.seq += 1
+            try:
+                head = ev.add_buf(**kw)
+            except MemoryError:
+                return
+            self.events_posted += 1
+            self.ev_writable[head] = sum(kw.get("in_sizes", ()))
+            if mode in ("short", "readonly"):
+                return  # one of them: the guest has nothing better
+
+    def reap_events(self) -> bool:
+        if self.ev is None or 2 in self.broken:
+            return False
+        got = False
+        while (used := self.ev.get_buf()) is not None:
+            got = True
+            room = self.ev_writable.pop(used.id)
+            if used.len_ > room:
+                raise Violation(f"event chain {used.id}: used length {used.len_} > its {room} "
+                                f"writable bytes")
+            self.events_seen.append((used.len_, used.data))
+            if used.len_ == VsockEvent.SIZE:  # Linux takes exactly sizeof(event), no other
+                if VsockEvent.unpack(used.data).id != EventId.VIRTIO_VSOCK_EVENT_TRANSPORT_RESET:
+                    raise Violation(f"unknown vsock event {used.data!r}")
+                if not self.events_owed:
+                    raise Violation("a TRANSPORT_RESET with no device reset before it")
+                self.events_owed = 0
+                if any(c.generation < self.generation for c in self.conns):
+                    self.retire(told="transport_reset")  # Linux resets every socket
+                    self.connect()
+            self.post_events()
+        return got
+
+    def check_events(self) -> None:
+        """After a device reset, a guest with a usable event buffer got TRANSPORT_RESET
+        (once: `reap_events` fails a second). Spec: virtio 1.2 §5.10.6.7."""
+        if self.ev is None or not self.events_owed or self.broken:
+            return
+        if self.event_buffers in USABLE_EVENT_BUFFERS:
+            raise Violation(f"the device was reset ({self.generation} times) and the guest, "
+                            f"with {self.event_buffers!r} event buffers, got no "
+                            f"TRANSPORT_RESET: {self.events_seen}")
 
     def vq(self, index: int):
         """The device's live ring ``index`` (None while stopped)."""
@@ -360,15 +509,18 @@ class World:
         self._note_broken()
         bad: list[int] = []
         for region, old in zip(self.mem.regions, before):
-            if old == bytes(region.view):
+            now = np.frombuffer(region.view, np.uint8)
+            changed = np.frombuffer(old, np.uint8) != now
+            if not changed.any():
                 continue
-            diff = np.nonzero(np.frombuffer(old, np.uint8)
-                              != np.frombuffer(region.view, np.uint8))[0] + region.gpa
-            spans = self._allowed()
-            bad += [int(g) for g in diff if not any(a <= g < a + n for a, n in spans)]
+            for gpa, n in self._allowed():  # clear what the device may write
+                lo, hi = max(gpa - region.gpa, 0), min(gpa + n - region.gpa, len(now))
+                if lo < hi:
+                    changed[lo:hi] = False
+            bad += [int(g) + region.gpa for g in np.nonzero(changed)[0][:16]]
         if bad:
-            raise Violation(f"device wrote guest memory outside RX buffers/used rings at "
-                            f"{len(bad)} bytes, first gpa {bad[0]:#x} ({call})")
+            raise Violation(f"device wrote guest memory outside RX buffers/used rings, "
+                            f"first gpa {bad[0]:#x} ({call})")
 
     def turn(self, force_kick: bool = False) -> None:
         """Kick what the driver would kick, then one turn of the loop (host sockets)."""
@@ -655,13 +807,16 @@ class World:
         self.hconns.append(c)
         line = b"CONNECT %d\n" % port
         leftover = _pattern(0, leftover_n, 100 + c.index) if how == "whole" else b""
-        if how == "split":
-            c.peer.send(line[:5])
-            self.settle()
-            c.peer.send(line[5:])
-        else:
-            c.peer.send(line + leftover)
-            c.host_sent += leftover
+        try:
+            if how == "split":
+                c.peer.send(line[:5])
+                self.settle()  # (on a slow machine the handshake may time out here)
+                c.peer.send(line[5:])
+            else:
+                c.peer.send(line + leftover)
+                c.host_sent += leftover
+        except (BrokenPipeError, ConnectionResetError):
+            c.peer_eof = True  # closed by the device: no REQUEST may follow
         if how == "close_after":
             c.peer.close()
             c.peer, c.peer_gone = None, True
@@ -814,6 +969,16 @@ class World:
         for c in self.hconns:
             if c.peer is not None and c.peer_reading:
                 moved |= self._read_client(c)
+        for c in self.retired:
+            if c.peer is not None and not c.peer_eof:
+                try:
+                    while chunk := c.peer.recv(1 << 20):
+                        c.host_received += chunk
+                    c.peer_eof = moved = True
+                except BlockingIOError:
+                    pass
+                except ConnectionResetError:
+                    c.peer_eof = moved = True
         for c, listener in zip(self.conns, self.listeners):
             if c.peer is None and not c.peer_gone:
                 try:
@@ -861,7 +1026,7 @@ class World:
         for _ in range(SETTLE_ROUNDS):
             self.refill()
             self.turn(force_kick)
-            moved = self.reap_tx() | self.reap_rx() | self.host_io()
+            moved = self.reap_tx() | self.reap_rx() | self.reap_events() | self.host_io()
             quiet = 0 if moved else quiet + 1
             if quiet >= 3:
                 return
@@ -904,12 +1069,18 @@ class World:
             self.wait_timeouts()
         elif kind == "hconn_io":
             self.hconn_io(*args)
+        elif kind == "restart":
+            self.restart(*args)
+        elif kind == "post_events":  # the guest's event buffers at last ("late_good")
+            self.post_events("good")
+            self.turn(force_kick=True)
         elif kind != "idle":  # pragma: no cover
             raise ValueError(kind)
         self.settle(force_kick=self.broken_asked)
         self.check_broken()
         self.check_progress()
         self.check_host_initiated(final=False)
+        self.check_events()
         self.steps_run += 1
 
     # -- broken rings --------------------------------------------------------------------------
@@ -990,6 +1161,8 @@ class World:
         if not c.received == c.host_sent[:len(c.received)]:
             raise Violation(f"conn {c.index}: the guest got bytes the host did not send "
                             f"(or out of order) at {_first_diff(c.received, c.host_sent)}")
+        if c.generation < self.generation:
+            return  # the device was reset since it opened: ended (the guest told or not)
         if c.state == "established" and c.index == GOOD and not c.spoofed and c.told:
             raise Violation(f"good conn told {c.told} while nothing hostile touched it")
         if c.state == "closed" and c.index == GOOD and not c.spoofed:
@@ -1028,13 +1201,21 @@ class World:
             self.wait_timeouts()
         self.check_broken()
         self.check_host_initiated(final=not self.broken)
+        self.check_events()
         for c in self.conns + self.hconns:
             if c.tainted:
                 continue
             self.check_delivery(c, complete=not self.broken)
+        for c in self.retired:
+            self.check_delivery(c, complete=False)
+            if c.generation < self.generation and c.peer is not None and not c.peer_eof:
+                raise Violation(f"conn {c.index} (port {c.guest_port}): the device was reset "
+                                f"but its host peer was not closed")
         if self.broken:
             return
         for c in self.conns + self.hconns:
+            if c.generation < self.generation:
+                continue
             alive = self.backend.muxer._lookup(ConnKey(CID, c.host_port, c.guest_port))
             if c.state == "established" and alive is None:
                 raise Violation(f"conn {c.index}: the device dropped it and the guest was "
@@ -1107,14 +1288,25 @@ def decode(data: bytes) -> tuple[str, list[tuple]]:
             steps.append(("hconn_io", 1 + take() * 100))
         elif k == 15 and take() < 64:
             steps.append(("wait",))
+        elif k == 15:
+            steps.append(("restart", RESTARTS[take() % 3], take() * 300, take() * 64)
+                         if take() % 3 else ("post_events",))
         else:
             steps.append(("idle",))
     return ring, steps
 
 
+def decode_options(data: bytes) -> dict[str, Any]:
+    """`World` options from the first byte: bit 1 packed rings, bit 2 the event queue
+    (bits 3-5 its buffers)."""
+    first = data[0] if data else 0
+    return dict(packed=bool(first & 2), event_queue=bool(first & 4),
+                event_buffers=EVENT_BUFFERS[(first >> 3) % len(EVENT_BUFFERS)])
+
+
 def one_input(data: bytes) -> None:
     ring, steps = decode(data)
-    run_steps(steps, ring)
+    run_steps(steps, ring, **decode_options(data))
 
 
 def main() -> None:  # pragma: no cover - needs atheris

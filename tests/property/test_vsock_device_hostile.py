@@ -126,12 +126,16 @@ def test_fuzz_byte_decoder_covers_every_step_kind():
         kinds |= {s[0] for s in got}
     assert kinds >= {"send", "hostile", "post_rx", "host_write", "victim_reading",
                      "victim_consume", "victim_close", "victim_shutdown", "idle",
-                     "host_connect", "host_bad_line", "hconn_io", "wait"}
+                     "host_connect", "host_bad_line", "hconn_io", "wait", "restart",
+                     "post_events"}
     assert World  # the world class the fuzz target runs
 
 
 @pytest.mark.parametrize("seed", [b"\x00" + bytes(range(7, 250, 3)), b"\x01" + b"\x05\x03" * 30,
-                                  b"\x00\x04\x01\x00\x04\x02\x00\x09\x01\x00\x0a\x01\x01\x00"])
+                                  b"\x00\x04\x01\x00\x04\x02\x00\x09\x01\x00\x0a\x01\x01\x00",
+                                  b"\x06" + bytes(range(7, 250, 3)),  # packed, event queue
+                                  b"\x05\x0f\x80\x01\x10\x20\x0f\x90\x02\x40\x40\x0c\x00"
+                                  b"\x00\x00\x00\x0e\x20\x0f\x90\x00\x10\x10"])
 def test_fuzz_entry_point_runs_seed_inputs(seed):
     """The atheris entry point runs a decoded input end to end (both rings by the first
     byte) with every invariant checked."""
