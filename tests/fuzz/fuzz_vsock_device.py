@@ -12,7 +12,11 @@ too small, broken rings) and host events (a peer that stops reading, closes, res
 writes while the guest has no credit). Host clients also connect to the back-end's UNIX
 socket with good, split, bad or unfinished ``CONNECT <port>`` lines, and the guest answers
 the device's REQUEST in every way (`HOST_ANSWERS`; tests/property/
-test_vsock_device_host_connect.py has the invariants).
+test_vsock_device_host_connect.py has the invariants). Restart steps stop every queue with
+bytes in flight and start them again as QEMU's stop/cont, a RESET_DEVICE with fresh rings,
+or a front-end reconnect (`RESTARTS`); the event queue gets usable, missing, too-short or
+read-only buffers (`EVENT_BUFFERS`; tests/property/test_vsock_device_restart.py); rings may
+be packed (tests/property/test_vsock_device_packed.py).
 
 Invariants, checked after every device call and every step (`World.check_*`):
 
