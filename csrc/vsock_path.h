@@ -35,28 +35,29 @@ struct vs_iov {
 struct vs_rx_put;
 
 struct vs_tx_lane {
-    /* inputs */
+    /* inputs that stay the same from run to run of one connection */
     uint64_t cid;              /* the VM's CID: src_cid of every packet of the run */
     uint32_t host_port;        /* dst_port of the run's packets */
     uint32_t guest_port;       /* src_port of the run's packets */
-    uint64_t credit;           /* payload bytes the guest may still send (<= tail_cap) */
     int32_t fd;                /* the host socket (non-blocking) */
     uint32_t max_chains;       /* <= VS_LANE_CHAINS */
     uint8_t *tail;             /* room for the unwritten tail of the payloads */
     uint64_t tail_cap;
-    /* in: the connection's view of the guest's credit fields; out: the last packet's */
-    uint32_t peer_buf_alloc;
-    uint32_t peer_fwd_cnt;
-    /* in: the CREDIT_UPDATE the run may make due (Connection._credit_check after it), put
+    /* the CREDIT_UPDATE the run may make due (Connection._credit_check after it), put
      * straight into the RX queue put_q when the run was quiet (every packet carried the
      * credit fields given, no tail, no send error); put_q NULL: never */
     struct vr_queue *put_q;
     struct vs_rx_put *put;     /* its working room */
     uint32_t buf_alloc;        /* our receive window */
-    uint32_t recv_cnt;         /* our u32 counters before the run */
+    uint32_t update_threshold;
+    /* inputs of every run, contiguous (Python packs them with one call) */
+    uint64_t credit;           /* payload bytes the guest may still send (<= tail_cap) */
+    /* in: the connection's view of the guest's credit fields; out: the last packet's */
+    uint32_t peer_buf_alloc;
+    uint32_t peer_fwd_cnt;
+    uint32_t recv_cnt;         /* our u32 counters before the run (for put_q) */
     uint32_t fwd_cnt;
     uint32_t adv_fwd_cnt;      /* fwd_cnt in the last header we sent */
-    uint32_t update_threshold;
     int32_t update_owed;       /* a CREDIT_UPDATE is owed already */
     /* outputs */
     int32_t put_status;        /* -1: no put tried; VS_PUT_*; or a negative VR_E_* of the

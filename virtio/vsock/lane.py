@@ -272,44 +272,67 @@ class CTxLane:
         #: call: a streaming connection runs the lane once per credit window)
         self._fixed: tuple | None = None
         self._update_fixed: tuple | None = None
-        #: every output field with one unpack of the struct's memory (fourteen cffi
-        #: attribute reads cost several microseconds per run)
+        self._put_q = None  # the put_q pointer as last written (None: never)
+        view = ffi.buffer(lane)
+        #: every per-run input with one pack (the struct keeps them contiguous) and every
+        #: output with one unpack of the struct's memory (ring/cstruct.py)
+        codec, offset = field_codec(ffi, "struct vs_tx_lane", _INPUT_FIELDS)
+        self.pack_inputs = partial(codec.pack_into, view, offset)
         codec, offset = field_codec(ffi, "struct vs_tx_lane", _OUTPUT_FIELDS)
-        self._outputs = partial(codec.unpack_from, ffi.buffer(lane), offset)
+        self.unpack_outputs = self._outputs = partial(codec.unpack_from, view, offset)
+        #: ``c_call(q, c_lane)``: the C entry point and this lane's struct, for a caller
+        #: that packs the inputs itself (the device's armed stream, device.py)
+        self.c_call, self.c_lane = self._call, lane
+
+    def fix(self, cid: int, host_port: int, guest_port: int, fd: int, max_chains: int,
+            put_q: Any = None, buf_alloc: int = 0, threshold: int = 0) -> None:
+        """Write the inputs that stay the same from run to run (and, with ``put_q`` (a
+        ``struct vr_queue *``), the CREDIT_UPDATE put's) unless they are there already."""
+        fixed = (cid, host_port, guest_port, fd, max_chains)
+        lane = self._lane
+        if fixed != self._fixed:
+            lane.cid, lane.host_port, lane.guest_port, lane.fd = fixed[:4]
+            lane.max_chains = max_chains if max_chains > 0 else 0
+            self._fixed = fixed
+        if put_q is None:
+            put_q = self._null
+        elif (buf_alloc, threshold) != self._update_fixed:
+            lane.buf_alloc = buf_alloc
+            lane.update_threshold = threshold
+            self._update_fixed = (buf_alloc, threshold)
+        if put_q is not self._put_q:
+            lane.put_q = put_q
+            self._put_q = put_q
 
     def run(self, vq: Any, sock: socket.socket, cid: int, host_port: int, guest_port: int,
             credit: int, peer_buf_alloc: int, peer_fwd_cnt: int,
             max_chains: int = LANE_CHAINS, update: LaneUpdate | None = None) -> LaneResult:
         q, _scratch = vq.c_state()
-        lane = self._lane
-        fixed = (cid, host_port, guest_port, sock.fileno(), max_chains)
-        if fixed != self._fixed:
-            lane.cid, lane.host_port, lane.guest_port, lane.fd = fixed[:4]
-            lane.max_chains = max_chains if max_chains > 0 else 0
-            self._fixed = fixed
-        lane.credit = credit if credit > 0 else 0
-        lane.peer_buf_alloc = peer_buf_alloc
-        lane.peer_fwd_cnt = peer_fwd_cnt
         if update is None:
-            lane.put_q = self._null
+            self.fix(cid, host_port, guest_port, sock.fileno(), max_chains)
+            self.pack_inputs(credit if credit > 0 else 0, peer_buf_alloc, peer_fwd_cnt, 0, 0,
+                             0, 0)
+            rxq = None
         else:
-            lane.put_q = update.rxq.c_state()[0]
-            if (update.buf_alloc, update.threshold) != self._update_fixed:
-                lane.buf_alloc = update.buf_alloc
-                lane.update_threshold = update.threshold
-                self._update_fixed = (update.buf_alloc, update.threshold)
-            lane.recv_cnt = update.recv_cnt
-            lane.fwd_cnt = update.fwd_cnt
-            lane.adv_fwd_cnt = update.adv_fwd_cnt
-            lane.update_owed = update.owed
-        rc = self._call(q, lane)
+            rxq = update.rxq
+            self.fix(cid, host_port, guest_port, sock.fileno(), max_chains,
+                     rxq.c_state()[0], update.buf_alloc, update.threshold)
+            self.pack_inputs(credit if credit > 0 else 0, peer_buf_alloc, peer_fwd_cnt,
+                             update.recv_cnt, update.fwd_cnt, update.adv_fwd_cnt,
+                             1 if update.owed else 0)
+        rc = self._call(q, self._lane)
         if rc < 0:
             from ring.cring import _raise_for
             raise _raise_for(rc, vq.index)
+        return self.result(self._outputs(), vq, rxq)
+
+    def result(self, outputs: tuple, vq: Any, rxq: Any = None) -> LaneResult:
+        """The `LaneResult` of a call on ``vq`` whose outputs (``unpack_outputs()``) are
+        ``outputs``; ``rxq``: the RX queue of the update put (None: no update given)."""
         (ba, fc, put_status, chains, stop, nbytes, written, tail_len, error, broken, changed,
-         notify, call_errno, updates) = self._outputs()
-        if update is not None and put_status != -1:
-            put = _put_outcome(self._put, put_status, update.rxq)
+         notify, call_errno, updates) = outputs
+        if rxq is not None and put_status != -1:
+            put = _put_outcome(self._put, put_status, rxq)
             return _lane_result((chains, _STOPS[stop], nbytes, written, b"", None,
                                  vq._error(broken) if stop == 4 else None, ba, fc, False,
                                  notify != 0, call_errno or None, updates, put))
@@ -326,8 +349,12 @@ class CTxLane:
 #: a LaneResult from a tuple of all its fields, without the NamedTuple's Python __new__
 _lane_result = partial(tuple.__new__, LaneResult)
 
-#: The fields ``CTxLane.run`` reads after a call, in struct order, with their ``struct``
-#: codes (csrc/vsock_path.h ``struct vs_tx_lane``).
+#: The inputs ``CTxLane.run`` writes before every call, contiguous in the struct, and the
+#: fields it reads after a call, in struct order, with their ``struct`` codes
+#: (csrc/vsock_path.h ``struct vs_tx_lane``; ``peer_buf_alloc``/``peer_fwd_cnt`` are both).
+_INPUT_FIELDS = (("credit", "Q"), ("peer_buf_alloc", "I"), ("peer_fwd_cnt", "I"),
+                 ("recv_cnt", "I"), ("fwd_cnt", "I"), ("adv_fwd_cnt", "I"),
+                 ("update_owed", "i"))
 _OUTPUT_FIELDS = (("peer_buf_alloc", "I"), ("peer_fwd_cnt", "I"), ("put_status", "i"),
                   ("chains", "I"), ("stop", "I"), ("bytes", "Q"), ("written", "Q"),
                   ("tail_len", "Q"), ("error", "i"), ("broken", "i"),

@@ -87,9 +87,12 @@ class CRxPump:
         # every input with one pack, every output with one unpack (ring/cstruct.py)
         view = ffi.buffer(self._p)
         codec, offset = field_codec(ffi, "struct vs_rx_pump", _INPUT_FIELDS)
-        self._inputs = partial(codec.pack_into, view, offset)
+        self.pack_inputs = self._inputs = partial(codec.pack_into, view, offset)
         codec, offset = field_codec(ffi, "struct vs_rx_pump", _OUTPUT_FIELDS)
-        self._outputs = partial(codec.unpack_from, view, offset)
+        self.unpack_outputs = self._outputs = partial(codec.unpack_from, view, offset)
+        #: ``c_call(q, scratch, c_pump)``: the C entry point and this pump's struct, for a
+        #: caller that packs the inputs itself (the device's armed stream, device.py)
+        self.c_call, self.c_pump = self._call, self._p
 
     def __call__(self, vq: Any, fd: int, cid: int, host_port: int, guest_port: int,
                  buf_alloc: int, fwd_cnt: int, credit: int) -> RxPumpResult:
@@ -101,8 +104,12 @@ class CRxPump:
         if rc < 0:
             from ring.cring import _raise_for
             raise _raise_for(rc, vq.index)
-        call_errno, nbytes, chains, notify, eof, starved, error, drained, broken = (
-            self._outputs())
+        return self.result(self._outputs())
+
+    def result(self, outputs: tuple) -> RxPumpResult:
+        """The `RxPumpResult` of a call whose outputs (``unpack_outputs()``) are
+        ``outputs``."""
+        call_errno, nbytes, chains, notify, eof, starved, error, drained, broken = outputs
         if broken or error or call_errno:
             return _result((nbytes, chains, notify != 0, eof != 0, starved != 0,
                             error or None, drained != 0,
