@@ -805,7 +805,8 @@ class World:
         if len(self.hconns) >= 12:
             return
         port = LISTEN_PORTS[port_i % len(LISTEN_PORTS)]
-        c = Conn(2 + len(self.hconns), port, 0, answer=answer, ok_line=b"OK %d\n" % port)
+        c = Conn(2 + len(self.hconns), port, 0, answer=answer, ok_line=b"OK %d\n" % port,
+                 generation=self.generation)
         c.state = "waiting"  # the guest has not seen a REQUEST yet
         c.peer = self._client()
         self.hconns.append(c)
@@ -944,6 +945,9 @@ class World:
             if refused and c.requested and not c.peer_eof:
                 raise Violation(f"host client of port {c.guest_port}: guest answer "
                                 f"{c.answer!r}, but the client is still open")
+            if final and c.generation < self.generation and not c.peer_eof:
+                raise Violation(f"host client of port {c.guest_port}: the device was reset "
+                                f"but the client is still open")
             if c.answer in GARBAGE_ANSWERS and c.requested and not c.rsts:
                 raise Violation(f"guest answered a REQUEST with {c.answer!r}: no RST")
         for cl in self.clients:
