@@ -119,8 +119,9 @@ PARTIAL_LINES = (b"", b"CONN", b"CONNECT ", b"CONNECT 50", b"CONNECT 4294967295"
 #: on every queue, then the same rings again at those bases); "reset" = RESET_DEVICE and
 #: fresh rings (the guest driver was reset too); "reconnect" = the front-end goes away (the
 #: session closes) and a new one sets up the same rings at their bases (the guest knows
-#: nothing: the device must tell it, TRANSPORT_RESET)
-RESTARTS = ("same", "reset", "reconnect")
+#: nothing: the device must tell it, TRANSPORT_RESET); "rx_only" / "tx_only": one ring
+#: stopped and started again alone while the other runs on
+RESTARTS = ("same", "reset", "reconnect", "rx_only", "tx_only")
 #: event buffers the guest posts: usable ones, none, too short, read-only, and a bad one
 #: first then usable ones
 EVENT_BUFFERS = ("good", "big", "split4", "none", "short", "readonly", "short_then_good",
@@ -295,19 +296,22 @@ class World:
     def drivers(self) -> list:
         return [d for d in (self.rx, self.tx, self.ev) if d is not None]
 
-    def start_queues(self, bases: dict[int, int]) -> None:
+    def start_queues(self, bases: dict[int, int], only: tuple[int, ...] = ()) -> None:
         """vhost_dev_start: features, memory table, each ring (at ``bases``, else fresh),
-        then enable. Spec: vhost-user "Ring states", VHOST_USER_SET_VRING_BASE."""
-        self.device(self._start_queues, bases)
+        then enable; ``only`` these rings (one ring restarted alone: no features, memory
+        or status). Spec: vhost-user "Ring states", VHOST_USER_SET_VRING_BASE."""
+        self.device(self._start_queues, bases, only)
 
-    def _start_queues(self, bases: dict[int, int]) -> None:
-        self.vu(FrontendReq.SET_FEATURES, U64(self.features).pack())
-        regions = tuple(MemoryRegion(s.gpa, s.size, s.uva, s.mmap_offset)
-                        for s in self.ram.specs)
-        self.vu(FrontendReq.SET_MEM_TABLE, MemoryTable(regions).pack(),
-                tuple(os.dup(self.ram.fd) for _ in regions))
+    def _start_queues(self, bases: dict[int, int], only: tuple[int, ...]) -> None:
+        drivers = [d for d in self.drivers if not only or d.index in only]
+        if not only:
+            self.vu(FrontendReq.SET_FEATURES, U64(self.features).pack())
+            regions = tuple(MemoryRegion(s.gpa, s.size, s.uva, s.mmap_offset)
+                            for s in self.ram.specs)
+            self.vu(FrontendReq.SET_MEM_TABLE, MemoryTable(regions).pack(),
+                    tuple(os.dup(self.ram.fd) for _ in regions))
         fresh = PACKED_FRESH_BASE if self.packed else 0
-        for d in self.drivers:
+        for d in drivers:
             i = d.index
             desc, driver, device = d.ring_addresses
             uva = self.ram.specs[0].uva  # uva = UVA_BASE + gpa in every region
@@ -319,25 +323,29 @@ class World:
                     (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),))
             self.vu(FrontendReq.SET_VRING_CALL, VringFd(i, False).pack(),
                     (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),))
-        for d in self.drivers:
+        for d in drivers:
             self.vu(FrontendReq.SET_VRING_ENABLE, VringState(d.index, 1).pack())
-        self.vu(FrontendReq.SET_STATUS, U64(0xF).pack())
+        if not only:
+            self.vu(FrontendReq.SET_STATUS, U64(0xF).pack())
 
-    def stop_queues(self) -> dict[int, int]:
+    def stop_queues(self, only: tuple[int, ...] = ()) -> dict[int, int]:
         """vhost_dev_stop: disable each ring, GET_VRING_BASE each (stops it; its base),
-        status 0. Spec: vhost-user VHOST_USER_GET_VRING_BASE."""
+        status 0; ``only`` these rings (no status). Spec: vhost-user
+        VHOST_USER_GET_VRING_BASE."""
         bases: dict[int, int] = {}
-        self.device(lambda: bases.update(self._stop_queues()))
+        self.device(lambda: bases.update(self._stop_queues(only)))
         return bases
 
-    def _stop_queues(self) -> dict[int, int]:
-        for d in self.drivers:
+    def _stop_queues(self, only: tuple[int, ...]) -> dict[int, int]:
+        drivers = [d for d in self.drivers if not only or d.index in only]
+        for d in drivers:
             self.vu(FrontendReq.SET_VRING_ENABLE, VringState(d.index, 0).pack())
         bases = {}
-        for d in self.drivers:
+        for d in drivers:
             (reply,) = self.vu(FrontendReq.GET_VRING_BASE, VringState(d.index, 0).pack())
             bases[d.index] = VringState.unpack(reply.data[Header.FMT.size:]).num
-        self.vu(FrontendReq.SET_STATUS, U64(0).pack())
+        if not only:
+            self.vu(FrontendReq.SET_STATUS, U64(0).pack())
         return bases
 
     # -- queue restarts and device resets ---------------------------------------------------
@@ -354,12 +362,13 @@ class World:
         good = self.conns[GOOD]
         self.send(good, guest_n, "two", 0)  # in the TX ring, not kicked
         self.host_write(good, host_n)  # in the host socket, not read
-        bases = self.stop_queues()
+        only = {"rx_only": (0,), "tx_only": (1,)}.get(kind, ())
+        bases = self.stop_queues(only)
         self.host_write(good, host_n)  # while stopped: the device must not touch the guest
         self.send(good, guest_n, "indirect", 0)
         self.settle()
-        if kind == "same":
-            self.start_queues(bases)
+        if kind in ("same", "rx_only", "tx_only"):
+            self.start_queues(bases, only)
             return
         if kind == "reset":
             self.device(self.vu, FrontendReq.RESET_DEVICE)
@@ -1297,7 +1306,8 @@ def decode(data: bytes) -> tuple[str, list[tuple]]:
         elif k == 15 and take() < 64:
             steps.append(("wait",))
         elif k == 15:
-            steps.append(("restart", RESTARTS[take() % 3], take() * 300, take() * 64)
+            steps.append(("restart", RESTARTS[take() % len(RESTARTS)], take() * 300,
+                          take() * 64)
                          if take() % 3 else ("post_events",))
         else:
             steps.append(("idle",))

@@ -14,7 +14,10 @@ stopped, then starts again (`RESTARTS`):
 - ``reconnect``: the front-end goes away (the session closes: the device resets) and a new
   one sets up the same rings at their bases: the guest, which knows nothing, is told by
   TRANSPORT_RESET on the event queue if it posted a usable event buffer (else by an RST on
-  its next packet), and the old host peers are closed.
+  its next packet), and the old host peers are closed;
+- ``rx_only`` / ``tx_only``: one ring stopped with GET_VRING_BASE and started again alone
+  while the other runs on (the device keeps the packets for the stopped RX ring): nothing
+  lost, duplicated or reordered.
 
 The guest posts event buffers of one kind per run (`EVENT_BUFFERS`): usable ones (4 bytes,
 64 bytes, 2 + 2 bytes), none, too short, read-only, or none at first and good ones later.
