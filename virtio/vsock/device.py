@@ -101,6 +101,7 @@ class VsockDevice:
         self._in_rx = False
         self._ever_started = False
         self.event_pending = False  # TRANSPORT_RESET owed to the guest
+        self._event_buffer_warned = False  # a too-short event buffer was logged
         #: the TX lane (lane.py) and the connection it serves: the last one whose RW
         #: packets took the direct lane (None: none yet, or it left the lane)
         self._lane = None
@@ -892,23 +893,42 @@ class VsockDevice:
     # -- event queue -------------------------------------------------------------------------
     def _deliver_event(self) -> None:
         """Spec: virtio 1.2 §5.10.6.7: VIRTIO_VSOCK_EVENT_TRANSPORT_RESET tells the driver
-        that connections were lost (and to re-read guest_cid)."""
+        that connections were lost (and to re-read guest_cid).
+
+        A chain with fewer writable bytes than the 4-byte event (a short or read-only
+        buffer) goes back with used length 0 and the event waits for the next chain: a
+        Linux driver handles an event only when its used length is sizeof(struct
+        virtio_vsock_event) (virtio_vsock_event_done), so a truncated one would be lost
+        (QEMU's vhost_vsock_common_send_transport_reset refuses such a buffer too). One
+        warning per event owed, however many such buffers the guest posts."""
         if not self.event_pending:
             return
         handle = self._queues.get(Queue.EVENT)
         if handle is None:
             return
-        try:
-            chain = handle.vq.pop()
-        except DriverError as exc:
-            self._log_broken(int(Queue.EVENT), exc)
-            handle.notify_if_needed()
-            return
-        if chain is None:
-            return  # the guest posts event buffers and kicks
-        n = handle.vq.fill(chain, VsockEvent.transport_reset().pack())
-        handle.vq.push(chain.head, n, chain.ring_slots)
+        vq = handle.vq
+        while True:
+            try:
+                chain = vq.pop()
+            except DriverError as exc:
+                self._log_broken(int(Queue.EVENT), exc)
+                handle.notify_if_needed()
+                return
+            if chain is None:
+                handle.notify_if_needed()  # (buffers given back empty, if any)
+                return  # the guest posts event buffers and kicks
+            if chain.writable_bytes >= VsockEvent.SIZE:
+                break
+            vq.push(chain.head, 0, chain.ring_slots)
+            if not self._event_buffer_warned:
+                self._event_buffer_warned = True
+                self.log.warning("event buffer of %d writable bytes cannot hold the %d-byte "
+                                 "TRANSPORT_RESET: returned empty, the event waits for the "
+                                 "next buffer", chain.writable_bytes, VsockEvent.SIZE)
+        n = vq.fill(chain, VsockEvent.transport_reset().pack())
+        vq.push(chain.head, n, chain.ring_slots)
         self.event_pending = False
+        self._event_buffer_warned = False
         self.events_sent += 1
         self.log.info("sent TRANSPORT_RESET to the guest")
         handle.notify_if_needed()
