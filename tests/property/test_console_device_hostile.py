@@ -51,7 +51,7 @@ odd_chains = st.one_of(
 control = st.one_of(
     st.tuples(st.just("ctl"), st.sampled_from(CTL_IGNORED), st.integers(0, 255)),
     st.tuples(st.just("ready_again"), st.sampled_from(["one", "split"])),
-    st.tuples(st.just("ctl_rx_odd"), st.sampled_from(["readonly", "readonly_first"])),
+    st.tuples(st.just("ctl_rx_odd"), st.sampled_from(["readonly", "readonly_first", "tiny"])),
 )
 management = st.one_of(st.tuples(st.just("hotplug"), st.booleans()), st.just(("restart",)))
 step = st.one_of(gsend, gsend, host_write, host_write, host_events, guest_events, odd_chains,
@@ -183,3 +183,44 @@ def test_a_broken_receiveq_with_host_bytes_waiting_does_not_spin_the_loop(ring):
         world.check_streams(final=False)  # the other ports still move
     finally:
         world.close()
+
+
+@RINGS
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_a_restart_mid_stream_loses_and_repeats_nothing(ring, zero_copy):
+    """vhost-user VHOST_USER_GET_VRING_BASE then SET_VRING_BASE/ADDR/KICK/CALL on every ring
+    while a host peer holds back (transmit chains in flight, a socket full) and host bytes
+    wait for receive buffers: afterwards every byte arrives once, in order, both ways, on
+    every port (virtio 1.2 §2.7.8, §5.3.6)."""
+    world = run_steps([("host_reading", P1, False), ("gsend", P1, 100000, "one"),
+                       ("gsend", P1, 60000, "many"), ("starve", P2, True),
+                       ("host_write", P2, 70000), ("gsend", P2, 40000, "split"),
+                       ("restart",), ("host_reading", P1, True), ("starve", P2, False),
+                       ("restart",), ("gsend", CON, 5000, "indirect"),
+                       ("host_write", CON, 5000)], ring, zero_copy=zero_copy)
+    by_pid = {s.pid: s for s in world.history}
+    assert bytes(by_pid[P1].peers[0].received) == bytes(by_pid[P1].sent)
+    assert len(by_pid[P1].sent) == 160000
+    assert bytes(by_pid[P2].received) == bytes(by_pid[P2].peers[0].sent)
+    assert world.restarts == 2
+
+
+@RINGS
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_an_unplugged_port_returns_every_transmit_chain_before_the_guest_hears_of_it(
+        ring, zero_copy):
+    """A port is hot-unplugged while its host peer holds back, so transmit chains wait for
+    the peer's reads (zero copy) or for room in its socket: every one of them is used
+    (length 0) before DEVICE_REMOVE reaches the guest. Linux's remove_port_data detaches
+    whatever is still unused on the out_vq, stepping avail->idx back over entries the device
+    has already taken, and frees buffers a host socket may still refer to. (With zero copy
+    the chains waiting for reads stayed in flight: the removal stopped the queue, keeping
+    them as for a ring restart, before it released them.)
+
+    Spec: virtio 1.2 §5.3.6.2 (VIRTIO_CONSOLE_DEVICE_REMOVE), §2.7.8."""
+    world = run_steps([("hotplug", True), ("host_connect", HP), ("host_reading", HP, False),
+                       ("gsend", HP, 200000, "one"), ("hotplug", False)], ring,
+                      zero_copy=zero_copy)
+    removed = next(s for s in world.history if s.pid == HP)
+    assert removed.removed and len(removed.sent) == 200000
+    assert world.drivers[port_queues(HP)[1]].outstanding == 0

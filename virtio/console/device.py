@@ -388,9 +388,12 @@ class ConsoleDevice:
         io = self._io.pop(port.id)
         self._tx_ports.pop(port_queues(port.id)[1], None)
         io.removed = True
-        self._unwatch(io)
         if io.pump is not None:
+            # Zero copy's chains waiting for the host peer's reads go back now, while the
+            # transmitq is still attached: detaching it first (_unwatch) keeps them in
+            # flight as for a ring restart, and Linux then detaches them itself.
             io.pump.close()
+        self._unwatch(io)
         if io.retry_timer is not None:
             io.retry_timer.cancel()
         self._discard_tx(port_queues(port.id)[1])  # before DEVICE_REMOVE can reach the guest
