@@ -135,7 +135,11 @@ def test_fuzz_byte_decoder_covers_every_step_kind():
                                   b"\x00\x04\x01\x00\x04\x02\x00\x09\x01\x00\x0a\x01\x01\x00",
                                   b"\x06" + bytes(range(7, 250, 3)),  # packed, event queue
                                   b"\x05\x0f\x80\x01\x10\x20\x0f\x90\x02\x40\x40\x0c\x00"
-                                  b"\x00\x00\x00\x0e\x20\x0f\x90\x00\x10\x10"])
+                                  b"\x00\x00\x00\x0e\x20\x0f\x90\x00\x10\x10",
+                                  # a tainted connection retired by a device reset
+                                  bytes.fromhex("e83f2c14f188528d41bb0d4b32dd53d4ae89eea07a4f579e"
+                                                "2ff7ace2c1d298dcf01c945cbf59cd932cd33931f0d1"
+                                                "5eb4ce11")])
 def test_fuzz_entry_point_runs_seed_inputs(seed):
     """The atheris entry point runs a decoded input end to end (both rings by the first
     byte) with every invariant checked."""
