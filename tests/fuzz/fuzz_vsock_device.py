@@ -937,6 +937,8 @@ class World:
             if got_ok and not c.responded_in_time:
                 raise Violation(f"host client of port {c.guest_port} got OK though the guest "
                                 f"answered {c.answer!r}")
+            if self.broken:
+                continue  # the guest's answers may not reach the device any more
             if c.peer is None:
                 if final and c.answer == "response" and c.requested and not (c.rsts or c.told):
                     raise Violation(f"host client of port {c.guest_port} closed after its "
