@@ -84,8 +84,9 @@ GOOD, VICTIM = 0, 1
 HOST_PORTS = (80, 81)
 GUEST_PORTS = (1000, 1001)
 SETTLE_ROUNDS = 60
-#: the host-client handshake and guest-answer timeouts (short: the harness waits them out)
-HANDSHAKE_S = 0.05
+#: the host-client handshake and guest-answer timeouts: short (the harness waits them out),
+#: long enough that a loaded machine answers a REQUEST in time
+HANDSHAKE_S = 0.2
 U32 = 0xFFFFFFFF
 
 #: legal TX descriptor layouts a well-behaved guest may use
