@@ -62,6 +62,8 @@ breaks = st.tuples(st.just("break"), st.sampled_from(QUEUES), st.sampled_from(BR
 steps_then_break = st.tuples(st.lists(step, max_size=6), breaks, st.lists(step, max_size=8))
 
 RINGS = pytest.mark.parametrize("ring", ["c", "py"])
+#: the Python pump always copies: zero copy matters with the C rings only
+RING_COPY = pytest.mark.parametrize("ring,zero_copy", [("c", True), ("c", False), ("py", False)])
 
 
 @RINGS
@@ -134,7 +136,7 @@ def _broken_messages(world) -> list[str]:
 
 
 @RINGS
-@pytest.mark.parametrize("queue", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("queue", [1, 2, 3, 4])
 def test_a_broken_queue_is_logged_once_however_often_the_guest_kicks(ring, queue):
     """virtio 1.2 §2.7.5.2, STYLE R5: one message per broken queue (a port's receiveq or
     transmitq, a control queue), not one per kick or per host write: a hostile guest must not
@@ -185,8 +187,7 @@ def test_a_broken_receiveq_with_host_bytes_waiting_does_not_spin_the_loop(ring):
         world.close()
 
 
-@RINGS
-@pytest.mark.parametrize("zero_copy", [True, False])
+@RING_COPY
 def test_a_restart_mid_stream_loses_and_repeats_nothing(ring, zero_copy):
     """vhost-user VHOST_USER_GET_VRING_BASE then SET_VRING_BASE/ADDR/KICK/CALL on every ring
     while a host peer holds back (transmit chains in flight, a socket full) and host bytes
@@ -205,8 +206,7 @@ def test_a_restart_mid_stream_loses_and_repeats_nothing(ring, zero_copy):
     assert world.restarts == 2
 
 
-@RINGS
-@pytest.mark.parametrize("zero_copy", [True, False])
+@RING_COPY
 def test_an_unplugged_port_returns_every_transmit_chain_before_the_guest_hears_of_it(
         ring, zero_copy):
     """A port is hot-unplugged while its host peer holds back, so transmit chains wait for
