@@ -52,7 +52,7 @@ RINGS = pytest.mark.parametrize("ring", ["c", "py"])
 
 @RINGS
 @pytest.mark.timeout(1800)
-@scaled(0.1)
+@scaled(0.05)
 @given(steps=steps)
 def test_host_clients_and_guest_answers_keep_every_invariant(ring, steps):
     """virtio 1.2 §5.10.6.2: whatever host clients write and however the guest answers the
