@@ -260,6 +260,7 @@ class World:
         self.hconns: list[Conn] = []  # host-initiated connections (CONNECT <port>)
         self.clients: list[Client] = []  # host clients that sent a bad or no CONNECT line
         self.retired: list[Conn] = []  # connections of before a device reset
+        self.stale: list[socket.socket] = []  # host-side sockets accepted for no connection
         self.listening: dict[int, str] = {}  # guest port -> how the guest answers a REQUEST
         self.broken: dict[int, int] = {}  # queue -> its used idx once broken
         self.broken_asked = False  # a "break" step ran
@@ -404,6 +405,12 @@ class World:
             if c.state != "closed":
                 c.state, c.told = "closed", c.told or told
         self.retired += self.conns
+        for listener in self.listeners:  # connections the device made for old requests
+            while True:  # (a malformed REQUEST again) must not pass for the new ones
+                try:
+                    self.stale.append(listener.accept()[0])
+                except BlockingIOError:
+                    break
         ports = [p + 10 * (len(self.retired) // 2) for p in GUEST_PORTS]
         self.conns = [Conn(i, ports[i], HOST_PORTS[i], generation=self.generation)
                       for i in (GOOD, VICTIM)]
@@ -494,6 +501,8 @@ class World:
                     c.peer.close()
             for cl in self.clients:
                 cl.sock.close()
+            for sock in self.stale:
+                sock.close()
             for s in self.listeners:
                 s.close()
             self.loop.close()

@@ -123,3 +123,15 @@ def test_a_reset_closes_the_host_peers_and_tells_the_guest(ring, kind, events):
         assert len(good.received) == 5000 and len(good.host_received) == 4097
     else:  # told by an RST when it sent on the old connection
         assert good.state == "closed" and good.told == "rst"
+
+
+def test_regression_a_reset_after_a_malformed_request_again():
+    """A guest REQUEST repeated on a connection the device had reset made the device connect
+    the host service once more; after a device reset the harness took that stale socket for
+    the new connection's (found by the fuzz loop, seed 44). virtio 1.2 §5.10.6.7: the new
+    connections after the reset carry data."""
+    world = run_steps([("hostile", "bad_op", 44718), ("hostile", "request_again", 46260),
+                       ("restart", "reset", 18000, 10944), ("send", VICTIM, 100, "two", 0)],
+                      "py", event_queue=True, event_buffers="big")
+    assert world.stale and world.conns[VICTIM].host_received == world.conns[VICTIM].sent
+    assert len(world.conns[VICTIM].sent) == 100
