@@ -38,16 +38,16 @@ from typing import Any, Callable, Sequence
 
 from ring.errors import DriverError
 
-from .conn import ConnConfig, ConnState, RxPacket, RxRead, credit_update_due
+from .conn import ConnConfig, RxPacket, RxRead
 from .errors import DuplicateCidError, UnknownCidError
 from .handshake import OkPortConvention
 from .host import _SEND_FLAGS, IOV_MAX, VsockHost
-from .lane import (LANE_CHAINS, CTxLane, LaneUpdate, Put, Stop, make_put, make_tx_lane,
+from .lane import (LANE_CHAINS, LaneUpdate, Put, Stop, make_put, make_tx_lane,
                    payload_views as _payload)
 from .muxer import DEVICE_FEATURES, MuxerConfig, VsockMuxer
-from .rx_pump import CRxPump, make_rx_pump
-from .wire import (HOST_CID, U32_MASK, VIRTIO_ID_VSOCK, Op, Queue, ShutdownFlag, Type,
-                   VsockConfig as VsockConfigSpace, VsockEvent, VsockHeader)
+from .rx_pump import make_rx_pump
+from .wire import (HOST_CID, VIRTIO_ID_VSOCK, Op, Queue, Type, VsockConfig as VsockConfigSpace,
+                   VsockEvent, VsockHeader)
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +108,6 @@ class VsockDevice:
         self._lane_key = None
         self._put = None  # (RX vq, its packet put): the lane's CREDIT_UPDATE
         self._rx_pump = None  # (RX vq, its RX pump): host-readable events (rx_pump.py)
-        #: the armed stream (`_ArmedStream`, see `_arm`): the one connection that is both
-        #: the TX lane's and the RX pump's, served by `_on_tx_kick` / `_armed_readable`
-        #: with one C call per event while its steady state lasts. ``lean`` False: never
-        #: armed (everything takes the general path; the differential tests compare both)
-        self.lean = True
-        #: events the armed stream served without the general path (TX kicks, host reads)
-        self.armed_events = 0
-        self._armed: _ArmedStream | None = None
-        self._armed_lane: CTxLane | None = None  # kept over re-arming (its tail buffer)
-        self._armed_pump: CRxPump | None = None
         #: queues whose breaking was logged (once until the queue starts again or a reset)
         self._broken_logged: set[int] = set()
         self.features = 0
@@ -145,7 +135,6 @@ class VsockDevice:
 
     def queue_started(self, handle: Any) -> None:
         self._queues[handle.index] = handle
-        self._armed = None
         self._broken_logged.discard(handle.index)
         self._ever_started = True
         if handle.index == Queue.TX:
@@ -158,7 +147,6 @@ class VsockDevice:
 
     def queue_stopped(self, index: int) -> None:
         self._queues.pop(index, None)
-        self._armed = None
         if index == Queue.TX:
             self._lane = None
 
@@ -179,84 +167,16 @@ class VsockDevice:
     def _on_tx_kick(self, kick_fd: int) -> None:
         """The TX queue's kick eventfd is readable (``QueueHandle.kick_reader``: called
         only while the queue is live): drain it and serve the queue, without the session's
-        generic kick layers (a kick per credit window of a guest->host stream).
-
-        With a stream armed (`_arm`) whose steady state still holds, the lane runs here
-        with one C call: the connection's state is re-checked first (every condition
-        under which `_tx_lane` gives the run the same inputs and `credit_only_quiet` takes
-        no other step), and a run with any other outcome (payload, a packet outside the
-        run, a credit update put or made due, read interest or the timer changing, an
-        error) is handed to `_tx_lane_outcome`, the general path's own code.
-
-        Spec: virtio 1.2 §5.10.6.3 (every packet carries the sender's credit)."""
+        generic kick layers (a kick per credit window of a guest->host stream)."""
         try:
             os.read(kick_fd, 8)
         except (BlockingIOError, InterruptedError):
             pass
-        self._tx_kicked()
-
-    def _tx_kicked(self) -> None:
-        """The guest kicked TX: the armed stream's lane run (see `_on_tx_kick`), else
-        `_process_tx`."""
-        a = self._armed
-        if a is None or self._in_rx or self._lane_key is not a.key:
-            self._process_tx()
-            return
-        conn, vm, key = a.conn, a.vm, a.key
-        if (a.conns.get(key) is not conn or vm.ctrl or vm.sib_q or vm.rxq
-                or conn._pending or conn._h2g or conn.host_readable or conn.host_eof
-                or conn.peer_shut or conn.host_hup or conn._inflight is not None
-                or conn._g2h_chunks or conn._g2h_msgs or not conn.host_open
-                or conn.state is not _ESTABLISHED or a.socks.get(key) is not a.hs):
-            self._process_tx()
-            return
-        # _tx_lane's inputs (direct_tx_conn_of, lone_update_possible: all True above)
-        tx_vq = a.tx_vq
-        q = tx_vq.c_state()[0]
-        put_q = a.rx_vq.c_state()[0]  # the update's RX queue, its region table current
-        recv, fwd, adv = conn.recv_cnt, conn.fwd_cnt, conn.adv_fwd_cnt
-        if put_q is not a.put_q:
-            a.lane.fix(self.cid, key.local_port, key.peer_port, a.fd, LANE_CHAINS, put_q,
-                       conn.buf_alloc, conn.update_threshold)
-            a.put_q = put_q
-        credit = conn.buf_alloc - ((recv - adv) & U32_MASK)  # lane_credit, inline
-        tx_cnt, peer_ba, peer_fc = conn.tx_cnt, conn.peer_buf_alloc, conn.peer_fwd_cnt
-        a.lane_in(credit if credit > 0 else 0, peer_ba, peer_fc, recv, fwd, adv, 0)
-        rc = a.lane_call(q, a.lane_c)
-        if rc < 0:
-            from ring.cring import _raise_for
-            raise _raise_for(rc, tx_vq.index)
-        out = a.lane_out()
-        (ba, fc, put_status, chains, stop, nbytes, _written, tail_len, error, _broken,
-         changed, _notify, call_errno, _updates) = out
-        if not (put_status != -1 or stop or nbytes or tail_len or error or call_errno):
-            # only credit fields, the ring emptied: credit_only_quiet, inline, when it
-            # would neither find an update due nor reconcile (read interest and the
-            # deadline unchanged)
-            if not chains:
-                if self._rx_scheduled:
-                    self._process_rx()
-                return
-            if (conn._credit_request_at is None
-                    and (ba > ((tx_cnt - fc) & U32_MASK))
-                    == (peer_ba > ((tx_cnt - peer_fc) & U32_MASK))
-                    and ((recv == fwd and adv == fwd) or not credit_update_due(
-                        conn.buf_alloc, recv, adv, fwd, conn.update_threshold))):
-                a.stats.tx_packets += chains
-                self.armed_events += 1
-                if changed:
-                    conn._credit_requested = False
-                conn.peer_buf_alloc, conn.peer_fwd_cnt = ba, fc
-                conn._credit_request_due = False
-                if self._rx_scheduled:
-                    self._process_rx()
-                return
-        res = self._tx_lane_outcome(conn, key, a.rx_handle, a.lane.result(out, tx_vq, a.rx_vq))
-        self._tx_rest(a.tx_handle, tx_vq, res)
+        self._process_tx()
 
     def kick(self, index: int) -> None:
         if index == Queue.TX:
-            self._tx_kicked()
+            self._process_tx()
         elif index == Queue.RX:
             self._process_rx()
         elif index == Queue.EVENT:
@@ -266,7 +186,7 @@ class VsockDevice:
         """Device reset or front-end gone: every connection of this VM is dropped, so the
         guest is owed a TRANSPORT_RESET if it ever ran (Spec: virtio 1.2 §5.10.6.7)."""
         self._queues.clear()
-        self._lane = self._lane_key = self._armed = None
+        self._lane = self._lane_key = None
         self._broken_logged.clear()
         self.resets += 1
         self.host.run(self.muxer.reset(self.cid, self.loop.time()))
@@ -315,21 +235,18 @@ class VsockDevice:
         if handle is None:
             return
         vq = handle.vq
-        self._tx_rest(handle, vq, None if self._lane_key is None else self._tx_lane(vq))
-
-    def _tx_rest(self, handle: Any, vq: Any, res: Any) -> None:
-        """`_process_tx` after the TX lane's run ``res`` (None: not run): the general path
-        for what it left."""
-        if res is not None:
-            if res.broken is not None:
-                self._log_broken(_TXQ, res.broken)
-                handle.notify_if_needed()
-                return
-            if res.stop == Stop.EMPTY:
-                if self._rx_scheduled:
-                    self._process_rx()  # the credit update (see below)
-                return
         completed = 0
+        if self._lane_key is not None:
+            res = self._tx_lane(vq)
+            if res is not None:
+                if res.broken is not None:
+                    self._log_broken(_TXQ, res.broken)
+                    handle.notify_if_needed()
+                    return
+                if res.stop == Stop.EMPTY:
+                    if self._rx_scheduled:
+                        self._process_rx()  # the credit update (see below)
+                    return
         for _ in range(TX_BUDGET_BATCHES):
             broken: DriverError | None = None
             try:
@@ -384,12 +301,6 @@ class VsockDevice:
                                    conn.credit_update_owed))
         res = lane.run(vq, sock, self.cid, key.local_port, key.peer_port, conn.lane_credit,
                        conn.peer_buf_alloc, conn.peer_fwd_cnt, LANE_CHAINS, update)
-        return self._tx_lane_outcome(conn, key, rx, res)
-
-    def _tx_lane_outcome(self, conn: Any, key: Any, rx: Any, res: Any) -> Any:
-        """Apply the TX lane's run ``res`` of ``conn`` (``rx``: the RX queue handle its
-        update was given, or None) as `_rw_group` does; ``res``."""
-        muxer = self.muxer
         if res.call_errno is not None:
             self.log.warning("TX call eventfd: %s", os.strerror(res.call_errno))
         if res.chains:
@@ -407,7 +318,6 @@ class VsockDevice:
                 if actions is not None:
                     if actions:
                         run(actions)
-                    self._arm(conn)
                     return res
             if (not res.tail and res.error is None and not res.credit_changed
                     and res.peer_buf_alloc == conn.peer_buf_alloc
@@ -582,91 +492,7 @@ class VsockDevice:
             return False
         conn, credit = lane
         self._pump(handle, sock, conn, credit, muxer.rx_lane_done, self.loop.time())
-        self._arm(conn)
         return True
-
-    def _arm(self, conn: Any) -> None:
-        """Arm the stream of ``conn`` (`_ArmedStream`) when it is the TX lane's connection
-        and both queues run on the C ring (``lean`` set): from then on its TX kicks and
-        host-readable events are served by `_on_tx_kick` and `_armed_readable`, each one
-        short handler and one C call while the steady state lasts, today's general code
-        otherwise. Cheap when armed already (called on the general paths only)."""
-        a = self._armed
-        if (a is not None and a.conn is conn) or not self.lean or conn.key != self._lane_key:
-            return
-        tx, rx = self._queues.get(_TXQ), self._queues.get(_RXQ)
-        lane = self._lane
-        if tx is None or rx is None or type(lane) is not CTxLane:
-            return
-        if lane.tail_cap < conn.buf_alloc and lane.tail_cap < LANE_TAIL_MAX:
-            return  # _tx_lane makes a larger lane first
-        vm = self.muxer.stream_view(conn)
-        hs = self.host._socks.get(conn.key)
-        if vm is None or hs is None or conn.type_ is not Type.STREAM:
-            return
-        from ring.cring import Virtqueue as CVirtqueue  # (the lane is C: importable)
-
-        if not (isinstance(tx.vq, CVirtqueue) and isinstance(rx.vq, CVirtqueue)):
-            return
-        armed_lane = self._armed_lane
-        if armed_lane is None or armed_lane.tail_cap != lane.tail_cap:
-            armed_lane = self._armed_lane = CTxLane(lane.tail_cap)
-        if self._armed_pump is None:
-            self._armed_pump = CRxPump()
-        key = conn.key
-        # put_q: written by the first armed TX kick (c_state is not called here: it
-        # would drop a pending unpop mark)
-        armed_lane.fix(self.cid, key.local_port, key.peer_port, hs.sock.fileno(),
-                       LANE_CHAINS)
-        self._armed = _ArmedStream(conn, key, vm, hs, self.host._socks, tx, rx, armed_lane,
-                                   self._armed_pump)
-        self.host.set_reader(key, partial(self._armed_readable, key, hs.sock))
-
-    def _armed_readable(self, key: Any, sock: socket.socket) -> None:
-        """The loop's reader of the armed stream's host socket (`VsockHost.set_reader`):
-        the RX pump with one C call when `rx_lane_conn` would give the event to it and
-        `rx_lane_done` would take no step but the counters (the socket drained cleanly,
-        credit left); any other outcome goes to `_pump_outcome`, and an event outside the
-        steady state to ``VsockHost.readable`` (the general path).
-
-        Spec: virtio 1.2 §5.10.6 (one packet per RX buffer), §5.10.6.3 (credit)."""
-        a = self._armed
-        if a is not None and a.key is key and not self._in_rx:
-            conn, vm = a.conn, a.vm
-            if not (a.conns.get(key) is not conn or vm.ctrl or vm.sib_q or vm.rxq
-                    or conn._pending or conn._h2g or conn.host_readable or conn.host_eof
-                    or conn.peer_shut & _RCV or not conn.host_open
-                    or conn.state is not _ESTABLISHED):
-                tx_cnt, peer_fc = conn.tx_cnt, conn.peer_fwd_cnt
-                credit = conn.peer_buf_alloc - ((tx_cnt - peer_fc) & U32_MASK)
-                if credit > 0:
-                    rx_vq = a.rx_vq
-                    q, scratch = rx_vq.c_state()
-                    fwd = conn.fwd_cnt
-                    a.pump_in(self.cid, key.local_port, key.peer_port, conn.buf_alloc, fwd,
-                              credit, a.fd)
-                    rc = a.pump_call(q, scratch, a.pump_c)
-                    if rc < 0:
-                        from ring.cring import _raise_for
-                        raise _raise_for(rc, rx_vq.index)
-                    out = a.pump_out()
-                    call_errno, nbytes, chains, _notify, eof, _starved, error, drained, \
-                        broken = out
-                    if drained and not (eof or error or broken or call_errno):
-                        tx_cnt = (tx_cnt + nbytes) & U32_MASK
-                        if conn.peer_buf_alloc > ((tx_cnt - peer_fc) & U32_MASK):
-                            # rx_lane_done with nothing to reconcile, inline
-                            a.stats.rx_packets += chains
-                            self.armed_events += 1
-                            if nbytes:
-                                conn.tx_cnt = tx_cnt
-                                conn.bytes_to_guest += nbytes
-                                conn.adv_fwd_cnt = fwd
-                            return
-                    self._pump_outcome(a.rx_handle, conn, a.pump.result(out),
-                                       self.muxer.rx_lane_done, self.loop.time())
-                    return
-        self.host.readable(key, sock)
 
     def _credit_reopens(self, host_port: int, guest_port: int, buf_alloc: int, fwd_cnt: int,
                         now: float) -> bool:
@@ -702,15 +528,9 @@ class VsockDevice:
         if pump is None or pump[0] is not vq:
             pump = self._rx_pump = (vq, make_rx_pump(vq))
         _cid, host_port, guest_port = conn.key
-        self._pump_outcome(handle, conn, pump[1](vq, sock.fileno(), self.cid, host_port,
-                                                 guest_port, conn.buf_alloc, conn.fwd_cnt,
-                                                 credit), done, now, *extra)
-
-    def _pump_outcome(self, handle: Any, conn: Any, res: Any, done: Callable[..., list],
-                      now: float, *extra: Any) -> None:
-        """The RX pump's outcome ``res`` (a `RxPumpResult`) for ``conn``: ``done(conn,
-        bytes, chains, clean_drain, now, *extra)`` and its actions, the logs."""
-        nbytes, chains, _notify, eof, _starved, error, drained, broken, call_errno = res
+        nbytes, chains, _notify, eof, _starved, error, drained, broken, call_errno = pump[1](
+            vq, sock.fileno(), self.cid, host_port, guest_port, conn.buf_alloc, conn.fwd_cnt,
+            credit)
         if call_errno is not None:
             self.log.warning("RX call eventfd: %s", os.strerror(call_errno))
         clean = drained and not (eof or error or broken is not None)
@@ -1027,32 +847,6 @@ _lane_update = partial(tuple.__new__, LaneUpdate)
 _LEN_OFFSET = 24  # of le32 len in struct virtio_vsock_hdr (Spec: virtio 1.2 §5.10.6)
 _RW, _STREAM, _HOST = int(Op.RW), int(Type.STREAM), int(HOST_CID)
 _CREDIT_UPDATE = int(Op.CREDIT_UPDATE)
-_ESTABLISHED = ConnState.ESTABLISHED
-_RCV = int(ShutdownFlag.RCV)
-
-
-class _ArmedStream:
-    """The device's armed stream (`VsockDevice._arm`): one connection, its VM's muxer
-    record (read only), its host socket, both queues, and the C lane and pump with their
-    bound entry points (inputs packed and outputs unpacked with one call each). Holds no
-    state of its own: every event re-checks the connection before using it."""
-
-    __slots__ = ("conn", "key", "vm", "conns", "stats", "hs", "socks", "fd", "tx_handle",
-                 "tx_vq", "rx_handle", "rx_vq", "lane", "lane_in", "lane_out", "lane_call",
-                 "lane_c", "put_q", "pump", "pump_in", "pump_out", "pump_call", "pump_c")
-
-    def __init__(self, conn: Any, key: Any, vm: Any, hs: Any, socks: dict, tx_handle: Any,
-                 rx_handle: Any, lane: CTxLane, pump: CRxPump) -> None:
-        self.conn, self.key, self.vm = conn, key, vm
-        self.conns, self.stats = vm.conns, vm.stats
-        self.hs, self.socks, self.fd = hs, socks, hs.sock.fileno()
-        self.tx_handle, self.tx_vq = tx_handle, tx_handle.vq
-        self.rx_handle, self.rx_vq = rx_handle, rx_handle.vq
-        self.lane, self.lane_in, self.lane_out = lane, lane.pack_inputs, lane.unpack_outputs
-        self.lane_call, self.lane_c = lane.c_call, lane.c_lane
-        self.put_q = None  # the RX queue's struct vr_queue * once written into the lane
-        self.pump, self.pump_in, self.pump_out = pump, pump.pack_inputs, pump.unpack_outputs
-        self.pump_call, self.pump_c = pump.c_call, pump.c_pump
 
 
 def _slice_views(views: Sequence[memoryview], offset: int, limit: int) -> list[memoryview]:

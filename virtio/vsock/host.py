@@ -127,8 +127,6 @@ class VsockHost:
         self.max_pending_handshakes = max_pending_handshakes
         self.connect_retry_s = connect_retry_s
         self._socks: dict[ConnKey, _HostSock] = {}
-        #: readers the device put in place of `_readable` for a connection (`set_reader`)
-        self._readers: dict[ConnKey, Callable[[], None]] = {}
         self._timers: dict[ConnKey, tuple[Any, float]] = {}  # loop timer, due at
         self._connecting: dict[ConnKey, _Connecting] = {}
         self._listeners: dict[int, _Listener] = {}
@@ -239,22 +237,6 @@ class VsockHost:
         """The host socket of connection ``key`` (None when it has none)."""
         hs = self._socks.get(key)
         return None if hs is None else hs.sock
-
-    def set_reader(self, key: ConnKey, reader: Callable[[], None] | None) -> None:
-        """Have the loop call ``reader()`` instead of this adapter's own reader whenever
-        the host socket of ``key`` is polled for input (None: this adapter's again), until
-        the socket closes. The device's armed stream (device.py) reads there itself; a
-        reader that cannot serve an event hands it to `readable` (the general path)."""
-        hs = self._socks.get(key)
-        if hs is None:
-            return
-        if reader is None:
-            self._readers.pop(key, None)
-        else:
-            self._readers[key] = reader
-        if hs.read:  # the same registration, a new callback: no syscall
-            self.loop.add_reader(hs.sock.fileno(),
-                                 reader or partial(self._readable, key, hs.sock))
 
     def hung_up(self, key: ConnKey) -> bool:
         """After a read returned EOF: did the peer close both ways (POLLHUP), not just
@@ -372,8 +354,7 @@ class VsockHost:
         if read != hs.read:
             if read:
                 # no Python frame; the socket bound in: its reader goes before it closes
-                self.loop.add_reader(fd, self._readers.get(key)
-                                     or partial(self._readable, key, hs.sock))
+                self.loop.add_reader(fd, partial(self._readable, key, hs.sock))
             else:
                 self.loop.remove_reader(fd)
             hs.read = read
@@ -384,15 +365,11 @@ class VsockHost:
                 self.loop.remove_writer(fd)
             hs.write = write
 
-    def readable(self, key: ConnKey, sock: socket.socket) -> None:
-        """Host socket ``sock`` of ``key`` is readable: the device's RX pump if it takes
-        the event (``on_readable``), else ``muxer.host_readable``."""
+    def _readable(self, key: ConnKey, sock: socket.socket) -> None:
         fast = self.on_readable
         if fast is not None and fast(key, sock):
             return
         self.run(self.muxer.host_readable(key, self.loop.time()))
-
-    _readable = readable
 
     def _writable(self, key: ConnKey) -> None:
         self.run(self.muxer.host_writable(key, self.loop.time()))
@@ -493,7 +470,6 @@ class VsockHost:
                 pending.timer.cancel()
             pending.sock.close()
         hs = self._socks.pop(key, None)
-        self._readers.pop(key, None)
         if hs is None:
             return
         fd = hs.sock.fileno()

@@ -371,15 +371,6 @@ class VsockMuxer:
         conn = None if vm is None else vm.conns.get(key)
         return conn if conn is not None and conn.direct_tx_ok else None
 
-    def stream_view(self, conn: Connection) -> _Vm | None:
-        """For the device's armed stream (device.py, `VsockDevice._arm`): the record of
-        ``conn``'s VM while ``conn`` is in its table, else None. The device only reads it
-        (``conns``, ``ctrl``, ``sib_q``, ``rxq``) and counts packets in its ``stats``
-        exactly where `credit_only_quiet` and `rx_lane_done` would, re-checking on every
-        event the conditions under which those take no other step."""
-        vm = self._vms.get(conn.key.cid)
-        return vm if vm is not None and vm.conns.get(conn.key) is conn else None
-
     @staticmethod
     def snapshot(conn: Connection) -> _Snap:
         """What `settle` (``_reconcile``) compares after a mutation of ``conn``."""
