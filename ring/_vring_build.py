@@ -42,11 +42,12 @@ def make_builder(absolute: bool = False) -> cffi.FFI:
     builder = cffi.FFI()
     builder.cdef((CSRC / "vring.h").read_text())
     builder.cdef((CSRC / "vsock_path.h").read_text())  # the vsock TX lane (uses vring.h)
+    builder.cdef((CSRC / "vsock_stream.h").read_text())  # the vsock stream loop (uses both)
     builder.set_source(
         "ring._vring_c",
-        '#include "vring.h"\n#include "vsock_path.h"',
+        '#include "vring.h"\n#include "vsock_path.h"\n#include "vsock_stream.h"',
         sources=[where(CSRC / "vring.c"), where(CSRC / "vsock_path.c"),
-                 where(CSRC / "zerocopy.c")],
+                 where(CSRC / "vsock_stream.c"), where(CSRC / "zerocopy.c")],
         include_dirs=[where(CSRC)],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
     )

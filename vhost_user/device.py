@@ -60,16 +60,22 @@ class QueueHandle:
     It is called only while the queue is live, always with the current kick fd; polled
     queues (no kick fd) still go through ``device.kick``.
 
+    ``kick_fd``: the queue's current kick eventfd (None: polled), kept current by the session
+    when the front-end replaces it while the ring runs; only for a device that serves the
+    queue's kicks itself for a while (virtio/vsock/stream_loop.py).
+
     Spec: vhost-user VHOST_USER_SET_VRING_CALL, VHOST_USER_SET_VRING_KICK.
     """
 
-    __slots__ = ("index", "vq", "_signal", "kick_reader")
+    __slots__ = ("index", "vq", "_signal", "kick_reader", "kick_fd")
 
-    def __init__(self, index: int, vq: Any, signal: Callable[[int], None]) -> None:
+    def __init__(self, index: int, vq: Any, signal: Callable[[int], None],
+                 kick_fd: int | None = None) -> None:
         self.index = index
         self.vq = vq
         self._signal = signal
         self.kick_reader: Callable[[int], None] | None = None
+        self.kick_fd = kick_fd
 
     def notify(self) -> None:
         """Interrupt the guest for this queue (write the call eventfd)."""

@@ -815,6 +815,8 @@ class BackendSession:
             self._close_kick_fd(vring.kick_fd)
         vring.kick_fd = fd
         vring.polling = fd is None
+        if vring.handle is not None:
+            vring.handle.kick_fd = fd
         if vring.started:
             return  # new kick fd for a running ring
         vring.vq = self._build_virtqueue(vring)
@@ -896,7 +898,7 @@ class BackendSession:
         live. Spec: vhost-user "Ring states"."""
         want = vring.started and vring.enabled and vring.vq is not None
         if want and not vring.live:
-            vring.handle = QueueHandle(vring.index, vring.vq, self._signal)
+            vring.handle = QueueHandle(vring.index, vring.vq, self._signal, vring.kick_fd)
             self.log.debug("queue %d live", vring.index)
             self.device.queue_started(vring.handle)
         elif not want and vring.live:

@@ -90,6 +90,7 @@ class EventLoop:
         self._soon: deque[Callback] = deque()
         self._stop_requested = False
         self._thread: int | None = None  # the thread inside run_once, if any
+        self._turn_end: float | None = None  # when the current turn's caller wants it back
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.add_reader(self._wake_r, self._drain_wakeup)
 
@@ -209,6 +210,38 @@ class EventLoop:
         self._drop_cancelled_timers()
         return self._timers[0].deadline if self._timers else None
 
+    # -- a nested wait (virtio/vsock/stream_loop.py) --------------------------------------
+    def fileno(self) -> int:
+        """The loop's epoll fd: readable whenever one of the fds the loop watches is ready,
+        so a wait nested inside a callback can include it and return as soon as the loop
+        has work."""
+        return self._epoll.fileno()
+
+    def take_reader(self, fd: int) -> Callback | None:
+        """Stop watching ``fd`` for reading and return the callback it had (None: it had
+        none, nothing changed), for a nested wait that serves ``fd`` itself; give it back
+        with :meth:`add_reader`."""
+        watch = self._watches.get(fd)
+        callback = None if watch is None else watch.reader
+        if callback is not None:
+            self.remove_reader(fd)
+        return callback
+
+    def wait_budget(self) -> float | None:
+        """How long a nested wait may block before the loop has work of its own besides
+        its fds: None when it has work now (a soon-callback, a stop request), -1.0 when no
+        timer is pending and the turn has no end (`run`), else the seconds until the next
+        timer or the end of the current `run_once`, whichever comes first."""
+        if self._soon or self._stop_requested:
+            return None
+        deadline = self.next_deadline()
+        end = self._turn_end  # run_once(timeout): its caller waits no longer than that
+        if end is not None and (deadline is None or end < deadline):
+            deadline = end
+        if deadline is None:
+            return -1.0
+        return max(0.0, deadline - self._clock())
+
     # -- running ------------------------------------------------------------------------
     def run_once(self, timeout_s: float | None = None) -> None:
         """Wait for at most ``timeout_s`` (None: until something happens) and dispatch."""
@@ -234,6 +267,7 @@ class EventLoop:
     def _turn(self, timeout_s: float | None) -> None:
         """One wait (at most ``timeout_s``, shortened by a due timer or a soon-callback)
         and the dispatch of what is ready, the due timers and the soon-callbacks."""
+        self._turn_end = None if timeout_s is None else self._clock() + timeout_s
         soon, timers = self._soon, self._timers
         if soon:
             timeout_s = 0.0
