@@ -29,18 +29,21 @@ GUEST_ENGINE = os.environ.get("VSOCK_BENCH_GUEST", "c")
 
 
 class VsockSetup:
-    def __init__(self, ctx: Ctx, pin: str, workload: str, tag: str, engine: str = "py"
-                 ) -> None:
+    def __init__(self, ctx: Ctx, pin: str, workload: str, tag: str, engine: str = "py",
+                 mgmt_socket: str | None = None) -> None:
         cpus = PINNINGS[pin]
         d = ctx.workdir / f"{tag}-{pin}-{time.monotonic_ns()}"
         d.mkdir(parents=True)
         self.sock, self.uds = str(d / "vsock.sock"), str(d / "vsock")
-        toml = (f'[[vsock]]\nguest_cid = 3\nsocket = "{self.sock}"\n'
+        toml = ((f'[management]\nsocket = "{mgmt_socket}"\n' if mgmt_socket else "")
+                + f'[[vsock]]\nguest_cid = 3\nsocket = "{self.sock}"\n'
                 f'uds_path = "{self.uds}"\ntx_buffer_size = {WINDOW}\n')
         self.cpus = cpus
         self.backend = self.guest = self.peer = None
         try:
-            self.backend = Backend(d, toml, [self.sock], ring=ctx.ring, cpu=cpus["backend"])
+            self.backend = Backend(d, toml, [self.sock] + ([mgmt_socket] if mgmt_socket
+                                                           else []),
+                                   ring=ctx.ring, cpu=cpus["backend"])
             self.guest = GuestProc(d, {"workload": workload, "socket": self.sock,
                                        "cpu": cpus["guest"], "port": PORT,
                                        "buf_alloc": WINDOW, "queue_size": QUEUE_SIZE,

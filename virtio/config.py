@@ -183,6 +183,9 @@ class VsockConfig:
     #: seconds a guest may stay silent at zero credit before we send CREDIT_REQUEST
     #: (0: at once); see virtio.vsock.conn.ConnConfig
     credit_request_delay_s: float = 0.01
+    #: bytes a connection moves to the guest before its steady host->guest stream is served
+    #: by the C stream loop (virtio/vsock/stream_loop.py); -1: never, 0: at once
+    stream_loop_after: int = 1 << 20
 
     def __post_init__(self) -> None:
         if not 3 <= self.guest_cid < 0xFFFFFFFF:
@@ -197,6 +200,8 @@ class VsockConfig:
             raise ConfigError("vsock.queue_size", "must be a power of two in 2..32768")
         if not 0 <= self.credit_request_delay_s <= 60:
             raise ConfigError("vsock.credit_request_delay_s", "must be 0..60 seconds")
+        if self.stream_loop_after < -1:
+            raise ConfigError("vsock.stream_loop_after", "must be -1 (never) or a byte count")
 
     @classmethod
     def parse_vm(cls, text: str) -> "VsockConfig":
@@ -220,7 +225,8 @@ class VsockConfig:
                 raise ConfigError(key, f"{required.replace('_', '-')} is required")
         values = dict(raw)
         try:
-            for name in ("guest_cid", "tx_buffer_size", "queue_size", "max_connections"):
+            for name in ("guest_cid", "tx_buffer_size", "queue_size", "max_connections",
+                         "stream_loop_after"):
                 if name in values:
                     values[name] = int(values[name])
             for name in ("connect_timeout_s", "credit_request_delay_s"):

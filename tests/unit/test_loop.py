@@ -360,3 +360,69 @@ def test_run_serves_readers_writers_timers_and_soon_callbacks_in_one_pass_each()
     a.close()
     b.close()
     loop.close()
+
+
+# -- a nested wait (virtio/vsock/stream_loop.py) ---------------------------------------------
+def test_the_loops_epoll_fd_is_readable_exactly_when_a_watched_fd_is_ready():
+    import select
+
+    loop = EventLoop()
+    a, b = socket.socketpair()
+    try:
+        loop.add_reader(a.fileno(), lambda: None)
+        outer = select.epoll()
+        outer.register(loop.fileno(), select.EPOLLIN)
+        assert outer.poll(0) == []
+        b.send(b"x")
+        assert outer.poll(0) == [(loop.fileno(), select.EPOLLIN)]
+        outer.close()
+    finally:
+        a.close()
+        b.close()
+        loop.close()
+
+
+def test_take_reader_hands_back_the_callback_and_stops_the_watch():
+    loop = EventLoop()
+    a, b = socket.socketpair()
+    calls = []
+    try:
+        callback = lambda: calls.append(a.recv(10))  # noqa: E731
+        loop.add_reader(a.fileno(), callback)
+        assert loop.take_reader(a.fileno()) is callback
+        assert loop.take_reader(a.fileno()) is None  # nothing left to take
+        b.send(b"x")
+        loop.run_once(0.05)
+        assert calls == []  # not watched while taken
+        loop.add_reader(a.fileno(), callback)
+        loop.run_once(1.0)
+        assert calls == [b"x"]
+    finally:
+        a.close()
+        b.close()
+        loop.close()
+
+
+def test_wait_budget_is_bounded_by_timers_the_turn_and_pending_work():
+    now = [100.0]
+    loop = EventLoop(clock=lambda: now[0])
+    budgets = []
+    try:
+        a, b = socket.socketpair()
+        loop.add_reader(a.fileno(), lambda: (a.recv(10), budgets.append(loop.wait_budget())))
+        b.send(b"x")
+        loop.run_once(None)  # run(): no end of its own, no timer
+        assert budgets[-1] == -1.0
+        loop.call_later(2.5, lambda: None)
+        b.send(b"x")
+        loop.run_once(None)
+        assert budgets[-1] == 2.5  # until the timer
+        b.send(b"x")
+        loop.run_once(0.25)
+        assert budgets[-1] == 0.25  # the caller wants the turn back first
+        loop.call_soon(lambda: None)
+        assert loop.wait_budget() is None  # work now: no nested wait at all
+        a.close()
+        b.close()
+    finally:
+        loop.close()

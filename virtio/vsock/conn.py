@@ -663,6 +663,24 @@ class Connection:
         self.host_readable = True
         return False
 
+    def stream_loop_done(self, nbytes: int, tx_cnt: int, peer_buf_alloc: int,
+                         peer_fwd_cnt: int, credit_changed: bool) -> None:
+        """What the C stream loop (virtio/vsock/stream_loop.py) did while it served this
+        connection in the `rx_lane_state`: ``nbytes`` payload bytes to the guest in packets
+        carrying our buf_alloc/fwd_cnt (``tx_cnt``: the counter after them), and the guest's
+        credit fields last seen on its packets without payload (``credit_changed``: one of
+        them changed the pair), as `rx_lane_done` after clean drains and `VsockMuxer.
+        credit_only_quiet` would have applied them, event by event.
+
+        Spec: virtio 1.2 §5.10.6.3 (credit)."""
+        if nbytes:
+            self.bytes_to_guest += nbytes
+            self.adv_fwd_cnt = self.fwd_cnt  # every header carried fwd_cnt
+        self.tx_cnt = tx_cnt & U32_MASK
+        if credit_changed:
+            self._credit_requested = False
+        self.peer_buf_alloc, self.peer_fwd_cnt = peer_buf_alloc, peer_fwd_cnt
+
     def credit_reopens_read(self) -> bool:
         """The state in which a guest CREDIT_UPDATE may send the RX pump straight back to
         the host socket (`VsockMuxer.credit_reopens_rx`): a stream connection, established

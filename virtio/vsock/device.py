@@ -46,6 +46,7 @@ from .lane import (LANE_CHAINS, LaneUpdate, Put, Stop, make_put, make_tx_lane,
                    payload_views as _payload)
 from .muxer import DEVICE_FEATURES, MuxerConfig, VsockMuxer
 from .rx_pump import make_rx_pump
+from .stream_loop import Reason, StreamLoop
 from .wire import (HOST_CID, VIRTIO_ID_VSOCK, Op, Queue, Type, VsockConfig as VsockConfigSpace,
                    VsockEvent, VsockHeader)
 
@@ -108,6 +109,16 @@ class VsockDevice:
         self._lane_key = None
         self._put = None  # (RX vq, its packet put): the lane's CREDIT_UPDATE
         self._rx_pump = None  # (RX vq, its RX pump): host-readable events (rx_pump.py)
+        #: the C stream loop (stream_loop.py), once a connection has moved this many bytes
+        #: to the guest (negative: never; the pure-Python ring: never)
+        self._stream_after = int(getattr(config, "stream_loop_after", -1))
+        self._stream_loop = None
+        #: (key, bytes_to_guest): after a run that a guest packet or an unusual read ended
+        #: early, that connection waits for this many bytes to the guest before the next
+        #: (a connection with traffic both ways would otherwise enter and leave per packet)
+        self._stream_hold: tuple[Any, int] | None = None
+        self.stream_loop_runs = 0  # calls into the C stream loop
+        self.stream_loop_bytes = 0  # payload bytes it moved to the guest
         #: queues whose breaking was logged (once until the queue starts again or a reset)
         self._broken_logged: set[int] = set()
         self.features = 0
@@ -492,7 +503,84 @@ class VsockDevice:
             return False
         conn, credit = lane
         self._pump(handle, sock, conn, credit, muxer.rx_lane_done, self.loop.time())
+        if 0 <= self._stream_after <= conn.bytes_to_guest:
+            self._serve_stream(key, sock)
         return True
+
+    def _serve_stream(self, key: Any, sock: socket.socket) -> None:
+        """Serve connection ``key`` with the C stream loop (stream_loop.py) when it is in
+        the steady state of a host->guest stream: `VsockMuxer.stream_loop_conn` allows it,
+        its guest's CREDIT_UPDATEs take the C TX lane, both queues run on the C ring and
+        the event loop has nothing to do now. The TX kick eventfd and the socket leave the
+        event loop while the C loop serves them, and come back before anything else.
+
+        Spec: virtio 1.2 §5.10.6 (one packet per RX buffer), §5.10.6.3 (credit)."""
+        txh, rxh = self._queues.get(_TXQ), self._queues.get(_RXQ)
+        lane, pump = self._lane, self._rx_pump
+        if (txh is None or rxh is None or txh.kick_fd is None or self._lane_key != key
+                or not hasattr(lane, "prepare") or pump is None or pump[0] is not rxh.vq
+                or not hasattr(pump[1], "prepare") or self._in_rx or self._rx_scheduled
+                or self._tx_scheduled):
+            return
+        muxer = self.muxer
+        conn = muxer.stream_loop_conn(key)
+        budget = self.loop.wait_budget()
+        hold = self._stream_hold
+        if conn is None or budget is None or (
+                hold is not None and hold[0] == key and conn.bytes_to_guest < hold[1]):
+            return
+        if self._stream_loop is None:
+            self._stream_loop = StreamLoop()
+        kick_fd, sock_fd = txh.kick_fd, sock.fileno()
+        loop = self.loop
+        kick_reader = loop.take_reader(kick_fd)
+        if kick_reader is None:
+            return  # not watched by the loop: not ours to serve
+        sock_reader = loop.take_reader(sock_fd)
+        before = muxer.snapshot(conn)
+        _cid, host_port, guest_port = key
+        try:
+            out = self._stream_loop.serve(
+                txh.vq, lane.prepare(sock, self.cid, host_port, guest_port, LANE_CHAINS),
+                rxh.vq, pump[1].prepare(self.cid, host_port, guest_port, conn.buf_alloc,
+                                        sock_fd),
+                conn, kick_fd, sock_fd, loop.fileno(), budget)
+        finally:
+            loop.add_reader(kick_fd, kick_reader)
+            if sock_reader is not None:
+                loop.add_reader(sock_fd, sock_reader)
+        self.stream_loop_runs += 1
+        self.stream_loop_bytes += out.bytes
+        self._stream_hold = None if out.bytes >= _STREAM_HOLD_BELOW or out.reason in (
+            Reason.YIELD, Reason.TIMEOUT, Reason.SIGNAL) else (
+            key, conn.bytes_to_guest + max(self._stream_after, _STREAM_HOLD_FOR))
+        now = loop.time()
+        actions = muxer.stream_loop_done(conn, out.rx_packets, out.tx_packets, out.bytes,
+                                         out.tx_cnt, out.peer_buf_alloc, out.peer_fwd_cnt,
+                                         out.credit_changed, before, now)
+        if actions:
+            self.host.run(actions)
+        self._stream_ended(out, txh, rxh, conn, pump[1], now)
+
+    def _stream_ended(self, out: Any, txh: Any, rxh: Any, conn: Any, pump: Any,
+                      now: float) -> None:
+        """Hand the event that ended a C stream loop run to the general path."""
+        reason = out.reason
+        if reason == Reason.TX:
+            self._process_tx()  # the kick was drained: the packet waits on the ring
+        elif reason == Reason.TX_FAILED:
+            if out.rc < 0:
+                from ring.cring import _raise_for
+                raise _raise_for(out.rc, txh.vq.index)
+            self._log_broken(_TXQ, txh.vq._error(self._lane._lane.broken))
+            txh.notify_if_needed()
+        elif reason == Reason.RX:
+            if out.rc < 0:
+                from ring.cring import _raise_for
+                raise _raise_for(out.rc, rxh.vq.index)
+            self._pump_done(rxh, conn, pump.last_result(), self.muxer.rx_lane_done, now)
+        elif reason == Reason.ERROR:
+            self.log.warning("stream loop: epoll failed: %s", os.strerror(out.error))
 
     def _credit_reopens(self, host_port: int, guest_port: int, buf_alloc: int, fwd_cnt: int,
                         now: float) -> bool:
@@ -528,9 +616,16 @@ class VsockDevice:
         if pump is None or pump[0] is not vq:
             pump = self._rx_pump = (vq, make_rx_pump(vq))
         _cid, host_port, guest_port = conn.key
-        nbytes, chains, _notify, eof, _starved, error, drained, broken, call_errno = pump[1](
-            vq, sock.fileno(), self.cid, host_port, guest_port, conn.buf_alloc, conn.fwd_cnt,
-            credit)
+        self._pump_done(handle, conn, pump[1](vq, sock.fileno(), self.cid, host_port,
+                                              guest_port, conn.buf_alloc, conn.fwd_cnt,
+                                              credit), done, now, *extra)
+
+    def _pump_done(self, handle: Any, conn: Any, result: Any, done: Callable[..., list],
+                   now: float, *extra: Any) -> None:
+        """A pump's ``result`` (`RxPumpResult`) reported: ``done(conn, bytes, chains,
+        clean_drain, now, *extra)`` and its actions, a failed call signal logged, a broken
+        ring logged once."""
+        nbytes, chains, _notify, eof, _starved, error, drained, broken, call_errno = result
         if call_errno is not None:
             self.log.warning("RX call eventfd: %s", os.strerror(call_errno))
         clean = drained and not (eof or error or broken is not None)
@@ -846,6 +941,9 @@ _RXQ, _TXQ = int(Queue.RX), int(Queue.TX)
 _lane_update = partial(tuple.__new__, LaneUpdate)
 _LEN_OFFSET = 24  # of le32 len in struct virtio_vsock_hdr (Spec: virtio 1.2 §5.10.6)
 _RW, _STREAM, _HOST = int(Op.RW), int(Type.STREAM), int(HOST_CID)
+#: a C stream loop run that moved less than this before a guest packet or an unusual read
+#: ended it makes its connection wait _STREAM_HOLD_FOR more bytes to the guest before the next
+_STREAM_HOLD_BELOW, _STREAM_HOLD_FOR = 256 * 1024, 1 << 20
 _CREDIT_UPDATE = int(Op.CREDIT_UPDATE)
 
 

@@ -304,6 +304,14 @@ class CTxLane:
             lane.put_q = put_q
             self._put_q = put_q
 
+    def prepare(self, sock: socket.socket, cid: int, host_port: int, guest_port: int,
+                max_chains: int = LANE_CHAINS) -> Any:
+        """The ``struct vs_tx_lane *`` with one connection's fixed inputs written and no
+        CREDIT_UPDATE put, for a C caller that sets the credit fields itself
+        (virtio/vsock/stream_loop.py)."""
+        self.fix(cid, host_port, guest_port, sock.fileno(), max_chains)
+        return self._lane
+
     def run(self, vq: Any, sock: socket.socket, cid: int, host_port: int, guest_port: int,
             credit: int, peer_buf_alloc: int, peer_fwd_cnt: int,
             max_chains: int = LANE_CHAINS, update: LaneUpdate | None = None) -> LaneResult:

@@ -6,7 +6,9 @@
   ``bytes-to-host``, ``bytes-to-guest``, ``buffered-bytes``.
 * ``query-vsock-stats`` ``{"cid"?: int}`` → one object per VM: ``cid``, ``uds-path``,
   ``groups``, ``queues`` (the live virtqueues), ``connections``, ``transport-resets-sent``,
-  and every packet / drop counter of the muxer and the host adapter (names with ``-``).
+  ``stream-loop-runs`` / ``stream-loop-bytes`` (calls into the C stream loop and the bytes
+  it moved to the guest: virtio/vsock/stream_loop.py), and every packet / drop counter of
+  the muxer and the host adapter (names with ``-``).
 
 An unknown ``cid`` answers ``DeviceNotFound``.
 
@@ -62,6 +64,8 @@ def query_vsock_stats(backend: "VsockBackend", arguments: dict) -> list[dict]:
             "queues": device.live_queues,
             "connections": len(backend.muxer.connections(cid)),
             "transport-resets-sent": device.events_sent,
+            "stream-loop-runs": device.stream_loop_runs,
+            "stream-loop-bytes": device.stream_loop_bytes,
         }
         row.update(_dashed(backend.muxer.stats(cid)))
         host_stats = backend.host.stats.get(cid)

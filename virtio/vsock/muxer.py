@@ -797,6 +797,40 @@ class VsockMuxer:
         before = (True, conn.wants_write, conn.deadline, False)
         return self._reconcile(conn.key, before, now=now)
 
+    def stream_loop_conn(self, key: ConnKey) -> Connection | None:
+        """The connection ``key`` when the C stream loop may serve it
+        (virtio/vsock/stream_loop.py): its host->guest stream in the RX pump's state
+        (`Connection.rx_lane_state`: nothing owed to the guest, no host bytes known waiting)
+        and nothing else of its VM waiting for the RX queue (as `rx_lane_conn`, whatever the
+        credit), its guest's packets able to take the TX lane (`direct_tx_conn_of`), and no
+        CREDIT_UPDATE of ours due. Changes nothing; report with `stream_loop_done`."""
+        vm = self._vms.get(key.cid)
+        if vm is None or vm.ctrl or vm.sib_q or vm.rxq:
+            return None
+        conn = vm.conns.get(key)
+        if conn is None or not conn.direct_tx_ok or not conn.rx_lane_state():
+            return None
+        conn._credit_check()  # idempotent; in this state it can only mark an update due
+        return None if conn._pending else conn
+
+    def stream_loop_done(self, conn: Connection, rx_packets: int, tx_packets: int,
+                         nbytes: int, tx_cnt: int, peer_buf_alloc: int, peer_fwd_cnt: int,
+                         credit_changed: bool, before: _Snap,
+                         now: float) -> list[Action]:
+        """After the C stream loop served ``conn`` (see `stream_loop_conn`): the packets
+        counted, the counters applied (`Connection.stream_loop_done`), and one reconcile
+        against ``before`` (`snapshot` as the loop was entered): the outcome of the
+        `rx_lane_done` and `credit_only_quiet` calls the same events would have made one by
+        one."""
+        stats = self._vms[conn.key.cid].stats
+        stats.rx_packets += rx_packets
+        stats.tx_packets += tx_packets
+        conn.stream_loop_done(nbytes, tx_cnt, peer_buf_alloc, peer_fwd_cnt, credit_changed)
+        if tx_packets:  # as credit_only_quiet: in this state no CREDIT_REQUEST is wanted
+            conn._credit_request_at = None
+            conn._credit_request_due = False
+        return self._reconcile(conn.key, before, now=now)
+
     def rx_message(self, key: ConnKey, data: bytes, now: float, *, truncated: bool = False,
                    eor: bool = False) -> list[Action]:
         conn = self._lookup(key)

@@ -106,6 +106,18 @@ class CRxPump:
             raise _raise_for(rc, vq.index)
         return self.result(self._outputs())
 
+    def prepare(self, cid: int, host_port: int, guest_port: int, buf_alloc: int,
+                fd: int) -> Any:
+        """The ``struct vs_rx_pump *`` with one connection's fixed inputs written, for a C
+        caller that sets ``credit`` and ``fwd_cnt`` itself (virtio/vsock/stream_loop.py);
+        its outputs then read with :meth:`last_result`."""
+        self._inputs(cid, host_port, guest_port, buf_alloc, 0, 0, fd)
+        return self._p
+
+    def last_result(self) -> RxPumpResult:
+        """The outputs of the last ``vs_rx_pump`` call on this struct."""
+        return self.result(self._outputs())
+
     def result(self, outputs: tuple) -> RxPumpResult:
         """The `RxPumpResult` of a call whose outputs (``unpack_outputs()``) are
         ``outputs``."""
