@@ -264,3 +264,43 @@ def test_the_front_end_going_away_mid_stream_resets_the_device_and_it_serves_aga
     finally:
         s.backend.close()
         s.ram.close()
+
+
+@pytest.mark.parametrize("after", [0, -1])
+def test_guest_control_packets_while_the_loop_serves_get_the_usual_answers(short_dir, after):
+    """A CREDIT_REQUEST, then an unknown op, on the streaming connection while the C loop
+    serves it: the loop hands each to the general path, which answers the request with a
+    CREDIT_UPDATE and resets the connection on the unknown op (RST to the guest, the host
+    side closed); the device then serves a new connection."""
+    from virtio.vsock.wire import Type, VsockHeader
+
+    s = _setup(short_dir, after)
+    try:
+        client, conn = host_connects_and_guest_accepts(s)
+        assert recv_line(client) == b"OK 1234\n"
+        data = pattern(8 * MIB, 12)
+        threading.Thread(target=_send_paced, args=(client, data), daemon=True).start()
+        s.guest.run_until(lambda: len(conn.received) >= MIB, 30)
+        assert (_loop_figures(s)[1] > 0) == (after == 0)
+        updates_before = sum(1 for h in s.guest.packets if h.op == Op.CREDIT_UPDATE)
+        s.guest.send_control(conn, Op.CREDIT_REQUEST)
+        s.guest.run_until(lambda: sum(1 for h in s.guest.packets
+                                      if h.op == Op.CREDIT_UPDATE) > updates_before, 10)
+        received = len(conn.received)
+        assert bytes(conn.received) == data[:received]  # nothing lost or reordered so far
+        s.guest.send_packet(VsockHeader(s.guest.cid, 2, conn.local_port, conn.peer_port, 0,
+                                        Type.STREAM, 99, 0, conn.buf_alloc, conn.fwd_cnt))
+        s.guest.run_until(lambda: conn.rst_received, 10)
+        client.settimeout(10)
+        with pytest.raises(OSError):
+            while True:
+                if not client.recv(1 << 16):
+                    raise ConnectionResetError("EOF")
+        s.guest.listen(1235)
+        client2 = s.host_connect(1235)
+        conn2 = s.guest.accept(1235)
+        assert recv_line(client2) == b"OK 1235\n"
+        client2.sendall(b"still serving")
+        s.guest.run_until(lambda: bytes(conn2.received) == b"still serving", 10)
+    finally:
+        s.close()
