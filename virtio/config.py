@@ -29,6 +29,7 @@ TOML layout (every key optional unless marked)::
     tx_buffer_size = 262144
     queue_size = 256
     credit_request_delay_s = 0.01              # silence at zero credit before CREDIT_REQUEST
+    stream_loop_after = 1048576                # bytes to the guest before the C stream loop (-1 never)
 """
 
 from __future__ import annotations

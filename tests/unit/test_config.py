@@ -190,3 +190,19 @@ def test_vsock_credit_request_delay_from_toml_cli_and_vm(tmp_path):
                     "credit_request_delay_s = -1\n")
     with pytest.raises(ConfigError, match="credit_request_delay_s"):
         load_toml(path)
+
+
+def test_vsock_stream_loop_after_from_toml_and_vm(tmp_path):
+    """``stream_loop_after`` (TOML, ``--vm stream-loop-after=``): default 1 MiB, -1 turns the
+    C stream loop off, below -1 is refused (virtio/vsock/stream_loop.py)."""
+    path = tmp_path / "v.toml"
+    base = '[[vsock]]\nguest_cid = 3\nsocket = "/tmp/v.sock"\nuds_path = "/tmp/v"\n'
+    path.write_text(base)
+    assert load_toml(path).vsocks[0].stream_loop_after == 1 << 20
+    path.write_text(base + "stream_loop_after = -1\n")
+    assert load_toml(path).vsocks[0].stream_loop_after == -1
+    assert VsockConfig.parse_vm("guest-cid=5,socket=/s,uds-path=/u,stream-loop-after=0"
+                                ).stream_loop_after == 0
+    path.write_text(base + "stream_loop_after = -2\n")
+    with pytest.raises(ConfigError, match="stream_loop_after"):
+        load_toml(path)
