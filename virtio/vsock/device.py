@@ -110,8 +110,8 @@ class VsockDevice:
         self._put = None  # (RX vq, its packet put): the lane's CREDIT_UPDATE
         self._rx_pump = None  # (RX vq, its RX pump): host-readable events (rx_pump.py)
         #: the C stream loop (stream_loop.py), once a connection has moved this many bytes
-        #: to the guest (negative: never; the pure-Python ring: never)
-        self._stream_after = int(getattr(config, "stream_loop_after", -1))
+        #: to the guest (negative: never; the pure-Python ring: never); may be changed
+        self.stream_loop_after = int(getattr(config, "stream_loop_after", -1))
         self._stream_loop = None
         #: (key, bytes_to_guest): after a run that a guest packet or an unusual read ended
         #: early, that connection waits for this many bytes to the guest before the next
@@ -503,7 +503,7 @@ class VsockDevice:
             return False
         conn, credit = lane
         self._pump(handle, sock, conn, credit, muxer.rx_lane_done, self.loop.time())
-        if 0 <= self._stream_after <= conn.bytes_to_guest:
+        if 0 <= self.stream_loop_after <= conn.bytes_to_guest:
             self._serve_stream(key, sock)
         return True
 
@@ -553,7 +553,7 @@ class VsockDevice:
         self.stream_loop_bytes += out.bytes
         self._stream_hold = None if out.bytes >= _STREAM_HOLD_BELOW or out.reason in (
             Reason.YIELD, Reason.TIMEOUT, Reason.SIGNAL) else (
-            key, conn.bytes_to_guest + max(self._stream_after, _STREAM_HOLD_FOR))
+            key, conn.bytes_to_guest + max(self.stream_loop_after, _STREAM_HOLD_FOR))
         now = loop.time()
         actions = muxer.stream_loop_done(conn, out.rx_packets, out.tx_packets, out.bytes,
                                          out.tx_cnt, out.peer_buf_alloc, out.peer_fwd_cnt,
